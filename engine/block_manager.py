@@ -1,0 +1,145 @@
+"""BlockManager: the paged KV pool's free list, per-sequence block tables and the prefix cache.
+
+Full blocks are keyed by a chained hash (parent hash, block token ids); a block whose reference
+count drops to zero stays cached until it is reused for something else (LRU order).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from engine.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()
+
+
+def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # free blocks in eviction order (oldest first); cached ones keep their hash until reused
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache ----------------------------------------------------------------------
+    def _full_block_hashes(self, token_ids: list[int], num_blocks: int) -> list[int]:
+        hashes, parent, bs = [], None, self.block_size
+        for i in range(num_blocks):
+            parent = block_hash(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(parent)
+        return hashes
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix of the sequence's tokens (never all of them:
+        the last token is always computed so that there are logits to sample from)."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        limit = (len(seq) - 1) // bs
+        hit: list[int] = []
+        for i, h in enumerate(self._full_block_hashes(seq.token_ids, limit)):
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+                break
+            hit.append(block_id)
+        return hit
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Publishes the sequence's blocks whose tokens all have KV now."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        parent = None
+        for i in range(num_full):
+            block = self.blocks[seq.block_table[i]]
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            if block.hash is not None and block.token_ids == tokens:
+                parent = block.hash
+                continue
+            parent = block_hash(parent, tokens)
+            if parent in self.cached:
+                continue  # an identical block is already published; keep that one
+            block.hash, block.token_ids = parent, tokens
+            self.cached[parent] = block.block_id
+
+    # ---- allocation ------------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block_id, _ = self.free_blocks.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict it from the prefix cache
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block_id
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_blocks[block_id]
+        block.ref_count += 1
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] = ()) -> bool:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        reused_free = sum(1 for b in prefix_blocks if self.blocks[b].ref_count == 0)
+        return need - len(prefix_blocks) <= self.num_free_blocks - reused_free
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] = ()) -> None:
+        """Gives `seq` blocks for `num_new_tokens` more tokens, first adopting cached prefix blocks."""
+        if not seq.block_table and self.enable_prefix_caching:
+            self.prefix_queries += seq.num_prompt_tokens
+            self.prefix_hits += len(prefix_blocks) * self.block_size
+        for block_id in prefix_blocks:
+            self._ref(block_id)
+            seq.block_table.append(block_id)
+        if prefix_blocks:
+            seq.num_computed_tokens = len(prefix_blocks) * self.block_size
+            seq.num_cached_tokens = seq.num_computed_tokens
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        for _ in range(need):
+            seq.block_table.append(self._take_free())
+
+    def allocate_blocks(self, count: int) -> list[int]:
+        """Fresh blocks not tied to a sequence (e.g. the target of a KV pull)."""
+        if count > self.num_free_blocks:
+            raise MemoryError(f"need {count} KV blocks, {self.num_free_blocks} free")
+        return [self._take_free() for _ in range(count)]
+
+    def free_blocks_by_id(self, block_ids: list[int]) -> None:
+        for block_id in reversed(block_ids):  # tail blocks are the least shareable: evict them first
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_blocks[block_id] = None
+
+    def free(self, seq: Sequence) -> None:
+        self.free_blocks_by_id(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0

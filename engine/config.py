@@ -1,0 +1,75 @@
+"""EngineConfig: every engine option in one typed place, validated once; the CLI is generated from it."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.errors import InvalidRequestError
+
+Role = Literal["hybrid", "prefill", "decode"]
+
+
+def literal_choices(cls) -> dict[str, tuple[str, ...]]:
+    """Fields typed as a Literal of strings, with their allowed values."""
+    hints = typing.get_type_hints(cls)
+    return {name: typing.get_args(t) for name, t in hints.items() if typing.get_origin(t) is Literal}
+
+
+def opt(default, help: str, **kw):
+    """A config field with its CLI help text (the CLI is generated from these)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EngineConfig:
+    model: str = opt("", "HF checkpoint folder or .gguf file; empty: the embedded default model", positional=True)
+    tokenizer: str | None = opt(None, "tokenizer folder (default: the model's)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = opt(
+        "auto", "weights and activations dtype; auto: the checkpoint's (float32 on CPU for fp16 checkpoints)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available")
+    max_model_len: int | None = opt(None, "context length (prompt + output); default: the model's")
+    max_num_seqs: int = opt(256, "most sequences in one step")
+    max_num_batched_tokens: int = opt(8192, "token budget of one step (chunked prefill splits prompts to fit)")
+    enable_chunked_prefill: bool = opt(True, "split long prompts across steps under the token budget")
+    block_size: int = opt(16, "tokens per KV-cache block")
+    enable_prefix_caching: bool = opt(True, "reuse KV blocks of identical prompt prefixes")
+    gpu_memory_utilization: float = opt(0.9, "fraction of GPU memory for weights + activations + KV cache")
+    kv_cache_memory_bytes: int | None = opt(
+        None, "KV-cache byte budget (overrides gpu_memory_utilization; default 1 GiB on CPU)")
+    num_kv_blocks: int | None = opt(None, "exact number of KV blocks (tests; overrides the budgets)")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = opt("auto", "KV-cache dtype; auto: the model dtype")
+    enforce_eager: bool = opt(False, "disable CUDA graphs")
+    attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = opt(
+        "auto", "auto: flashinfer on CUDA when installed, else the torch reference")
+    tensor_parallel_size: int = opt(1, "GPUs per engine for tensor parallelism")
+    seed: int = opt(0, "engine seed: draws the sampling seeds of requests that bring none")
+    role: Role = opt("hybrid", "hybrid, or one half of a prefill/decode pair")
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise InvalidRequestError(f"{name} {message}", param=name)
+
+        check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
+              "must be a power of two")
+        check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
+        check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "must be >= 1")
+        check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
+              "must be > 0")
+        # Tensor parallelism needs the multi-rank runner (torch.distributed); one rank per engine today.
+        check(self.tensor_parallel_size == 1, "tensor_parallel_size", "> 1 is not supported yet (use 1)")
+        for name, choices in literal_choices(type(self)).items():
+            check(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise InvalidRequestError(f"unknown engine option(s): {', '.join(unknown)}", param=unknown[0])
+        return cls(**kwargs)

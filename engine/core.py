@@ -1,0 +1,195 @@
+"""EngineCore: the step loop of one engine (scheduler + block manager + model runner).
+
+`add_request` validates and queues; `step` schedules, runs one forward pass, appends sampled
+tokens, applies the stop rules that need no text (EOS, stop token ids, lengths) and returns
+per-request deltas. Text-level work (detokenising, stop strings) belongs to the output processor.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError, PromptTooLongError, UnsupportedModelError
+from engine.gguf import resolve_model_path
+from engine.loader import load_hf_config
+from engine.model_runner import ModelRunner
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.wire import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(model: str, progress: bool) -> Path:
+    if not model:
+        from engine.default_model import default_model_path
+        return default_model_path(progress=progress)
+    return resolve_model_path(model, progress=progress)
+
+
+def eos_token_ids(path: Path, hf_config) -> set[int]:
+    ids = set()
+    for source in (_generation_config(path), hf_config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return ids
+
+
+def _generation_config(path: Path):
+    if not (path / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+    return GenerationConfig.from_pretrained(str(path))
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, progress: bool = False):
+        self.config = config
+        t0 = time.perf_counter()
+        self.model_path = resolve_model(config.model, progress)
+        hf_config = load_hf_config(self.model_path)
+        self.hf_config = hf_config
+        limit = getattr(hf_config, "max_position_embeddings", None) or 4096
+        self.max_model_len = config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise UnsupportedModelError(f"max_model_len {self.max_model_len} exceeds the model's {limit} positions",
+                                        param="max_model_len")
+        self.runner = ModelRunner(config, hf_config, self.model_path, self.max_model_len, progress)
+        num_blocks = self.runner.kv_budget_blocks()
+        needed = -(-self.max_model_len // config.block_size)
+        if num_blocks < needed:
+            raise UnsupportedModelError(
+                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                f"max_model_len={self.max_model_len} sequence needs ({needed}); raise the KV budget or lower "
+                f"max_model_len", param="max_model_len")
+        self.runner.allocate_kv_pool(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.seqs: dict[str, Sequence] = {}
+        self.eos_token_ids = eos_token_ids(self.model_path, hf_config)
+        self._seed_rng = random.Random(config.seed)
+        self._pending: list[EngineCoreOutput] = []  # outputs produced outside step (aborts)
+        self.num_generated_tokens = 0
+        log.info("engine ready: %s, %d KV blocks x %d tokens, %.1fs", self.model_path.name, num_blocks,
+                 config.block_size, time.perf_counter() - t0)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def validate(self, request: EngineCoreRequest) -> None:
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        if request.request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running", param="request_id")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens; this model's maximum context length is {self.max_model_len} "
+                f"tokens, and at least one must remain for the output", param="prompt")
+        vocab = self.runner.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if request.params.n != 1:
+            raise InvalidRequestError("engine requests carry n=1 (the front fans out n)", param="n")
+
+    def add_request(self, request: EngineCoreRequest) -> Sequence:
+        self.validate(request)
+        params = request.params
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        room = self.max_model_len - len(request.prompt_token_ids)
+        max_out = room if params.max_tokens is None else min(params.max_tokens, room)
+        seq = Sequence(request.request_id, request.prompt_token_ids, params, seed, max_out,
+                       request.arrival_time or time.time())
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_ids) -> None:
+        for rid in request_ids:
+            seq = self.seqs.pop(rid, None)
+            if seq is not None:
+                self.scheduler.finish(seq, "abort")
+                self._pending.append(self._output(seq, []))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs) or bool(self._pending)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def stop_ids(self, seq: Sequence) -> list[int]:
+        ids = set(seq.params.stop_token_ids or ())
+        if not seq.params.ignore_eos:
+            ids |= self.eos_token_ids
+        return sorted(ids)
+
+    def step(self) -> list[EngineCoreOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        result = self.runner.execute(sched.scheduled, self.stop_ids)
+        sampled = [s for s in sched.scheduled if s.samples]
+        token_ids = result.token_ids.tolist() if result is not None else []
+        logprobs = _logprob_rows(result, sampled) if result is not None else None
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+        for i, s in enumerate(sampled):
+            seq, token = s.seq, token_ids[i]
+            seq.append_token(token)
+            self.num_generated_tokens += 1
+            self._check_stop(seq, token)
+            new_lp = [logprobs[i]] if logprobs is not None and seq.params.logprobs is not None else None
+            if seq.is_finished:
+                self.seqs.pop(seq.seq_id, None)
+            else:
+                self.block_manager.cache_full_blocks(seq)
+            outputs.append(self._output(seq, [token], new_lp))
+        for s in sched.scheduled:
+            if not s.samples:  # a prefill chunk: its full blocks are reusable already
+                self.block_manager.cache_full_blocks(s.seq)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if p.stop_token_ids and token in p.stop_token_ids:
+                return self._finish(seq, "stop", token)
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self._finish(seq, "stop", None)
+        if seq.num_output_tokens >= seq.max_output_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        # blocks are published to the prefix cache before they go back to the pool
+        self.block_manager.cache_full_blocks(seq)
+        self.scheduler.finish(seq, reason, stop_reason)
+
+    def _output(self, seq: Sequence, new_tokens: list[int], logprobs=None) -> EngineCoreOutput:
+        return EngineCoreOutput(request_id=seq.seq_id, new_token_ids=new_tokens, new_logprobs=logprobs,
+                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+
+    # ---- introspection -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks, "kv_usage": bm.usage,
+                "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "num_generated_tokens": self.num_generated_tokens}
+
+
+def _logprob_rows(result, sampled) -> list[TokenLogprobs] | None:
+    if result.logprobs is None:
+        return None
+    lps, ranks = result.logprobs.tolist(), result.ranks.tolist()
+    top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+    top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+    rows = []
+    for i, s in enumerate(sampled):
+        n = s.seq.params.logprobs or 0
+        rows.append(TokenLogprobs(lps[i], ranks[i], top_ids[i][:n] if n else [], top_lps[i][:n] if n else []))
+    return rows

@@ -1,0 +1,47 @@
+"""Typed errors raised at the edges (request validation, model loading) and their HTTP mapping."""
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error Slipstream raises on purpose; carries an OpenAI-style type and status."""
+
+    type = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request field has a bad value; `param` names the field."""
+
+    type = "invalid_request_error"
+    status = 400
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt does not fit `max_model_len` (it needs room for at least one output token)."""
+
+
+class UnsupportedModelError(EngineError, ValueError):
+    """The checkpoint's architecture or an option is not supported; the message names what is."""
+
+    type = "invalid_request_error"
+    status = 400
+
+
+class ModelNotFoundError(EngineError):
+    type = "not_found_error"
+    status = 404
+
+
+class OverloadedError(EngineError):
+    type = "rate_limit_error"
+    status = 429
+
+
+class UnavailableError(EngineError):
+    type = "service_unavailable"
+    status = 503

@@ -1,0 +1,114 @@
+"""LLM: the offline API, shaped as vLLM's (`LLM(model, **options).generate(prompts, params)`)."""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, Sequence as Seq
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.errors import InvalidRequestError
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class LLM:
+    def __init__(self, model: str = "", *, progress: bool = False, **options):
+        self.config = EngineConfig.from_kwargs(model=model, **options)
+        self.engine = EngineCore(self.config, progress=progress)
+        self.tokenizer = load_tokenizer(self.config.tokenizer or self.engine.model_path)
+        self.processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    # ---- input ---------------------------------------------------------------------------------
+    def _normalise(self, prompts) -> list[PromptType]:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]  # one prompt given as token ids
+        return list(prompts)
+
+    def _tokenise(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError("a prompt is a string, a list of token ids or {'prompt_token_ids': [...]}",
+                                  param="prompt")
+
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
+        """Queues one request (all n samples) after validating it; returns its id."""
+        text, ids = self._tokenise(prompt)
+        request_id = request_id or str(next(self._ids))
+        requests = self.processor.add_request(request_id, text, ids, params)
+        try:
+            for r in requests:
+                self.engine.validate(r)
+        except Exception:
+            self.processor.abort(request_id)
+            raise
+        for r in requests:
+            self.engine.add_request(r)
+        return request_id
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        changed, to_abort = self.processor.process(self.engine.step())
+        self.engine.abort(to_abort)
+        return changed
+
+    def generate_stream(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+                        ) -> Iterator[RequestOutput]:
+        """Yields a request's (cumulative) output every time it changes, in step order."""
+        prompts = self._normalise(prompts)
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError("one SamplingParams per prompt, or a single one", param="sampling_params")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                ids.append(self.add_request(prompt, p))
+        except Exception:
+            self.abort(ids)
+            raise
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            if pending:  # the consumer stopped early: free what it left running
+                self.abort(list(pending))
+
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = self._normalise(prompts)
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm)
+        for out in self.generate_stream(prompts, sampling_params):
+            if out.finished:
+                final[out.request_id] = out
+                bar.update(1)
+        bar.close()
+        return [final[k] for k in sorted(final, key=int)]
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.engine.abort(self.processor.abort(rid))

@@ -1,0 +1,51 @@
+"""Sequence: one generation stream's tokens, KV blocks and progress, as the scheduler sees it."""
+from __future__ import annotations
+
+import enum
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Prompt + output token ids; `num_computed_tokens` of them have KV in `block_table`."""
+
+    def __init__(self, seq_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 sampling_seed: int, max_output_tokens: int, arrival_time: float = 0.0):
+        self.seq_id = seq_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.sampling_seed = sampling_seed  # the request's seed, or one drawn for it by the engine
+        self.max_output_tokens = max_output_tokens
+        self.arrival_time = arrival_time
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,67 @@
+"""Plain-torch paged attention: the reference every other backend is checked against (runs on CPU)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention.metadata import AttentionMetadata
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Writes k, v [T, kv_heads, head_dim] into kv_cache [num_blocks, 2, block_size, kv_heads, head_dim]."""
+    block_size = kv_cache.shape[2]
+    valid = slot_mapping >= 0  # padded tokens carry slot -1
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    kv_cache[:, 0][blocks, offsets] = k.to(kv_cache.dtype)
+    kv_cache[:, 1][blocks, offsets] = v.to(kv_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    kv_scale: float = 1.0) -> torch.Tensor:
+    """Causal attention of q [T, heads, head_dim] over each sequence's cached KV (its new tokens included)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs, block_size = meta.num_seqs, kv_cache.shape[2]
+    device = q.device
+    q_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).long()
+    seq_lens = meta.seq_lens.long()
+
+    # gather every sequence's keys/values into a padded [B, max_k, kv_heads, head_dim]
+    key_pos = torch.arange(meta.max_seqlen_k, device=device)
+    blocks = meta.block_tables.long()[:, key_pos // block_size]
+    offsets = (key_pos % block_size).expand(num_seqs, -1)
+    k = kv_cache[:, 0][blocks, offsets].to(q.dtype)
+    v = kv_cache[:, 1][blocks, offsets].to(q.dtype)
+    if kv_scale != 1.0:
+        k, v = k * kv_scale, v * kv_scale
+    group = num_heads // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+    # scatter the ragged queries into [B, max_q, heads, head_dim]
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
+    row = torch.arange(num_tokens, device=device) - meta.cu_seqlens_q.long()[seq_of_token]
+    qp = q.new_zeros(num_seqs, meta.max_seqlen_q, num_heads, head_dim)
+    qp[seq_of_token, row] = q
+
+    # query i of sequence b sits at position seq_len - q_len + i and sees keys 0..that position
+    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(meta.max_seqlen_q, device=device)[None]
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]
+    out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)[seq_of_token, row]
+
+
+class TorchAttentionBackend:
+    """The reference backend: no per-step plan, works on every device."""
+
+    name = "torch"
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        return None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        return paged_attention(q, kv_cache, meta, scale)

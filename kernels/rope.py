@@ -1,0 +1,26 @@
+"""Rotary position embedding (neox / rotate-half style, as Llama and Qwen use it)."""
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, scaling: float = 1.0) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos in the first half of the last dim, sin in the second
+    (each of rotary_dim/2), computed exactly as Hugging Face does (float32 outer product)."""
+    positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+    freqs = positions[:, None] * inv_freq.float()[None, :]
+    return torch.cat((freqs.cos() * scaling, freqs.sin() * scaling), dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, head_dim], k [T, kv_heads, head_dim]; returns rotated copies in their dtype."""
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+    cos = torch.cat((cos, cos), dim=-1).to(q.dtype)[:, None, :]
+    sin = torch.cat((sin, sin), dim=-1).to(q.dtype)[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -1,0 +1,1 @@
+"""Test fixtures: each module here is loaded as a pytest plugin by tests/conftest.py."""

@@ -1,0 +1,82 @@
+"""Tiny random checkpoints of every supported architecture, saved as real Hugging Face folders
+(config.json + safetensors + a trained byte-level BPE tokenizer with a chat template)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Once upon a time there was a little engine that could serve tokens quickly.",
+    "def add(a, b):\n    return a + b\n",
+    "Prefill computes the prompt; decode extends it one token at a time.",
+    "Block tables map logical blocks to physical blocks in the KV cache.",
+    "1 2 3 4 5 6 7 8 9 10 hello world, hello there! ünïcödé ✓ 你好",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+ARCHS = {
+    "llama": dict(cls="LlamaForCausalLM", config="LlamaConfig", tie=True),
+    "qwen2": dict(cls="Qwen2ForCausalLM", config="Qwen2Config", tie=False),
+    "qwen3": dict(cls="Qwen3ForCausalLM", config="Qwen3Config", tie=False),
+}
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def build_checkpoint(path: Path, arch: str, dtype=torch.float32, seed: int = 0, **overrides) -> Path:
+    import transformers
+    spec = ARCHS[arch]
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path)
+    cfg_cls = getattr(transformers, spec["config"])
+    kwargs = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=spec["tie"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, rms_norm_eps=1e-6, initializer_range=0.2)
+    if arch == "qwen3":
+        kwargs["head_dim"] = 32
+    kwargs.update(overrides)
+    config = cfg_cls(**kwargs)
+    config.architectures = [spec["cls"]]
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec["cls"])(config).to(dtype)
+    with torch.no_grad():  # random non-trivial norms and biases, so that every weight matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.2)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """arch name -> checkpoint folder (float32)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_checkpoint(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
