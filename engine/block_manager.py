@@ -107,9 +107,11 @@ class BlockManager:
         block.ref_count += 1
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] = ()) -> bool:
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        computed = seq.num_computed_tokens + len(prefix_blocks) * self.block_size
+        need = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(prefix_blocks)
+        # adopting a cached block that sits in the free list takes it out of the free count
         reused_free = sum(1 for b in prefix_blocks if self.blocks[b].ref_count == 0)
-        return need - len(prefix_blocks) <= self.num_free_blocks - reused_free
+        return need <= self.num_free_blocks - reused_free
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] = ()) -> None:
         """Gives `seq` blocks for `num_new_tokens` more tokens, first adopting cached prefix blocks."""

@@ -74,7 +74,6 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config)
         self._seed_rng = random.Random(config.seed)
-        self._pending: list[EngineCoreOutput] = []  # outputs produced outside step (aborts)
         self.num_generated_tokens = 0
         log.info("engine ready: %s, %d KV blocks x %d tokens, %.1fs", self.model_path.name, num_blocks,
                  config.block_size, time.perf_counter() - t0)
@@ -109,14 +108,14 @@ class EngineCore:
         return seq
 
     def abort(self, request_ids) -> None:
+        """Ends the requests and frees their KV at once (the caller already knows they are gone)."""
         for rid in request_ids:
             seq = self.seqs.pop(rid, None)
             if seq is not None:
                 self.scheduler.finish(seq, "abort")
-                self._pending.append(self._output(seq, []))
 
     def has_unfinished(self) -> bool:
-        return bool(self.seqs) or bool(self._pending)
+        return bool(self.seqs)
 
     # ---- one step ----------------------------------------------------------------------------
     def stop_ids(self, seq: Sequence) -> list[int]:
@@ -126,7 +125,7 @@ class EngineCore:
         return sorted(ids)
 
     def step(self) -> list[EngineCoreOutput]:
-        outputs, self._pending = self._pending, []
+        outputs: list[EngineCoreOutput] = []
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs

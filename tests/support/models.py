@@ -80,3 +80,49 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for engine tests: cpu (default) or cuda")
+
+
+@pytest.fixture(scope="session")
+def engine_device(request) -> str:
+    device = request.config.getoption("--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but CUDA is not available")
+    return device
+
+
+class LLMCache:
+    """Session cache of offline engines keyed by their options (loading one takes seconds)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.engines: dict[tuple, object] = {}
+
+    def get(self, model: Path, **options):
+        from engine.llm import LLM
+        options = {"dtype": "float32", "device": self.device, **options}
+        key = (str(model), tuple(sorted(options.items())))
+        if key not in self.engines:
+            self.engines[key] = LLM(str(model), **options)
+        return self.engines[key]
+
+
+@pytest.fixture(scope="session")
+def llm_cache(engine_device) -> LLMCache:
+    return LLMCache(engine_device)
+
+
+@pytest.fixture(autouse=True)
+def kv_pool_returns_to_full(request):
+    """After every test, every cached engine's KV pool is full again and nothing is left running."""
+    yield
+    if "llm_cache" not in request.fixturenames:
+        return
+    cache = request.getfixturevalue("llm_cache")
+    for llm in cache.engines.values():
+        bm = llm.engine.block_manager
+        assert not llm.engine.has_unfinished(), "requests left in the engine"
+        assert bm.num_free_blocks == bm.num_blocks, f"KV blocks leaked: {bm.num_blocks - bm.num_free_blocks}"
