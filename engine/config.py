@@ -46,6 +46,9 @@ class EngineConfig:
     tensor_parallel_size: int = opt(1, "GPUs per engine for tensor parallelism")
     seed: int = opt(0, "engine seed: draws the sampling seeds of requests that bring none")
     role: Role = opt("hybrid", "hybrid, or one half of a prefill/decode pair")
+    kv_transfer_host: str = opt("127.0.0.1", "address the DLSlime KV endpoint binds and advertises")
+    kv_park_timeout_s: float = opt(60.0, "prefill: reclaim KV that no decode engine pulled or freed in time")
+    kv_pull_timeout_s: float = opt(30.0, "decode: fail a KV pull that has not finished in time")
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, message: str) -> None:

@@ -17,6 +17,8 @@ from engine.errors import InvalidRequestError, PromptTooLongError, UnsupportedMo
 from engine.gguf import resolve_model_path
 from engine.loader import load_hf_config
 from engine.model_runner import ModelRunner
+from engine.pd.handoff import KVHandoff
+from engine.pd.migration import KVGeometry
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.wire import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
@@ -71,6 +73,11 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
+        spec = self.runner.kv_spec
+        self.kv_geometry = KVGeometry(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size,
+                                      str(spec.dtype).removeprefix("torch."))
+        self.handoff = KVHandoff(self.block_manager, self.runner.kv_pool, self.kv_geometry, config.kv_transfer_host,
+                                 config.kv_park_timeout_s, config.kv_pull_timeout_s)
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config)
         self._seed_rng = random.Random(config.seed)
@@ -96,6 +103,11 @@ class EngineCore:
             raise InvalidRequestError("engine requests carry n=1 (the front fans out n)", param="n")
 
     def add_request(self, request: EngineCoreRequest) -> Sequence:
+        """Queues a request. With kv_transfer_params it is one half of a PD pair: `do_remote_decode`
+        parks its KV after the first token; `migration` pulls a prefilled KV and continues decoding."""
+        kv = request.kv_transfer_params or {}
+        if kv.get("migration") is not None:
+            return self._add_migrated(request, kv)
         self.validate(request)
         params = request.params
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
@@ -103,19 +115,42 @@ class EngineCore:
         max_out = room if params.max_tokens is None else min(params.max_tokens, room)
         seq = Sequence(request.request_id, request.prompt_token_ids, params, seed, max_out,
                        request.arrival_time or time.time())
+        seq.remote_decode = bool(kv.get("do_remote_decode"))
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _add_migrated(self, request: EngineCoreRequest, kv: dict) -> Sequence:
+        m = self.handoff.parse(kv)
+        prompt = m.prompt_token_ids
+        self.validate(EngineCoreRequest(request_id=request.request_id, prompt_token_ids=prompt + [m.first_token],
+                                        params=m.params))
+        room = self.max_model_len - len(prompt)
+        max_out = room if m.params.max_tokens is None else min(m.params.max_tokens, room)
+        seq = Sequence(request.request_id, prompt, m.params, m.sampling_seed, max_out,
+                       request.arrival_time or time.time())
+        seq.append_token(m.first_token)
+        self.seqs[seq.seq_id] = seq
+        self.handoff.admit(seq, m)
+        return seq
+
+    def free_parked(self, seq_ids) -> int:
+        """Router's /pd/free: releases KV parked for a decode engine (idempotent)."""
+        return self.handoff.free(seq_ids)
 
     def abort(self, request_ids) -> None:
         """Ends the requests and frees their KV at once (the caller already knows they are gone)."""
         for rid in request_ids:
             seq = self.seqs.pop(rid, None)
-            if seq is not None:
+            if seq is not None and not self.handoff.cancel(seq):
                 self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
+
+    def has_timers(self) -> bool:
+        """Parked KV or pulls in flight: the loop must keep stepping (timeouts) even when idle."""
+        return self.handoff.busy
 
     # ---- one step ----------------------------------------------------------------------------
     def stop_ids(self, seq: Sequence) -> list[int]:
@@ -125,7 +160,7 @@ class EngineCore:
         return sorted(ids)
 
     def step(self) -> list[EngineCoreOutput]:
-        outputs: list[EngineCoreOutput] = []
+        outputs = self._advance_handoff()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
@@ -141,6 +176,9 @@ class EngineCore:
             self.num_generated_tokens += 1
             self._check_stop(seq, token)
             new_lp = [logprobs[i]] if logprobs is not None and seq.params.logprobs is not None else None
+            if seq.remote_decode and not seq.is_finished:
+                outputs.append(self._park(seq))
+                continue
             if seq.is_finished:
                 self.seqs.pop(seq.seq_id, None)
             else:
@@ -150,6 +188,32 @@ class EngineCore:
             if not s.samples:  # a prefill chunk: its full blocks are reusable already
                 self.block_manager.cache_full_blocks(s.seq)
         return outputs
+
+    def _advance_handoff(self) -> list[EngineCoreOutput]:
+        outputs = []
+        if not self.handoff.busy:
+            return outputs
+        self.handoff.reclaim_expired()
+        ready, failed = self.handoff.poll()
+        for seq in ready:  # KV landed: decode from here; the client gets the first token now
+            self.scheduler.adopt(seq)
+            outputs.append(self._output(seq, [seq.token_ids[-1]]))
+        for seq, error in failed:
+            self.seqs.pop(seq.seq_id, None)
+            seq.finish_reason = "error"
+            out = self._output(seq, [])
+            out.error = error
+            outputs.append(out)
+        return outputs
+
+    def _park(self, seq: Sequence) -> EngineCoreOutput:
+        """Prefill half: the answer is the migration descriptor; the KV waits for the decode engine."""
+        self.seqs.pop(seq.seq_id, None)
+        self.block_manager.cache_full_blocks(seq)
+        self.scheduler.release(seq, "length")
+        out = self._output(seq, [])
+        out.kv_transfer_params = self.handoff.park(seq, self.config.model)
+        return out
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -178,6 +242,7 @@ class EngineCore:
                 "num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks, "kv_usage": bm.usage,
                 "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions,
+                "num_parked": len(self.handoff.parked), "num_pulling": len(self.handoff.pulls),
                 "num_generated_tokens": self.num_generated_tokens}
 
 

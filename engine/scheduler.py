@@ -92,6 +92,17 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def adopt(self, seq: Sequence) -> None:
+        """Joins a sequence whose prompt KV is already in its blocks (migrated in) to the batch."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def release(self, seq: Sequence, reason: str) -> None:
+        """Ends a running sequence but leaves its blocks allocated (parked for migration out)."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
     def _preempt(self, seq: Sequence) -> None:
         """Drops the sequence's KV; it is recomputed (prompt + output so far) when readmitted."""
         self.block_manager.free(seq)

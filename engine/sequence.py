@@ -31,6 +31,7 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.remote_decode = False  # prefill half of a PD pair: park the KV after the first token
 
     def __len__(self) -> int:
         return len(self.token_ids)
