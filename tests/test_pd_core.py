@@ -132,7 +132,8 @@ def test_dead_source_fails_the_pull_and_frees_blocks(pair, tiny_models):
     """A migration whose source engine is gone: decode fails the request (no hang), frees its blocks."""
     from engine.llm import LLM
     _, decode, _ = pair
-    source = LLM(str(tiny_models["qwen3"]), device="cpu", dtype="float32", role="prefill", **OPTS).engine
+    source = LLM(str(tiny_models["qwen3"]), device="cpu", dtype="float32", role="prefill",
+                 kv_cache_memory_bytes=32 << 20, **OPTS).engine
     out = prefill_stage(source, "d", [5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=0.0, max_tokens=5))
     source.handoff.close()  # its DLSlime endpoint goes away, as when the process dies
     decode.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=[], params=SamplingParams(),

@@ -103,7 +103,8 @@ class LLMCache:
 
     def get(self, model: Path, **options):
         from engine.llm import LLM
-        options = {"dtype": "float32", "device": self.device, **options}
+        # a small KV budget: tiny models would otherwise get hundreds of thousands of blocks
+        options = {"dtype": "float32", "device": self.device, "kv_cache_memory_bytes": 32 << 20, **options}
         key = (str(model), tuple(sorted(options.items())))
         if key not in self.engines:
             self.engines[key] = LLM(str(model), **options)
