@@ -13,7 +13,8 @@ from pathlib import Path
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError, PromptTooLongError, UnsupportedModelError
+from engine.errors import (InvalidRequestError, ModelNotFoundError, PromptTooLongError,
+                           UnsupportedModelError)
 from engine.gguf import resolve_model_path
 from engine.loader import load_hf_config
 from engine.model_runner import ModelRunner
@@ -27,10 +28,16 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model(model: str, progress: bool) -> Path:
-    if not model:
-        from engine.default_model import default_model_path
-        return default_model_path(progress=progress)
-    return resolve_model_path(model, progress=progress)
+    """The HF folder to load: the embedded default, a checkpoint folder, or a converted .gguf file."""
+    try:
+        if not model:
+            from engine.default_model import default_model_path
+            return default_model_path(progress=progress)
+        return resolve_model_path(model, progress=progress)
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise ModelNotFoundError(str(e), param="model") from None
+    except ValueError as e:
+        raise UnsupportedModelError(str(e), param="model") from None
 
 
 def eos_token_ids(path: Path, hf_config) -> set[int]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine.errors import InvalidRequestError, PromptTooLongError, UnsupportedModelError
+from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -99,9 +99,13 @@ def test_bad_engine_options(tiny_models, options, param):
 
 
 def test_missing_model_folder(tmp_path):
-    with pytest.raises((FileNotFoundError, ValueError, UnsupportedModelError)) as e:
+    with pytest.raises(ModelNotFoundError) as e:
         LLM(str(tmp_path / "nope"), device="cpu")
-    assert "nope" in str(e.value)
+    assert "nope" in str(e.value) and e.value.param == "model"
+    (tmp_path / "x.bin").write_bytes(b"junk")
+    with pytest.raises(UnsupportedModelError) as e:
+        LLM(str(tmp_path / "x.bin"), device="cpu")
+    assert e.value.param == "model"
 
 
 def test_kv_budget_smaller_than_one_sequence(tiny_models):

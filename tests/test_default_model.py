@@ -1,0 +1,44 @@
+"""The embedded default model end to end: our greedy output equals transformers' (CPU, float32),
+and `slipstream generate` answers the README's question."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.sampling_params import SamplingParams
+from tests.hf_oracle import hf_greedy
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+MAX_NEW = 16
+
+
+def test_smollm2_greedy_matches_transformers(smollm2, llm_cache):
+    llm = llm_cache.get(smollm2.path, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=128 << 20)
+    tok = llm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False) for p in PROMPTS]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        ref, _ = hf_greedy(smollm2.path, prompt, MAX_NEW, dtype=torch.float32)
+        assert out.outputs[0].token_ids == ref
+    assert "Paris" in outs[0].outputs[0].text
+
+
+def test_generate_cli_answers_the_readme_question(smollm2):
+    env = {**os.environ, "XDG_CACHE_HOME": str(smollm2.xdg)}  # the session's converted copy: a cache hit
+    out = subprocess.run([sys.executable, "-m", "engine.cli.main", "generate", "What is the capital of France?",
+                          "--device", "cpu", "--max-tokens", "20"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_generate_cli_reports_bad_input_without_traceback(smollm2, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "engine.cli.main", "generate", "hi", "--model", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "none" in out.stderr
