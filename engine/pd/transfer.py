@@ -1,0 +1,495 @@
+"""KV-block data plane over DLSlime: a KVTransferAgent per engine (rank) serves its KV pool as
+one memory region and pulls remote blocks into local ones as PullTransfer state machines.
+
+Measured DLSlime 0.1.23 behaviour this module is shaped by (see shared/notes/dlslime.md):
+- one TcpEndpoint talks to ONE peer: a second connect() silently re-targets it and reads
+  against the first peer then never complete, so every peer gets its own client endpoint;
+- > 32 assignments in one read() can complete early; > ~64 in flight per peer stall 1 s;
+- the serving side does no bounds checks; wait() spins a core (we poll wait_for(0));
+- a read that is abandoned (peer hung) can still land bytes after shutdown(): its local
+  destination is unsafe to reuse (PullTransfer.safe_to_free);
+- connect() "succeeds" against any listener, and a read from something that is not a
+  DLSlime peer can return 0 with garbage landed: each new link first reads the peer's agent
+  id from a tiny "id" region and checks it against the endpoint info.
+
+Not thread-safe: one thread (the engine loop) drives an agent and its transfers.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+
+import dlslime
+import torch
+
+from engine.pd.ranges import (ID_BYTES, ID_REGION, REGION, ByteRange, TransferError,
+                              check_block_ids, check_bounds, check_compatible, check_peer_info,
+                              check_pull_ids, coalesce, to_byte_ranges)
+
+__all__ = ["TERMINAL", "KVTransferAgent", "PullTransfer", "StagedBlocks", "TransferError",
+           "TransferMetrics", "TransferState"]
+
+POLL_SLEEP_S = 0.0002  # between wait_for(0) polls: 1.5x faster than wait() on 2 cores
+
+
+class TransferState(str, Enum):
+    PENDING = "pending"      # validated, waiting for staging slots or in-flight budget
+    PULLING = "pulling"      # reads issued
+    DONE = "done"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+
+
+TERMINAL = frozenset({TransferState.DONE, TransferState.FAILED, TransferState.TIMED_OUT})
+
+
+@dataclass(frozen=True)
+class TransferMetrics:
+    transfers: int = 0        # pulls finished in each state
+    failed: int = 0
+    timed_out: int = 0
+    bytes: int = 0            # bytes of successful pulls
+    ms: float = 0.0           # summed wall time of successful pulls
+    peak_inflight: int = 0    # most assignments in flight to one peer at once
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.ms / 1e6 if self.ms > 0 else 0.0
+
+
+def _make_endpoint(transport: str, host: str, port: int = 0):
+    if transport == "tcp":
+        return dlslime.TcpEndpoint(host, port)
+    if transport == "rdma":
+        nics = dlslime.available_nic()
+        if not nics:
+            raise TransferError("transport 'rdma' requested but no RDMA NIC was found "
+                                "(dlslime.available_nic() is empty); use transport='tcp'")
+        return dlslime.RDMAEndpoint(device_name=nics[0], ib_port=1, link_type="auto")
+    raise TransferError(f"unknown transport {transport!r} (expected 'tcp' or 'rdma')")
+
+
+def _copy_blocks(dst: torch.Tensor, dst_ids, src: torch.Tensor, src_ids):
+    """dst[dst_ids] = src[src_ids], one copy per adjacent run (slices of pinned memory stay
+    pinned, so non_blocking really is async). Returns a CUDA event, or None if synchronous."""
+    for run in coalesce(src_ids, dst_ids):
+        dst[run.local:run.local + run.count].copy_(src[run.remote:run.remote + run.count],
+                                                   non_blocking=True)
+    device = dst.device if dst.is_cuda else src.device
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+class _Staging:
+    """Host buffer of whole blocks with a free-list allocator. Pinned for a CUDA pool so that
+    stage-out (GPU -> host) and stage-in (host -> GPU) copies are asynchronous."""
+
+    def __init__(self, pool: torch.Tensor, num_blocks: int):
+        self.buf = torch.empty((num_blocks, *pool.shape[1:]), dtype=pool.dtype,
+                               pin_memory=pool.is_cuda)
+        self.capacity = num_blocks
+        self._free = list(range(num_blocks))   # sorted: allocations tend to be contiguous
+        self.quarantined = 0
+
+    def alloc(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        slots, self._free = self._free[:n], self._free[n:]
+        return slots
+
+    def free(self, slots) -> None:
+        for s in slots:
+            bisect.insort(self._free, s)
+
+    def quarantine(self, slots) -> None:
+        # Slots that an abandoned read may still write into are never handed out again.
+        self.quarantined += len(slots)
+
+
+class StagedBlocks:
+    """Blocks made pullable by stage_out: put `remote_ids` in the migration descriptor once
+    ready() is true, and release() them when the peer has pulled (or given up)."""
+
+    def __init__(self, remote_ids: list[int], slots: list[int] | None, event):
+        self.remote_ids, self.slots, self._event, self.released = remote_ids, slots, event, False
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+
+class _PeerLink:
+    """A client endpoint connected to one peer, its registered regions and in-flight budget.
+    Usable once the identity probe (a read of the peer's id region) has come back right."""
+
+    def __init__(self, endpoint, local_handle: int, remote_handle: int, peer: dict,
+                 probe_buf: torch.Tensor, probe_future):
+        self.endpoint, self.local_handle, self.remote_handle = endpoint, local_handle, remote_handle
+        self.key, self.agent_id = f"{peer['host']}:{peer['port']}", peer["agent_id"]
+        self._probe_buf, self._probe = probe_buf, probe_future
+        self.inflight = 1      # the probe
+        self.verified = False
+        self.broken = False    # out of the cache; shut down once nothing is in flight
+        self.closed = False
+
+    def check_probe(self) -> str | None:
+        """None while the probe is out or once verified; an error message if it failed."""
+        if self.verified or self._probe is None:
+            return None if self.verified else f"identity probe of {self.key} failed"
+        status = self._probe.wait_for(0)
+        if status is None:
+            return None
+        self._probe, self.inflight = None, self.inflight - 1
+        got = bytes(self._probe_buf.tolist())
+        if status == 0 and got == self.agent_id.encode():
+            self.verified = True
+            return None
+        return (f"identity probe of {self.key} failed (status {status}): the listener there "
+                "is not the KV agent its endpoint info describes (stale info or restarted)")
+
+    def close_if_drained(self) -> None:
+        if self.broken and self.inflight == 0 and not self.closed:
+            self.closed = True
+            self.endpoint.shutdown()
+
+
+class PullTransfer:
+    """Pull of remote blocks into local ones: pending -> pulling -> done | failed | timed_out.
+    Drive it with poll() (non-blocking) or wait(). On failed/timed_out, `error` says why."""
+
+    def __init__(self, agent: KVTransferAgent, link: _PeerLink | None, remote: list[int],
+                 local: list[int], remote_len: int, timeout_s: float):
+        self._agent, self._link, self._remote_len = agent, link, remote_len
+        self._remote, self._local = remote, local
+        self.state = TransferState.PENDING
+        self.error: str | None = None
+        self.bytes = len(remote) * agent.block_bytes
+        self.num_ranges = self.num_calls = 0
+        self.safe_to_free = True   # False: a late write may still land in the local blocks
+        self._t0 = time.monotonic()
+        self._t1: float | None = None
+        self._deadline = self._t0 + timeout_s
+        self._timeout_s = timeout_s
+        self._ranges: list[ByteRange] | None = None
+        self._next = 0
+        self._inflight: list[tuple[object, int]] = []   # (future, assignments)
+        self._slots: list[int] | None = None            # local staging slots, if staged
+        self._landing = False                           # staging -> pool copy started
+        self._event = None                              # ... and its CUDA event
+        self._read_error: str | None = None
+
+    @property
+    def elapsed_ms(self) -> float:
+        return ((self._t1 or time.monotonic()) - self._t0) * 1e3
+
+    @property
+    def gbps(self) -> float:
+        ms = self.elapsed_ms
+        return self.bytes / ms / 1e6 if self.state is TransferState.DONE and ms > 0 else 0.0
+
+    def wait(self, timeout: float | None = None) -> TransferState:
+        """Poll until terminal or `timeout` (the pull's own deadline bounds it anyway)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() not in TERMINAL and (end is None or time.monotonic() < end):
+            time.sleep(POLL_SLEEP_S)
+        return self.state
+
+    def poll(self) -> TransferState:
+        if self.state in TERMINAL:
+            return self.state
+        self._reap()
+        if self._read_error is not None and not self._inflight:
+            return self._finish(TransferState.FAILED, self._read_error)
+        if time.monotonic() > self._deadline:
+            return self._finish(TransferState.TIMED_OUT, f"pull of {len(self._remote)} blocks "
+                                f"from {self._link.key} not done within {self._timeout_s} s")
+        if self._read_error is not None:
+            return self.state      # let the other reads drain so the local blocks are safe
+        if not self._link.verified:
+            error = self._link.check_probe()
+            if error is not None:
+                self._agent._break(self._link)
+                return self._finish(TransferState.FAILED, error)
+            if not self._link.verified:
+                return self.state
+        if self._ranges is None and not self._plan():
+            return self.state      # no staging slots free yet
+        self._issue()
+        if self._next == len(self._ranges) and not self._inflight:
+            return self._land()
+        return self.state
+
+    def _plan(self) -> bool:
+        staging = self._agent._staging
+        if staging is None:
+            dst = self._local
+        else:
+            self._slots = staging.alloc(len(self._local))
+            if self._slots is None:
+                return False
+            dst = self._slots
+        pairs = sorted(zip(self._remote, dst))   # sorted by remote id: most runs merge
+        ranges = to_byte_ranges(coalesce([p[0] for p in pairs], [p[1] for p in pairs]),
+                                self._agent.block_bytes, self._agent.max_range_bytes)
+        check_bounds(ranges, self._remote_len, self._agent.region_bytes)
+        self._ranges, self.num_ranges = ranges, len(ranges)
+        return True
+
+    def _issue(self) -> None:
+        link, agent = self._link, self._agent
+        while self._next < len(self._ranges) and not link.broken:
+            n = min(agent.max_assignments_per_call, len(self._ranges) - self._next,
+                    agent.max_inflight_per_peer - link.inflight)
+            if n <= 0:
+                return
+            batch = self._ranges[self._next:self._next + n]
+            try:
+                fut = link.endpoint.read([(link.local_handle, link.remote_handle, r.remote_off,
+                                           r.local_off, r.length) for r in batch])
+            except Exception as e:  # noqa: BLE001 - any binding error fails this pull only
+                self._read_error = f"DLSlime read to {link.key} raised: {e}"
+                agent._break(link)
+                return
+            self._inflight.append((fut, n))
+            link.inflight += n
+            agent._peak_inflight = max(agent._peak_inflight, link.inflight)
+            self._next += n
+            self.num_calls += 1
+            self.state = TransferState.PULLING
+        if link.broken and self._next < len(self._ranges) and self._read_error is None:
+            self._read_error = f"connection to {link.key} was dropped by another pull"
+
+    def _reap(self) -> None:
+        pending = []
+        for fut, n in self._inflight:
+            status = fut.wait_for(0)
+            if status is None:
+                pending.append((fut, n))
+                continue
+            self._link.inflight -= n
+            if status != 0 and self._read_error is None:
+                self._read_error = (f"DLSlime read from {self._link.key} returned {status} "
+                                    "(peer dead or connection reset)")
+                self._agent._break(self._link)
+        self._inflight = pending
+        if self._link is not None:
+            self._link.close_if_drained()
+
+    def _land(self) -> TransferState:
+        """All reads done: staged pulls still copy staging -> pool (async on CUDA)."""
+        staging = self._agent._staging
+        if staging is None:
+            return self._finish(TransferState.DONE)
+        if not self._landing:
+            self._landing = True
+            self._event = _copy_blocks(self._agent.pool, self._local, staging.buf, self._slots)
+        if self._event is None or self._event.query():
+            return self._finish(TransferState.DONE)
+        return self.state
+
+    def _finish(self, state: TransferState, error: str | None = None) -> TransferState:
+        if self._inflight:
+            # Abandoned reads may still write into their destination; the connection is
+            # dropped, and the destination is either quarantined (staging) or flagged.
+            abandoned = sum(n for _, n in self._inflight)
+            self._link.inflight -= abandoned
+            self._agent._break(self._link)
+            self._inflight = []
+            if self._slots is None:
+                self.safe_to_free = False
+            else:
+                self._agent._staging.quarantine(self._slots)
+                self._slots = None
+        if state is TransferState.TIMED_OUT and not self._link.verified:
+            self._agent._break(self._link)    # hung at the probe: later pulls reconnect
+        if self._slots is not None and (state is TransferState.DONE or self._event is None):
+            self._agent._staging.free(self._slots)
+            self._slots = None
+        # else: a staging -> pool copy is still in flight (only on close); leak the slots.
+        self.state, self.error, self._t1 = state, error, time.monotonic()
+        self._agent._record(self)
+        return state
+
+
+class KVTransferAgent:
+    """One DLSlime endpoint serving this engine's KV pool (CPU) or pinned staging area (CUDA
+    pool; `staging_blocks` > 0 required), plus one cached client endpoint per peer we pull from."""
+
+    def __init__(self, pool: torch.Tensor, host: str = "127.0.0.1", port: int = 0,
+                 transport: str = "tcp", staging_blocks: int = 0,
+                 max_assignments_per_call: int = 32, max_inflight_per_peer: int = 64,
+                 max_range_bytes: int = 64 << 20):
+        if pool.dim() < 2 or not pool.is_contiguous() or pool.numel() == 0:
+            raise ValueError("pool must be a non-empty contiguous [num_blocks, ...] tensor")
+        if pool.is_cuda and staging_blocks <= 0:
+            raise ValueError("a CUDA pool needs staging_blocks > 0 (the dlslime wheel has no "
+                             "CUDA: GPU KV is staged through pinned host memory)")
+        if not 1 <= max_assignments_per_call <= 32 or not 1 <= max_inflight_per_peer <= 64:
+            raise ValueError("DLSlime defects: <= 32 assignments per call, <= 64 in flight")
+        self.pool, self.transport = pool, transport
+        self.host = host
+        self.block_bytes = pool[0].numel() * pool.element_size()
+        self.max_assignments_per_call = max_assignments_per_call
+        self.max_inflight_per_peer = max_inflight_per_peer
+        self.max_range_bytes = max_range_bytes
+        self._staging = _Staging(pool, staging_blocks) if staging_blocks > 0 else None
+        self._region = self._staging.buf if self._staging is not None else pool
+        self.region_bytes = self._region.numel() * self._region.element_size()
+        self._endpoint = _make_endpoint(transport, host, port)
+        self.agent_id = uuid.uuid4().hex
+        self._id_buf = torch.tensor(list(self.agent_id.encode()), dtype=torch.uint8)
+        if min(self._endpoint.register_memory_region(REGION, self._region.data_ptr(), 0,
+                                                     self.region_bytes),
+               self._endpoint.register_memory_region(ID_REGION, self._id_buf.data_ptr(), 0,
+                                                     ID_BYTES)) < 0:
+            raise TransferError("DLSlime refused to register the KV regions")
+        self._layout = {"block_shape": list(pool.shape[1:]),
+                        "dtype": str(pool.dtype).removeprefix("torch."),
+                        "block_bytes": self.block_bytes}
+        self._links: dict[str, _PeerLink] = {}
+        self._dropped: list[_PeerLink] = []    # broken links with reads still out
+        self._active: set[PullTransfer] = set()
+        self._counts = {s: 0 for s in TERMINAL}
+        self._bytes, self._ms, self._peak_inflight = 0, 0.0, 0
+        self._closed = False
+
+    # -- what peers need ---------------------------------------------------------------
+    def endpoint_info(self) -> dict:
+        """JSON-serialisable description a peer needs to validate and pull our blocks.
+        `num_blocks` counts the blocks addressable by remote ids (staging slots if staged)."""
+        info = self._endpoint.endpoint_info()
+        return {"agent_id": self.agent_id, "host": info["host"], "port": info["port"],
+                "transport": self.transport, "region": REGION, "mr_info": info["mr_info"],
+                "num_blocks": self._region.shape[0], "staged": self._staging is not None,
+                "pool_blocks": self.pool.shape[0], **self._layout}
+
+    def stage_out(self, block_ids, wait: bool = True) -> StagedBlocks | None:
+        """Make pool blocks pullable. CPU pool: the ids themselves, no copy. Staged: copy into
+        staging slots; None while the staging area is full (retry later). With wait=False
+        the GPU -> host copy is left running: publish remote_ids only once ready()."""
+        ids = check_block_ids(block_ids, self.pool.shape[0], "local")
+        if self._staging is None:
+            return StagedBlocks(ids, None, None)
+        slots = self._staging.alloc(len(ids))
+        if slots is None:
+            return None
+        staged = StagedBlocks(slots, slots, _copy_blocks(self._staging.buf, slots, self.pool, ids))
+        if wait:
+            staged.wait()
+        return staged
+
+    def release(self, staged: StagedBlocks) -> None:
+        if staged.slots is not None and not staged.released:
+            staged.wait()   # the stage-out copy must finish before the slots are reused
+            self._staging.free(staged.slots)
+        staged.released = True
+
+    # -- pulling -------------------------------------------------------------------------
+    def start_pull(self, peer_info: dict, remote_block_ids, local_block_ids,
+                   timeout_s: float = 30.0) -> PullTransfer:
+        """Validate, then start pulling. Raises TransferError for anything that must not be
+        issued; runtime problems (unreachable, dead or hung peer) end as failed / timed_out."""
+        if self._closed:
+            raise TransferError("agent is closed")
+        peer = check_peer_info(peer_info)
+        check_compatible(self._layout, peer)
+        if peer["transport"] != self.transport:
+            raise TransferError(f"peer transport {peer['transport']!r} != {self.transport!r}")
+        if self.transport == "rdma":
+            # RDMA queue pairs need the source to connect back to us, which needs a control
+            # message this data plane does not have yet.
+            raise TransferError("rdma pulls need a connect-back handshake; not wired yet")
+        remote, local = check_pull_ids(remote_block_ids, local_block_ids,
+                                       peer["num_blocks"], self.pool.shape[0])
+        if self._staging is not None and len(local) > self._staging.capacity:
+            raise TransferError(f"pull of {len(local)} blocks exceeds the staging area of "
+                                f"{self._staging.capacity} blocks")
+        remote_len = min(peer["num_blocks"] * self.block_bytes, peer["region_length"])
+        if self._staging is None:   # staged pulls are checked once their slots are known
+            check_bounds(to_byte_ranges(coalesce(remote, local), self.block_bytes,
+                                        self.max_range_bytes), remote_len, self.region_bytes)
+        link, error = self._link_to(peer)
+        transfer = PullTransfer(self, link, remote, local, remote_len, timeout_s)
+        self._active.add(transfer)
+        if error is not None:
+            transfer._finish(TransferState.FAILED, error)
+        transfer.poll()
+        return transfer
+
+    def _link_to(self, peer: dict) -> tuple[_PeerLink | None, str | None]:
+        key = f"{peer['host']}:{peer['port']}"
+        link = self._links.get(key)
+        if link is not None and link.agent_id == peer["agent_id"] and not link.broken:
+            return link, None
+        if link is not None:        # the peer restarted on the same address
+            self._break(link)
+        endpoint = _make_endpoint(self.transport, self.host)
+        local_h = endpoint.register_memory_region(REGION, self._region.data_ptr(), 0,
+                                                  self.region_bytes)
+        endpoint.connect({"host": peer["host"], "port": peer["port"],
+                          "mr_info": peer["mr_info"]})
+        if not endpoint.is_connected():
+            endpoint.shutdown()
+            return None, f"cannot connect to KV peer {key}"
+        remote_h = endpoint.register_remote_memory_region(key, peer["mr_info"][peer["region"]])
+        probe_buf = torch.zeros(ID_BYTES, dtype=torch.uint8)
+        probe_h = endpoint.register_memory_region("probe", probe_buf.data_ptr(), 0, ID_BYTES)
+        id_h = endpoint.register_remote_memory_region(f"{key}/id", peer["mr_info"][ID_REGION])
+        link = _PeerLink(endpoint, local_h, remote_h, peer, probe_buf,
+                         endpoint.read([(probe_h, id_h, 0, 0, ID_BYTES)]))
+        self._links[key] = link
+        return link, None
+
+    def _break(self, link: _PeerLink) -> None:
+        if not link.broken:
+            link.broken = True
+            if self._links.get(link.key) is link:
+                del self._links[link.key]
+            # Shut-down links are let go (their destructor joins DLSlime's I/O threads).
+            self._dropped = [d for d in self._dropped if not d.closed] + [link]
+        link.close_if_drained()
+
+    def _record(self, transfer: PullTransfer) -> None:
+        self._active.discard(transfer)
+        self._counts[transfer.state] += 1
+        if transfer.state is TransferState.DONE:
+            self._bytes += transfer.bytes
+            self._ms += transfer.elapsed_ms
+
+    def metrics(self) -> TransferMetrics:
+        c = self._counts
+        return TransferMetrics(c[TransferState.DONE], c[TransferState.FAILED],
+                               c[TransferState.TIMED_OUT], self._bytes, self._ms,
+                               self._peak_inflight)
+
+    def close(self) -> None:
+        """Fail active pulls, shut every endpoint down. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for transfer in list(self._active):
+            transfer._finish(TransferState.FAILED, "transfer agent closed")
+        for link in list(self._links.values()):
+            self._break(link)
+        for link in self._dropped:
+            if not link.closed:
+                link.closed = True
+                link.endpoint.shutdown()
+        self._endpoint.shutdown()
+        self._links.clear()
+
+    def __enter__(self) -> KVTransferAgent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
