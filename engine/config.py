@@ -49,6 +49,7 @@ class EngineConfig:
     kv_transfer_host: str = opt("127.0.0.1", "address the DLSlime KV endpoint binds and advertises")
     kv_park_timeout_s: float = opt(60.0, "prefill: reclaim KV that no decode engine pulled or freed in time")
     kv_pull_timeout_s: float = opt(30.0, "decode: fail a KV pull that has not finished in time")
+    kv_staging_bytes: int = opt(2 << 30, "GPU pools over TCP: pinned host memory that stages KV in and out")
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, message: str) -> None:

@@ -84,7 +84,7 @@ class EngineCore:
         self.kv_geometry = KVGeometry(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size,
                                       str(spec.dtype).removeprefix("torch."))
         self.handoff = KVHandoff(self.block_manager, self.runner.kv_pool, self.kv_geometry, config.kv_transfer_host,
-                                 config.kv_park_timeout_s, config.kv_pull_timeout_s)
+                                 config.kv_park_timeout_s, config.kv_pull_timeout_s, config.kv_staging_bytes)
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config)
         self._seed_rng = random.Random(config.seed)

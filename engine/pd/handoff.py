@@ -39,13 +39,15 @@ class _Pull:
 
 class KVHandoff:
     def __init__(self, block_manager: BlockManager, pool, geometry: mig.KVGeometry, host: str,
-                 park_timeout_s: float, pull_timeout_s: float, engine_id: str | None = None):
+                 park_timeout_s: float, pull_timeout_s: float, staging_bytes: int = 2 << 30,
+                 engine_id: str | None = None):
         self.block_manager = block_manager
         self.pool = pool
         self.geometry = geometry
         self.host = host
         self.park_timeout_s = park_timeout_s
         self.pull_timeout_s = pull_timeout_s
+        self.staging_bytes = staging_bytes
         self.engine_id = engine_id or uuid.uuid4().hex
         self._agent = None
         self._seq_ids = itertools.count(1)
@@ -59,7 +61,9 @@ class KVHandoff:
         """The DLSlime endpoint serving/pulling this pool, created on first use."""
         if self._agent is None:
             from engine.pd.transfer import KVTransferAgent
-            staging = self.pool.shape[0] if self.pool.is_cuda else 0
+            # the PyPI dlslime has no CUDA: a GPU pool is served through a pinned host area
+            block_bytes = self.pool[0].numel() * self.pool.element_size()
+            staging = min(self.pool.shape[0], max(1, self.staging_bytes // block_bytes)) if self.pool.is_cuda else 0
             self._agent = KVTransferAgent(self.pool, host=self.host, staging_blocks=staging)
         return self._agent
 

@@ -1,0 +1,1 @@
+"""The built-in PD-aware gateway (`slipstream router`): DLRouter's protocol, engines found through dlslime-ctrl."""
