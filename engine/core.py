@@ -219,7 +219,11 @@ class EngineCore:
         self.block_manager.cache_full_blocks(seq)
         self.scheduler.release(seq, "length")
         out = self._output(seq, [])
-        out.kv_transfer_params = self.handoff.park(seq, self.config.model)
+        try:
+            out.kv_transfer_params = self.handoff.park(seq, self.config.model)
+        except RuntimeError as e:  # no staging room: fail this request, keep serving
+            self.block_manager.free(seq)
+            out.finish_reason, out.error = "error", f"cannot hand off KV: {e}"
         return out
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
