@@ -4,6 +4,8 @@ Engine cores ship deltas: each step's new token ids per request, never whole seq
 """
 from __future__ import annotations
 
+from typing import Any, Union
+
 import msgspec
 
 from engine.sampling_params import SamplingParams
@@ -14,6 +16,7 @@ class EngineCoreRequest(msgspec.Struct, kw_only=True):
     prompt_token_ids: list[int]
     params: SamplingParams  # n == 1: the front fans n out into child requests
     arrival_time: float = 0.0
+    kv_transfer_params: dict[str, Any] | None = None  # opaque to hybrid engines (prefill/decode hand-off)
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
@@ -34,7 +37,110 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # prefill: {migration, first_token, seq_id}
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+# ---- engine core server <-> its clients (API fronts, gateways), over one ZMQ ROUTER/DEALER pair ----
+# Client -> core messages and core -> client replies are tagged unions: the core decodes a frame
+# as `CoreInbound`, a client as `CoreOutbound`. Calls that expect a reply carry a client-chosen
+# `call_id` that the reply echoes.
+
+class ErrorInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A typed error (engine.errors.EngineError) as data: OpenAI error type, HTTP status, field."""
+
+    message: str
+    type: str = "internal_error"
+    status: int = 500
+    param: str | None = None
+
+
+class AddRequests(msgspec.Struct, kw_only=True, tag="add"):
+    requests: list[EngineCoreRequest]
+
+
+class AbortRequests(msgspec.Struct, kw_only=True, tag="abort"):
+    request_ids: list[str]
+
+
+class EngineInfoRequest(msgspec.Struct, kw_only=True, tag="info"):
+    """Also the heartbeat: a client that gets no EngineInfo back in time deems the core unresponsive."""
+
+    call_id: int
+
+
+class UtilityCall(msgspec.Struct, kw_only=True, tag="call"):
+    """A named core method from the server's allow-list (see EngineCoreServer.utilities)."""
+
+    call_id: int
+    method: str
+    args: list[Any] = []
+
+
+CoreInbound = Union[AddRequests, AbortRequests, EngineInfoRequest, UtilityCall]
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    """EngineCore.stats() as a typed snapshot."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    kv_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_parked: int = 0  # prefill role: KV kept for a decode engine to pull
+    num_pulling: int = 0  # decode role: KV pulls in flight
+    num_generated_tokens: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):
+    """One step's deltas for the requests of one client."""
+
+    outputs: list[EngineCoreOutput]
+    timestamp: float = 0.0
+
+
+class RejectedRequest(msgspec.Struct, kw_only=True):
+    request_id: str
+    error: ErrorInfo
+
+
+class RequestsRejected(msgspec.Struct, kw_only=True, tag="rejected"):
+    """Requests of an AddRequests that the core did not admit (invalid, overloaded, draining)."""
+
+    rejected: list[RejectedRequest]
+
+
+class EngineInfo(msgspec.Struct, kw_only=True, tag="engine_info"):
+    call_id: int
+    engine_id: str
+    pid: int
+    role: str
+    model_path: str
+    max_model_len: int
+    block_size: int
+    vocab_size: int
+    draining: bool
+    stats: EngineStats
+
+
+class UtilityResult(msgspec.Struct, kw_only=True, tag="result", omit_defaults=True):
+    call_id: int
+    result: Any = None
+    error: ErrorInfo | None = None
+
+
+class ErrorReply(msgspec.Struct, kw_only=True, tag="error", omit_defaults=True):
+    """A frame the core could not accept (too large, undecodable, unknown message)."""
+
+    error: ErrorInfo
+    call_id: int | None = None
+
+
+CoreOutbound = Union[EngineCoreOutputs, RequestsRejected, EngineInfo, UtilityResult, ErrorReply]

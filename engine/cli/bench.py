@@ -1,0 +1,26 @@
+"""`slipstream bench KIND [options]`: benchmarks, one module each in engine.bench with
+`main(argv) -> int` (`slipstream bench KIND --help` lists a benchmark's options)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# kind -> what it measures; the module is engine.bench.<kind>
+BENCHMARKS = {
+    "throughput": "offline engine throughput (nano-vllm's workload) beside transformers",
+    "serve": "online load against a running server: TTFT / ITL / E2E percentiles and throughput",
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS),
+                       description="\n".join(f"{k}: {v}" for k, v in BENCHMARKS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=list(BENCHMARKS), help="which benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (see KIND --help)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"engine.bench.{args.kind}")
+    return module.main(args.args)

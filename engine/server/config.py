@@ -1,0 +1,54 @@
+"""Typed options of the engine-core server (`slipstream engine`) and of the API front (`slipstream
+serve` = front + core); the CLI flags are generated from these dataclasses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.config import opt
+from engine.errors import InvalidRequestError
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(f"{name} {message}", param=name)
+
+
+@dataclass
+class CoreServerConfig:
+    zmq_address: str = opt("", "ZMQ endpoint of the engine core, e.g. tcp://127.0.0.1:5557 or ipc:///run/x.sock; "
+                           "empty: serve picks a private ipc path (required for `slipstream engine`)")
+    max_waiting_requests: int = opt(1024, "requests waiting for admission beyond this are refused (HTTP 429)")
+    max_frame_bytes: int = opt(64 << 20, "largest ZMQ message the core accepts (larger: the peer is dropped)")
+    drain_timeout: float = opt(30.0, "on SIGTERM, seconds to finish in-flight requests before aborting them")
+
+    def __post_init__(self) -> None:
+        _check(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
+        _check(self.max_frame_bytes >= 1024, "max_frame_bytes", "must be >= 1024")
+        _check(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
+        _check(not self.zmq_address or self.zmq_address.split("://")[0] in ("tcp", "ipc", "inproc"),
+               "zmq_address", "must start with tcp://, ipc:// or inproc://")
+
+
+@dataclass
+class ServerConfig(CoreServerConfig):
+    host: str = opt("127.0.0.1", "HTTP bind address (0.0.0.0 only when asked)")
+    port: int = opt(8000, "HTTP port")
+    served_model_name: str | None = opt(None, "model name clients send (default: the model path); the path "
+                                        "and its basename are accepted too")
+    api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1/* (/health stays open)")
+    engine_address: str | None = opt(None, "attach to a running `slipstream engine` at this ZMQ endpoint "
+                                     "instead of starting a core")
+    engine_start_timeout: float = opt(600.0, "seconds to wait for the engine core to load")
+    heartbeat_interval: float = opt(1.0, "seconds between engine-info round trips to the core")
+    heartbeat_timeout: float = opt(10.0, "the core counts as unresponsive (503) after this long without a reply")
+    max_request_bytes: int = opt(16 << 20, "largest HTTP request body (larger: 413)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.port < 65536, "port", "must be in [0, 65535]")
+        _check(self.heartbeat_interval > 0, "heartbeat_interval", "must be > 0")
+        _check(self.heartbeat_timeout > self.heartbeat_interval, "heartbeat_timeout",
+               "must exceed heartbeat_interval")
+        _check(self.engine_start_timeout > 0, "engine_start_timeout", "must be > 0")
+        _check(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
+        _check(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")

@@ -1,0 +1,156 @@
+"""`slipstream serve`: starts the engine core as a child process (`slipstream engine`, over a
+private ipc socket unless told otherwise), runs the HTTP front, and on SIGTERM/SIGINT drains:
+stop admitting (503), finish in-flight requests within --drain-timeout else abort them, stop the
+core, exit 0."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from aiohttp import web
+
+from engine.config import EngineConfig
+from engine.errors import EngineError, UnavailableError
+from engine.server.api_server import FrontState, build_app
+from engine.server.config import CoreServerConfig, ServerConfig
+from engine.server.core_client import CoreClient
+from engine.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+CORE_STOP_TIMEOUT_S = 15.0
+
+
+def config_argv(cls: type, config) -> list[str]:
+    """The flags that rebuild `config` through engine.cli.args (non-default fields only)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cls):
+        value = getattr(config, f.name)
+        if value == f.default or value is None or f.metadata.get("cli") is False:
+            continue
+        if f.metadata.get("positional"):
+            argv.insert(0, str(value))
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag, "true" if value else "false"]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def private_ipc_address() -> str:
+    return f"ipc://{tempfile.gettempdir()}/slipstream-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+
+
+def remove_ipc_file(address: str) -> None:
+    if address.startswith("ipc://"):
+        try:
+            os.unlink(address[len("ipc://"):])
+        except OSError:
+            pass
+
+
+def spawn_core(engine_config: EngineConfig, core_config: CoreServerConfig) -> subprocess.Popen:
+    """`slipstream engine ...` as a child in its own session (a terminal's Ctrl-C reaches the front,
+    which stops the core); it dies with us (PR_SET_PDEATHSIG + parent-pid check)."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    argv = [sys.executable, "-m", "engine.cli.main", "--log-level", str(level), "engine",
+            *config_argv(EngineConfig, engine_config), *config_argv(CoreServerConfig, core_config),
+            "--parent-pid", str(os.getpid())]
+    log.info("event=spawn_core argv=%r", argv)
+    return subprocess.Popen(argv, start_new_session=True)
+
+
+def stop_core(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(CORE_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("event=core_kill pid=%d", proc.pid)
+            proc.kill()
+            proc.wait()
+
+
+def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int:
+    return asyncio.run(_serve(server_config, engine_config))
+
+
+async def _serve(config: ServerConfig, engine_config: EngineConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    proc, address = None, config.engine_address
+    if address is None:
+        address = config.zmq_address or private_ipc_address()
+        core_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(CoreServerConfig)}
+        proc = spawn_core(engine_config, CoreServerConfig(**{**core_fields, "zmq_address": address}))
+    metrics = Metrics()
+    client = CoreClient(address, metrics)
+    state = FrontState(config, client, metrics, proc)
+    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    code = 0
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()  # up at once: 503 while the core loads
+        log.info("event=listening host=%s port=%d", config.host, config.port)
+        code = await _run_until_stopped(state, engine_config, stop)
+        await _drain(state, config.drain_timeout)
+    except OSError as e:
+        print(f"error: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        await runner.cleanup()
+        await state.stop_tasks()
+        await client.close()
+        if proc is not None:
+            await asyncio.to_thread(stop_core, proc)
+            remove_ipc_file(address)  # a killed core leaves it behind
+    log.info("event=exit code=%d", code)
+    return code
+
+
+async def _run_until_stopped(state: FrontState, engine_config: EngineConfig, stop: asyncio.Event) -> int:
+    starting = asyncio.create_task(state.start(engine_config.model, engine_config.tokenizer))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # stopped while the core was loading
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return 0
+    try:
+        starting.result()
+    except EngineError as e:
+        stopping.cancel()
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    host, port = state.config.host, state.config.port
+    print(f"slipstream: serving {state.served_model_name!r} at http://{host}:{port}", file=sys.stderr, flush=True)
+    await stopping
+    return 0
+
+
+async def _drain(state: FrontState, timeout: float) -> None:
+    """Stop admitting; let in-flight requests finish within `timeout`; abort the rest."""
+    state.phase = "draining"
+    client = state.client
+    log.info("event=drain in_flight=%d timeout_s=%.1f", client.num_in_flight, timeout)
+    deadline = time.monotonic() + timeout
+    while client.num_in_flight and time.monotonic() < deadline and client.dead_reason is None:
+        await asyncio.sleep(0.05)
+    if client.num_in_flight:
+        log.warning("event=drain_abort in_flight=%d", client.num_in_flight)
+        await client.abort_all(UnavailableError("the server shut down before this request finished"))

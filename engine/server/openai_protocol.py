@@ -1,0 +1,213 @@
+"""OpenAI request bodies (completions, chat completions) as strict msgspec Structs, and their
+validation into SamplingParams. Unknown fields, wrong types and bad values are InvalidRequestErrors
+that name the offending field (`param`)."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+MAX_SAMPLES = 256  # prompts x n in one completions request
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # prefill/decode hand-off (DLRouter); opaque here, passed through to the engine core
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
+    prompt: str | list[Any]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: str
+    text: str | None = None
+    image_url: dict[str, Any] | None = None  # parsed so that the error says what is unsupported
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | None = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+_AT = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
+
+
+def decode_body(body: bytes, cls: type):
+    """Parses a JSON body into `cls`; errors name the field (`param`) where msgspec says which."""
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        at = _AT.search(text)
+        path = at.group(1) if at else ""
+        field = _UNKNOWN.search(text) or _MISSING.search(text)
+        if field:
+            path = f"{path}.{field.group(1)}" if path else field.group(1)
+        raise InvalidRequestError(f"invalid request body: {text}", param=path or None) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message, param=param)
+
+
+def _stop_list(stop) -> list[str] | None:
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    _check(len(stops) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+    _check(all(0 < len(s) <= MAX_STOP_CHARS for s in stops), "stop",
+           f"stop strings must be 1 to {MAX_STOP_CHARS} characters long")
+    return stops or None
+
+
+def sampling_params(req: _SamplingFields, logprobs: int | None, default_max_tokens: int | None) -> SamplingParams:
+    """The engine's SamplingParams for an OpenAI request (SamplingParams validates the values)."""
+    _check(req.logit_bias is None or not req.logit_bias, "logit_bias", "logit_bias is not supported")
+    _check(req.stream_options is None or req.stream, "stream_options", "stream_options needs stream=true")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    _check(req.stop_token_ids is None or len(req.stop_token_ids) <= MAX_STOP_STRINGS, "stop_token_ids",
+           f"at most {MAX_STOP_STRINGS} stop token ids are allowed")
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return SamplingParams(
+        n=req.n, temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0), top_k=pick(req.top_k, 0),
+        min_p=pick(req.min_p, 0.0), seed=req.seed, presence_penalty=pick(req.presence_penalty, 0.0),
+        frequency_penalty=pick(req.frequency_penalty, 0.0), repetition_penalty=pick(req.repetition_penalty, 1.0),
+        max_tokens=max_tokens, min_tokens=req.min_tokens, stop=_stop_list(req.stop),
+        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
+
+
+def completion_params(req: CompletionRequest) -> SamplingParams:
+    _check(not req.echo, "echo", "echo is not supported")
+    _check(req.suffix is None, "suffix", "suffix is not supported")
+    _check(req.best_of is None or req.best_of == req.n, "best_of", "best_of must equal n (or be omitted)")
+    _check(req.logprobs is None or 0 <= req.logprobs <= MAX_LOGPROBS, "logprobs",
+           f"logprobs must be an integer in [0, {MAX_LOGPROBS}]")
+    return sampling_params(req, req.logprobs, default_max_tokens=16)
+
+
+def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+    _check(req.top_logprobs is None or 0 <= req.top_logprobs <= MAX_LOGPROBS, "top_logprobs",
+           f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]")
+    _check(req.top_logprobs is None or req.logprobs, "top_logprobs", "top_logprobs needs logprobs=true")
+    _check(not req.tools, "tools", "tools are not supported")
+    _check(req.tool_choice in (None, "none", "auto"), "tool_choice", "tool calls are not supported")
+    _check(req.response_format is None or req.response_format.get("type") == "text", "response_format",
+           "only response_format {\"type\": \"text\"} is supported")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return sampling_params(req, logprobs, default_max_tokens=None)
+
+
+def completion_prompts(prompt) -> list[str | list[int]]:
+    """The prompts of a completions request: a string, token ids, or a list of either."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(_is_token(t) for t in prompt):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, str) or (isinstance(p, list) and all(_is_token(t) for t in p))
+                        for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise InvalidRequestError("prompt must be a string, a list of token ids, or a non-empty list of either",
+                                  param="prompt")
+    _check(all(len(p) > 0 for p in prompts), "prompt", "prompt must not be empty")
+    return prompts
+
+
+def _is_token(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the tokenizer's chat template takes them (text content only)."""
+    _check(len(messages) > 0, "messages", "messages must not be empty")
+    out = []
+    for i, m in enumerate(messages):
+        _check(m.role in CHAT_ROLES, f"messages[{i}].role", f"role must be one of {', '.join(CHAT_ROLES)}")
+        content = m.content
+        if isinstance(content, list):
+            _check(all(p.type == "text" and p.text is not None for p in content), f"messages[{i}].content",
+                   "only text content parts are supported")
+            content = "".join(p.text for p in content)
+        _check(content is not None or m.role == "assistant", f"messages[{i}].content", "content is required")
+        msg = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def check_prompt_fits(num_prompt_tokens: int, params: SamplingParams, max_model_len: int) -> None:
+    """vLLM's rule: the prompt plus the requested output must fit the context."""
+    from engine.errors import PromptTooLongError
+    if num_prompt_tokens >= max_model_len:
+        raise PromptTooLongError(f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                                 f"{num_prompt_tokens} tokens and at least one must remain for the output",
+                                 param="prompt")
+    if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > max_model_len:
+        raise InvalidRequestError(f"this model's maximum context length is {max_model_len} tokens; you requested "
+                                  f"{num_prompt_tokens + params.max_tokens} ({num_prompt_tokens} in the prompt, "
+                                  f"{params.max_tokens} for the output)", param="max_tokens")

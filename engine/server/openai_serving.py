@@ -1,0 +1,255 @@
+"""/v1/completions and /v1/chat/completions: validate, tokenize, submit to the engine core, and
+answer one JSON body or a `text/event-stream` of one-line `data: {json}` events ending `data: [DONE]`."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+
+from engine.errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError
+from engine.output_processor import child_id
+from engine.outputs import CompletionOutput
+from engine.sampling_params import SamplingParams
+from engine.server import openai_protocol as proto
+
+if TYPE_CHECKING:
+    from engine.server.api_server import FrontState
+
+_json = msgspec.json.Encoder()
+
+
+def error_body(e: EngineError) -> dict:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}}
+
+
+def json_response(payload, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(payload), status=status, content_type="application/json")
+
+
+@dataclass
+class Job:
+    """One HTTP request in flight: its prompts (one engine request each, n samples per prompt)."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    params: SamplingParams
+    prompts: list[tuple[str | None, list[int]]]
+    stream: bool
+    include_usage: bool
+    kv_transfer_params: dict | None
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    handles: list = field(default_factory=list)
+
+
+class OpenAIServing:
+    def __init__(self, state: "FrontState"):
+        self.state = state
+
+    # ---- parsing -------------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model not in self.state.model_names:
+            raise ModelNotFoundError(f"the model {model!r} does not exist; this server serves "
+                                     f"{self.state.served_model_name!r}", param="model")
+
+    def _check_tokens(self, ids: list[int], params: SamplingParams) -> None:
+        info = self.state.info
+        if ids and (min(ids) < 0 or max(ids) >= info.vocab_size):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {info.vocab_size})", param="prompt")
+        proto.check_prompt_fits(len(ids), params, info.max_model_len)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = proto.decode_body(await request.read(), proto.CompletionRequest)
+        self._check_model(req.model)
+        params = proto.completion_params(req)
+        prompts = proto.completion_prompts(req.prompt)
+        if len(prompts) * params.n > proto.MAX_SAMPLES:
+            raise InvalidRequestError(f"at most {proto.MAX_SAMPLES} prompts x n per request", param="n")
+        tok = self.state.tokenizer
+        pairs = [(p, tok.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts]
+        for _, ids in pairs:
+            if not ids:
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            self._check_tokens(ids, params)
+        job = Job("completion", self.state.served_model_name, params, pairs, req.stream,
+                  req.stream_options is not None and req.stream_options.include_usage, req.kv_transfer_params,
+                  id=f"cmpl-{uuid.uuid4().hex}")
+        return await self._run(request, job)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        req = proto.decode_body(await request.read(), proto.ChatCompletionRequest)
+        self._check_model(req.model)
+        params = proto.chat_params(req)
+        messages = proto.chat_messages(req.messages)
+        tok = self.state.tokenizer
+        if not tok.chat_template:
+            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=True,
+                                          return_dict=False, **(req.chat_template_kwargs or {}))
+        except Exception as e:  # template errors (raise_exception in the template, bad kwargs)
+            raise InvalidRequestError(f"the chat template failed: {e}", param="messages") from None
+        self._check_tokens(ids, params)
+        job = Job("chat", self.state.served_model_name, params, [(None, list(ids))], req.stream,
+                  req.stream_options is not None and req.stream_options.include_usage, req.kv_transfer_params,
+                  id=f"chatcmpl-{uuid.uuid4().hex}")
+        return await self._run(request, job)
+
+    # ---- running -------------------------------------------------------------------------------
+    async def _submit(self, job: Job, queue: asyncio.Queue | None) -> None:
+        client, limit = self.state.client, self.state.config.max_waiting_requests
+        samples = len(job.prompts) * job.params.n
+        if client.num_unstarted + samples > limit:
+            raise OverloadedError(f"more than {limit} requests are waiting; retry later")
+        for i, (text, ids) in enumerate(job.prompts):
+            rid = job.id if len(job.prompts) == 1 else f"{job.id}-{i}"
+            job.handles.append(await client.add(rid, text, ids, job.params, job.kv_transfer_params, queue=queue))
+            self.state.metrics.request_started(len(ids))
+
+    async def _abort_unfinished(self, job: Job) -> None:
+        for h in job.handles:
+            if not h.finished:
+                await self.state.client.abort(h.request_id)
+
+    async def _run(self, request: web.Request, job: Job) -> web.StreamResponse:
+        shared = asyncio.Queue() if job.stream else None
+        try:
+            await self._submit(job, shared)
+            if job.stream:
+                return await self._stream(request, job, shared)
+            for h in job.handles:
+                while True:
+                    item = await h.queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        break
+            self._record_finished(job)
+            return json_response(self._full_response(job))
+        finally:
+            await self._abort_unfinished(job)  # client gone, error or drain: free the KV now
+
+    def _record_finished(self, job: Job) -> None:
+        for h in job.handles:
+            self.state.metrics.request_finished(h.output, time.monotonic() - h.arrival)
+
+    # ---- bodies --------------------------------------------------------------------------------
+    def _choices(self, job: Job):
+        """(choice index, sample id, CompletionOutput) over every prompt and sample."""
+        for p, h in enumerate(job.handles):
+            for c in (h.output.outputs if h.output is not None else ()):
+                yield p * job.params.n + c.index, child_id(h.request_id, c.index, job.params.n), c
+
+    def _usage(self, job: Job) -> dict:
+        prompt = sum(len(ids) for _, ids in job.prompts)
+        completion = sum(len(c.token_ids) for h in job.handles if h.output for c in h.output.outputs)
+        cached = sum(h.output.num_cached_tokens for h in job.handles if h.output)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _logprobs(self, job: Job, c: CompletionOutput, start: int, end: int, text_offset: int = 0):
+        if c.logprobs is None:
+            return None
+        n = job.params.logprobs or 0
+        rows = []
+        for token, entry in zip(c.token_ids[start:end], c.logprobs[start:end]):
+            top = sorted((e for e in entry.values() if e.rank is not None and e.rank <= n), key=lambda e: e.rank)
+            rows.append((entry[token], top))
+        if job.kind == "chat":
+            def item(e):
+                text = e.decoded_token or ""
+                return {"token": text, "logprob": e.logprob, "bytes": list(text.encode())}
+            return {"content": [{**item(lp), "top_logprobs": [item(e) for e in top]} for lp, top in rows]}
+        offsets, pos = [], text_offset
+        for lp, _ in rows:
+            offsets.append(pos)
+            pos += len(lp.decoded_token or "")
+        return {"tokens": [lp.decoded_token for lp, _ in rows], "token_logprobs": [lp.logprob for lp, _ in rows],
+                "top_logprobs": [{e.decoded_token: e.logprob for e in top} for _, top in rows],
+                "text_offset": offsets}
+
+    def _full_response(self, job: Job) -> dict:
+        choices = []
+        for index, _, c in self._choices(job):
+            lp = self._logprobs(job, c, 0, len(c.token_ids))
+            if job.kind == "chat":
+                choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                                "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            else:
+                choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason})
+        choices.sort(key=lambda ch: ch["index"])
+        body = {"id": job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+                "created": job.created, "model": job.model, "choices": choices, "usage": self._usage(job)}
+        kv = [h.kv_transfer_params for h in job.handles if h.kv_transfer_params is not None]
+        if kv:  # prefill role: the hand-off descriptor for the decode engine (DLRouter's PD flow)
+            body["kv_transfer_params"] = kv[0]
+        return body
+
+    # ---- streaming -----------------------------------------------------------------------------
+    def _chunk(self, job: Job, choices: list[dict], usage: dict | None = None) -> bytes:
+        body = {"id": job.id, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+                "created": job.created, "model": job.model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return b"data: " + _json.encode(body) + b"\n\n"
+
+    def _stream_choice(self, job: Job, index: int, text: str, c: CompletionOutput, lp, finished: bool) -> dict:
+        reason = c.finish_reason if finished else None
+        stop_reason = c.stop_reason if finished else None
+        if job.kind == "chat":
+            delta = {"content": text} if text else {}
+            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason,
+                    "stop_reason": stop_reason}
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason, "stop_reason": stop_reason}
+
+    async def _stream(self, request: web.Request, job: Job, queue: asyncio.Queue) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        sent_chars: dict[str, int] = {}
+        sent_tokens: dict[str, int] = {}
+        if job.kind == "chat":  # OpenAI opens every choice with the assistant role
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(len(job.prompts) * job.params.n)]
+            await resp.write(self._chunk(job, first))
+        processor = self.state.client.processor
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                while not queue.empty():  # coalesce what piled up while we were writing
+                    item = queue.get_nowait()
+                    if isinstance(item, BaseException):
+                        raise item
+                choices = []
+                for index, sid, c in self._choices(job):
+                    if c.finish_reason is not None and sent_chars.get(sid) == -1:
+                        continue  # already closed
+                    finished = c.finish_reason is not None
+                    child = processor.children.get(sid)
+                    safe = len(c.text) if finished or child is None else child.detok.stream_safe_len(False)
+                    start, ntok = sent_chars.get(sid, 0), sent_tokens.get(sid, 0)
+                    text = c.text[start:max(start, safe)]
+                    lp = self._logprobs(job, c, ntok, len(c.token_ids), start) if len(c.token_ids) > ntok else None
+                    if text or lp or finished:
+                        choices.append(self._stream_choice(job, index, text, c, lp, finished))
+                    sent_chars[sid] = -1 if finished else start + len(text)
+                    sent_tokens[sid] = len(c.token_ids)
+                if choices:
+                    await resp.write(self._chunk(job, choices))
+                if queue.empty() and all(h.finished for h in job.handles):
+                    break  # a handle is marked finished before its last output is queued
+            self._record_finished(job)
+            if job.include_usage:
+                await resp.write(self._chunk(job, [], usage=self._usage(job)))
+        except EngineError as e:  # headers are out: the error travels as an event
+            await resp.write(b"data: " + _json.encode(error_body(e)) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
