@@ -15,7 +15,7 @@ import time
 import msgspec
 from aiohttp import web
 
-from engine.errors import EngineError, UnavailableError
+from engine.errors import EngineError, InvalidRequestError, UnavailableError
 from engine.server.config import ServerConfig
 from engine.server.core_client import CoreClient
 from engine.server.metrics import Metrics
@@ -207,6 +207,21 @@ def build_app(state: FrontState) -> web.Application:
         body["front"] = {"in_flight": state.client.num_in_flight, "phase": state.phase}
         return json_response(body)
 
+    async def pd_free(request):
+        """DLRouter's release of prefill KV: {"seq_ids": [...]}; unknown or repeated ids are fine."""
+        try:
+            body = await request.json()
+            seq_ids = body["seq_ids"]
+            if not isinstance(seq_ids, list) or len(seq_ids) > 100_000:
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise InvalidRequestError('expected {"seq_ids": [int, ...]}', param="seq_ids") from None
+        if state.phase == "starting":
+            raise UnavailableError("the engine is starting")
+        ids = [i for i in seq_ids if isinstance(i, int) and not isinstance(i, bool)]
+        freed = await state.client.utility("free_parked", ids) if ids else 0
+        return json_response({"status": "ok", "freed": freed})
+
     async def metrics(_request):
         text = state.metrics.render(in_flight=state.client.num_in_flight)
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
@@ -219,5 +234,6 @@ def build_app(state: FrontState) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/engine_info", engine_info)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/pd/free", pd_free)
     return app
 

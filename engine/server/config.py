@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from engine.config import opt
 from engine.errors import InvalidRequestError
+from engine.server.registration import CtrlConfig
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -30,7 +31,7 @@ class CoreServerConfig:
 
 
 @dataclass
-class ServerConfig(CoreServerConfig):
+class ServerConfig(CtrlConfig, CoreServerConfig):
     host: str = opt("127.0.0.1", "HTTP bind address (0.0.0.0 only when asked)")
     port: int = opt(8000, "HTTP port")
     served_model_name: str | None = opt(None, "model name clients send (default: the model path); the path "

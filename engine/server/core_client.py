@@ -235,6 +235,14 @@ class CoreClient:
                     self.metrics.observe_first_token(now - handle.arrival)
                 else:
                     self.metrics.observe_inter_token((now - last) / len(out.new_token_ids))
+        failed = {}  # parent request id -> the error that ended one of its samples (e.g. a failed KV pull)
+        for out in msg.outputs:
+            if out.finish_reason == "error":
+                child = self.processor.children.get(out.request_id)
+                if child is not None:
+                    failed[child.parent.output.request_id] = CoreError(ErrorInfo(
+                        message=out.error or "the engine failed this request", type="service_unavailable",
+                        status=503))
         changed, to_abort = self.processor.process(msg.outputs)
         if to_abort:  # a stop string ended these: free their KV now
             asyncio.ensure_future(self.sock.send(self.encoder.encode(AbortRequests(request_ids=to_abort))))
@@ -246,4 +254,5 @@ class CoreClient:
             if output.finished:
                 handle.finished = True
                 del self.handles[output.request_id]
-            handle.queue.put_nowait(output)
+            error = failed.get(output.request_id)
+            handle.queue.put_nowait(output if error is None else error)

@@ -23,6 +23,7 @@ from engine.server.api_server import FrontState, build_app
 from engine.server.config import CoreServerConfig, ServerConfig
 from engine.server.core_client import CoreClient
 from engine.server.metrics import Metrics
+from engine.server.registration import register_front, unregister_front
 
 log = logging.getLogger(__name__)
 CORE_STOP_TIMEOUT_S = 15.0
@@ -124,6 +125,7 @@ async def _serve(config: ServerConfig, engine_config: EngineConfig) -> int:
 
 
 async def _run_until_stopped(state: FrontState, engine_config: EngineConfig, stop: asyncio.Event) -> int:
+    from ctrl_client import CtrlError
     starting = asyncio.create_task(state.start(engine_config.model, engine_config.tokenizer))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -137,9 +139,16 @@ async def _run_until_stopped(state: FrontState, engine_config: EngineConfig, sto
         stopping.cancel()
         print(f"error: {e.message}", file=sys.stderr)
         return 1
+    try:
+        registration = await register_front(state, state.config)
+    except CtrlError as e:  # unreachable for the configured wait: a clear message, no traceback
+        stopping.cancel()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     host, port = state.config.host, state.config.port
     print(f"slipstream: serving {state.served_model_name!r} at http://{host}:{port}", file=sys.stderr, flush=True)
     await stopping
+    await unregister_front(registration)  # routers stop sending before we drain
     return 0
 
 

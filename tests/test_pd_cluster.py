@@ -1,0 +1,179 @@
+"""Prefill/decode disaggregation end to end with real processes: Redis + dlslime-ctrl + prefill and
+decode `slipstream serve` engines + `slipstream router`. Outputs equal one hybrid engine's."""
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from engine.sampling_params import SamplingParams
+
+pytest.importorskip("dlslime", reason="dlslime (and libibverbs1) is needed for KV transfer")
+
+
+def post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw, status, ctype = r.read().decode(), r.status, r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    if ctype.startswith("text/event-stream"):
+        return status, raw
+    return status, json.loads(raw)
+
+
+def stream_text(raw: str) -> tuple[str, str | None]:
+    text, reason = "", None
+    for line in raw.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            for ch in event["choices"]:
+                text += ch.get("text", "")
+                reason = ch.get("finish_reason") or reason
+    assert raw.rstrip().endswith("data: [DONE]")
+    return text, reason
+
+
+def workload(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randrange(2, 60))]
+        body = {"model": "x", "prompt": prompt, "max_tokens": rng.randrange(2, 14), "stream": i % 2 == 0}
+        if i % 3 == 0:
+            body.update(temperature=0.0)
+        else:
+            body.update(temperature=0.8, top_p=0.95, seed=1000 + i)
+        reqs.append(body)
+    return reqs
+
+
+def expected_texts(llm, reqs) -> list[str]:
+    params = [SamplingParams(max_tokens=b["max_tokens"], temperature=b["temperature"], top_p=b.get("top_p", 1.0),
+                             seed=b.get("seed")) for b in reqs]
+    return [o.outputs[0].text for o in llm.generate([b["prompt"] for b in reqs], params)]
+
+
+def run_all(url: str, reqs) -> list[str]:
+    def one(body):
+        status, answer = post(url + "/v1/completions", body)
+        assert status == 200, answer
+        if body["stream"]:
+            return stream_text(answer)[0]
+        return answer["choices"][0]["text"]
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(one, reqs))
+
+
+def url(server, path: str) -> str:
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
+def model_name(server) -> str:
+    return server.get_json("/v1/models")[1]["data"][0]["id"]
+
+
+def assert_pools_full(cluster) -> None:
+    for e in cluster.engines:
+        info = e.wait_kv_free(timeout=15)
+        assert info["stats"]["num_free_blocks"] == info["stats"]["num_blocks"], (e.role, info)
+
+
+def test_1p1d_then_2p1d_equal_hybrid(cluster, reference_llm):
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    router = cluster.start_router()
+    router.wait_engines(2)
+    reqs = workload(32)
+    for b in reqs:
+        b["model"] = model_name(prefill)
+    expected = expected_texts(reference_llm, reqs)
+    assert run_all(router.url, reqs) == expected
+    assert_pools_full(cluster)
+
+    second = cluster.engine("prefill")  # a second prefill engine joins the same scope
+    router.wait_engines(3)
+    reqs = workload(32, seed=1)
+    for b in reqs:
+        b["model"] = model_name(prefill)
+    assert run_all(router.url, reqs) == expected_texts(reference_llm, reqs)
+    assert second.engine_info()["stats"]["num_generated_tokens"] > 0  # the router used both prefill engines
+    assert_pools_full(cluster)
+
+
+def test_prefill_protocol_as_dlrouter_drives_it(cluster):
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    model = model_name(prefill)
+    body = {"model": model, "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": 6, "temperature": 0.7, "stream": False,
+            "ignore_eos": True, "kv_transfer_params": {"do_remote_decode": True}}
+    status, answer = post(url(prefill, "/v1/completions"), body)
+    assert status == 200, answer
+    kv = answer["kv_transfer_params"]
+    assert set(kv) >= {"migration", "first_token", "seq_id"}
+    assert answer["choices"][0]["text"] == "" and answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 0
+    # the decode node gets only the migration, and returns the whole answer including the first token
+    d_body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    d_body["kv_transfer_params"] = {"migration": kv["migration"]}
+    status, full = post(url(decode, "/v1/completions"), d_body)
+    assert status == 200, full
+    assert full["usage"]["completion_tokens"] == 6 and full["choices"][0]["finish_reason"] == "length"
+    # /pd/free is idempotent and accepts unknown ids
+    for ids in ([kv["seq_id"]], [kv["seq_id"]], [123456, 7]):
+        status, freed = post(url(prefill, "/pd/free"), {"seq_ids": ids})
+        assert status == 200 and freed["status"] == "ok"
+    # a request whose first token ends it: a normal full completion, no migration
+    one = {**body, "max_tokens": 1}
+    status, answer = post(url(prefill, "/v1/completions"), one)
+    assert status == 200 and "kv_transfer_params" not in answer and answer["usage"]["completion_tokens"] == 1
+    assert_pools_full(cluster)
+
+
+def test_forged_or_corrupted_migration_is_400(cluster):
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    model = model_name(prefill)
+    body = {"model": model, "prompt": [5, 6, 7, 8, 9], "max_tokens": 4, "temperature": 0.0,
+            "kv_transfer_params": {"do_remote_decode": True}}
+    kv = post(url(prefill, "/v1/completions"), body)[1]["kv_transfer_params"]
+    good = kv["migration"]
+    for bad in ["", "%%%", good[:-10], good[:30] + ("Q" if good[30] != "Q" else "R") + good[31:], 17]:
+        status, answer = post(url(decode, "/v1/completions"),
+                              {"model": model, "prompt": [5, 6, 7, 8, 9], "max_tokens": 4,
+                               "kv_transfer_params": {"migration": bad}})
+        assert status == 400 and answer["error"]["param"] == "kv_transfer_params", answer
+    post(url(prefill, "/pd/free"), {"seq_ids": [kv["seq_id"]]})
+    assert_pools_full(cluster)
+
+
+def test_prefill_dies_before_the_pull(cluster):
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    model = model_name(prefill)
+    body = {"model": model, "prompt": list(range(5, 45)), "max_tokens": 4, "temperature": 0.0,
+            "kv_transfer_params": {"do_remote_decode": True}}
+    kv = post(url(prefill, "/v1/completions"), body)[1]["kv_transfer_params"]
+    prefill.stop(sig=9)
+    t0 = time.monotonic()
+    status, answer = post(url(decode, "/v1/completions"), {**body, "kv_transfer_params": {"migration": kv["migration"]}})
+    assert status == 503 and "transfer" in answer["error"]["message"], answer
+    assert time.monotonic() - t0 < 10
+    info = decode.wait_kv_free(timeout=10)
+    assert info["stats"]["num_free_blocks"] == info["stats"]["num_blocks"]
+
+
+def test_decode_dies_prefill_reclaims(cluster):
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    router = cluster.start_router()
+    router.wait_engines(2)
+    decode.stop(sig=9)
+    body = {"model": model_name(prefill), "prompt": list(range(5, 40)), "max_tokens": 8, "temperature": 0.0}
+    status, answer = post(router.url + "/v1/completions", body)
+    assert status >= 500 and "error" in answer
+    # the router frees on failure; the prefill engine's timeout reclaims anything left
+    info = prefill.wait_kv_free(timeout=15)
+    assert info["stats"]["num_free_blocks"] == info["stats"]["num_blocks"]
