@@ -177,3 +177,16 @@ def test_decode_dies_prefill_reclaims(cluster):
     # the router frees on failure; the prefill engine's timeout reclaims anything left
     info = prefill.wait_kv_free(timeout=15)
     assert info["stats"]["num_free_blocks"] == info["stats"]["num_blocks"]
+
+
+def test_bench_pd_prints_its_table(tiny_llama):
+    import subprocess
+    import sys
+
+    from tests.support.server import ENGINE_ARGS, REPO
+    out = subprocess.run([sys.executable, "-m", "engine.cli.main", "bench", "pd", str(tiny_llama), "--rates", "4",
+                          "--num-prompts", "4", "--input-len", "16", "--output-len", "4",
+                          "--engine-args", " ".join(ENGINE_ARGS)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "TTFT p50" in out.stdout and "hybrid" in out.stdout and "1P1D" in out.stdout

@@ -62,8 +62,16 @@ async def add_node(request: web.Request) -> web.Response:
             raise ValueError("url")
     except (ValueError, KeyError, TypeError, AttributeError):
         return error(400, 'expected {"url": "http://host:port", "status": {"role": 1|2|3}}')
-    request.app[POOL].add(Node(url=url.rstrip("/"), role=role))
-    return web.json_response({"status": "ok"})
+    node = Node(url=url.rstrip("/"), role=role)
+    try:  # as DLRouter does: ask the node what it serves (an unreachable node serves any model)
+        async with request.app[SESSION].get(node.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            data = (await resp.json(content_type=None)).get("data", [])
+        for m in data:
+            node.models |= {m["id"], *([m["root"], PurePath(m["root"]).name] if m.get("root") else [])}
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+        log.warning("node %s did not list its models; routing any model to it", node.url)
+    request.app[POOL].add(node)
+    return web.json_response({"status": "ok", "models": sorted(node.models)})
 
 
 def _authorised(request: web.Request) -> bool:

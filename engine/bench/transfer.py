@@ -1,5 +1,5 @@
 """KV pull throughput between two processes over DLSlime: GB/s for whole-block pulls of a few
-request sizes, contiguous vs scattered blocks. Run: python3 -m engine.pd.bench_transfer"""
+request sizes, contiguous vs scattered blocks. Run: slipstream bench transfer"""
 from __future__ import annotations
 
 import argparse

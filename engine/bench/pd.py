@@ -1,0 +1,134 @@
+"""`slipstream bench pd`: TTFT / ITL of one prefill + one decode engine behind the PD router versus
+one hybrid engine, at a few request rates, on this machine (engines share its CPU or GPU).
+
+It starts the servers itself (`slipstream serve`, `slipstream router`, engines added through the
+router's /nodes/add, so no control plane is needed), runs `bench serve` against each setup and
+prints one table with its conditions.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from engine.bench import serve as bench_serve
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 2.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+class Proc:
+    """A child `slipstream` process on a free port, logged to a file, stopped by PID."""
+
+    def __init__(self, argv: list[str], log_dir: Path, name: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"{name}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli.main", *argv, "--port", str(self.port)],
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if _get(self.url + "/health").get("status") == "ok":
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.log.name} did not start:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _bench(url: str, rate: float, args, model: str, vocab: int) -> dict:
+    ns = argparse.Namespace(url=url, model=model, rate=rate, num_prompts=args.num_prompts, input_len=args.input_len,
+                            output_len=args.output_len, max_concurrency=0, temperature=0.0, seed=args.seed,
+                            vocab_size=vocab, api_key=None, timeout=600.0)
+    return asyncio.run(bench_serve.run(ns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="slipstream bench pd", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="HF checkpoint folder (or .gguf)")
+    ap.add_argument("--rates", default="1,2,4", help="comma-separated request rates (req/s); 'inf' allowed")
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine-args", default="", help="extra engine flags for every server, e.g. "
+                    "\"--dtype bfloat16 --gpu-memory-utilization 0.3\"")
+    ap.add_argument("--start-timeout", type=float, default=900.0)
+    args = ap.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    extra = shlex.split(args.engine_args)
+    log_dir = Path(tempfile.mkdtemp(prefix="slipstream-bench-pd-"))
+    procs: list[Proc] = []
+    try:
+        hybrid = Proc(["serve", args.model, *extra], log_dir, "hybrid")
+        prefill = Proc(["serve", args.model, "--role", "prefill", *extra], log_dir, "prefill")
+        decode = Proc(["serve", args.model, "--role", "decode", *extra], log_dir, "decode")
+        router = Proc(["router"], log_dir, "router")
+        procs = [hybrid, prefill, decode, router]
+        for p in procs:
+            p.wait_healthy(args.start_timeout)
+        _post(router.url + "/nodes/add", {"url": prefill.url, "status": {"role": 2}})
+        _post(router.url + "/nodes/add", {"url": decode.url, "status": {"role": 3}})
+        vocab = _get(hybrid.url + "/engine_info")["vocab_size"]
+        model = _get(hybrid.url + "/v1/models")["data"][0]["id"]
+        rows = []
+        for rate in rates:
+            for name, url in (("hybrid", hybrid.url), ("1P1D", router.url)):
+                s = _bench(url, rate, args, model, vocab)
+                rows.append((rate, name, s))
+                print(f"  done: rate={rate} {name} completed={s['completed']} failed={s['failed']}", file=sys.stderr)
+    finally:
+        for p in procs:
+            p.stop()
+    print(f"slipstream bench pd: model={args.model} prompts={args.num_prompts} input={args.input_len} "
+          f"output={args.output_len} (ignore_eos, greedy) engine_args={args.engine_args!r} "
+          f"cpus={os.cpu_count()} (all engines on this machine; logs in {log_dir})")
+    print(f"{'rate':>6} {'setup':>7} {'ok':>4} {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>8} "
+          f"{'p99':>8} {'out tok/s':>10}")
+    for rate, name, s in rows:
+        t, i = s["ttft_ms"], s["itl_ms"]
+        print(f"{rate:>6} {name:>7} {s['completed']:>4} {t['p50']:>9.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} "
+              f"{i['p50']:>8.1f} {i['p90']:>8.1f} {i['p99']:>8.1f} {s['output_throughput_tok_s']:>10.1f}")
+    print("(milliseconds)")
+    return 0 if all(s["failed"] == 0 for _, _, s in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
