@@ -190,3 +190,33 @@ def test_bench_pd_prints_its_table(tiny_llama):
                          timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "TTFT p50" in out.stdout and "hybrid" in out.stdout and "1P1D" in out.stdout
+
+
+def test_router_retries_prefill_on_a_dead_engine(cluster, reference_llm):
+    p1, p2 = cluster.engine("prefill"), cluster.engine("prefill")
+    cluster.engine("decode")
+    router = cluster.start_router()
+    router.wait_engines(3)
+    p1.stop(sig=9)  # still registered until its key expires: the router meets a dead engine
+    reqs = workload(4, seed=2)
+    for b in reqs:
+        b["model"] = model_name(p2)
+    assert run_all(router.url, reqs) == expected_texts(reference_llm, reqs)
+    metrics = urllib.request.urlopen(router.url + "/metrics", timeout=5).read().decode()
+    assert "slipstream_router_prefill_retries_total 0" not in metrics
+    for e in cluster.engines[1:]:
+        e.wait_kv_free(timeout=15)
+
+
+def test_client_abort_through_the_router_frees_everything(cluster):
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    router = cluster.start_router()
+    router.wait_engines(2)
+    body = {"model": model_name(prefill), "prompt": list(range(5, 30)), "max_tokens": 400, "ignore_eos": True,
+            "temperature": 0.0, "stream": True}
+    req = urllib.request.Request(router.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    resp = urllib.request.urlopen(req, timeout=30)
+    assert resp.readline().startswith(b"data: ")  # decoding has started
+    resp.close()  # the client goes away mid-stream
+    assert_pools_full(cluster)
