@@ -1,5 +1,6 @@
 """The block-major KV pool: one tensor [num_blocks, layers, 2, block_size, kv_heads, head_dim], so that
-one block of all layers is one contiguous byte range (prefill -> decode transfers move whole blocks)."""
+one block of all layers is one contiguous byte range (prefill -> decode transfers move whole blocks).
+The pool holds the model dtype, or FP8 E4M3 (`kv_cache_dtype fp8`) with per-tensor k/v scales."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,6 +33,15 @@ class KVCacheSpec:
 
     def num_blocks_for(self, budget_bytes: int) -> int:
         return max(0, budget_bytes // self.block_bytes)
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """auto -> the model dtype; fp8 / fp8_e4m3 -> torch.float8_e4m3fn (half the bytes of bf16)."""
+    if name == "auto":
+        return model_dtype
+    if name in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    raise ValueError(f"unknown kv_cache_dtype {name!r}")
 
 
 def allocate_pool(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> torch.Tensor:

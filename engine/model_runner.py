@@ -1,20 +1,25 @@
-"""ModelRunner: owns the model and the KV pool; turns a scheduled batch into tensors, runs the
-forward pass and samples. One runner per rank."""
+"""ModelRunner: owns the model, the KV pool and the decode CUDA graphs; turns a scheduled batch into
+tensors (vectorised numpy on the host, one pinned copy per dtype), runs the forward pass and samples.
+One runner per rank."""
 from __future__ import annotations
 
+import itertools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graph import DecodeGraphRunner, DecodeInputs, capture_sizes
 from engine.errors import UnsupportedModelError
-from engine.kv_cache import KVCacheSpec, allocate_pool
+from engine.kv_cache import KVCacheSpec, allocate_pool, kv_cache_dtype
 from engine.loader import checkpoint_dtype, load_model
 from engine.models import model_class
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from engine.scheduler import ScheduledSeq
-from kernels.attention import AttentionMetadata, get_attention_backend
+from kernels.attention import AttentionMetadata, PagedHostMeta, get_attention_backend
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +43,104 @@ def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
+@dataclass
+class StepStats:
+    """What the last step computed (benchmarks turn it into bytes moved per decode step)."""
+
+    is_decode: bool = False
+    num_seqs: int = 0
+    num_tokens: int = 0
+    kv_tokens: int = 0  # KV entries attended over, summed over the batch
+    graph: bool = False
+
+
+@dataclass
+class StepInputs:
+    """Host arrays of one step, built without per-token Python loops."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    logits_idx: np.ndarray  # [S] int64: rows whose logits are sampled
+    host: PagedHostMeta
+    block_tables: np.ndarray | None  # [B, pages] int32 (only for backends that read them)
+    max_seqlen_q: int
+    is_decode: bool
+
+
+def prepare_host(batch: list[ScheduledSeq], block_size: int, with_block_tables: bool) -> StepInputs:
+    bs, B = block_size, len(batch)
+    n_new = np.fromiter((s.num_new_tokens for s in batch), np.int64, B)
+    start = np.fromiter((s.seq.num_computed_tokens for s in batch), np.int64, B)
+    end = start + n_new
+    cu_q = np.zeros(B + 1, np.int64)
+    np.cumsum(n_new, out=cu_q[1:])
+    T = int(cu_q[-1])
+    is_decode = T == B
+    if is_decode:
+        input_ids = np.fromiter((s.seq.token_ids[st] for s, st in zip(batch, start.tolist())), np.int64, B)
+        positions = start
+    else:
+        input_ids = np.fromiter(itertools.chain.from_iterable(
+            s.seq.token_ids[st:en] for s, st, en in zip(batch, start.tolist(), end.tolist())), np.int64, T)
+        positions = np.arange(T, dtype=np.int64) + np.repeat(start - cu_q[:-1], n_new)
+    pages = (end + bs - 1) // bs
+    kv_indptr = np.zeros(B + 1, np.int64)
+    np.cumsum(pages, out=kv_indptr[1:])
+    kv_indices = np.fromiter(itertools.chain.from_iterable(
+        s.seq.block_table[:p] for s, p in zip(batch, pages.tolist())), np.int32, int(kv_indptr[-1]))
+    token_base = kv_indptr[:-1] if is_decode else np.repeat(kv_indptr[:-1], n_new)
+    slot_mapping = kv_indices[token_base + positions // bs].astype(np.int64) * bs + positions % bs
+    samples = np.fromiter((s.samples for s in batch), bool, B)
+    host = PagedHostMeta(cu_q.astype(np.int32), kv_indptr.astype(np.int32), kv_indices,
+                         (end - (pages - 1) * bs).astype(np.int32), end.astype(np.int32))
+    tables = None
+    if with_block_tables:
+        tables = np.zeros((B, int(pages.max())), np.int32)
+        tables[np.arange(tables.shape[1])[None, :] < pages[:, None]] = kv_indices
+    return StepInputs(input_ids, positions, slot_mapping, cu_q[1:][samples] - 1, host, tables,
+                      int(n_new.max()), is_decode)
+
+
+def _to_device(arrays: list[np.ndarray], dtype, device: torch.device) -> list[torch.Tensor]:
+    """One host->device copy (pinned, asynchronous on CUDA) for several flat arrays of one dtype."""
+    flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    out, offset = [], 0
+    for a in arrays:
+        out.append(flat[offset:offset + a.size].view(a.shape))
+        offset += a.size
+    return out
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, model_path: Path | None, max_model_len: int,
                  progress: bool = False):
         self.config = config
+        self.max_model_len = max_model_len
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
-        if config.kv_cache_dtype != "auto":
-            raise UnsupportedModelError("kv_cache_dtype fp8 needs the GPU fast path (not in this build)",
-                                        param="kv_cache_dtype")
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.vocab_size = hf_config.vocab_size
-        self.backend = get_attention_backend(config.attention_backend, self.device)
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        self.backend = get_attention_backend(config.attention_backend, self.device, dtype=self.dtype,
+                                             head_dim=head_dim)
         self.model = load_model(model_class(hf_config), hf_config, model_path, self.backend, self.dtype,
                                 self.device, max_model_len, progress)
         attn = self.model.attention_layers()
-        self.kv_spec = KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, config.block_size, self.dtype)
+        if hasattr(self.backend, "configure"):
+            self.backend.configure(num_heads=attn[0].num_heads, num_kv_heads=attn[0].num_kv_heads,
+                                   head_dim=attn[0].head_dim, scale=attn[0].scale, q_dtype=self.dtype,
+                                   kv_dtype=self.kv_dtype)
+        self.kv_spec = KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, config.block_size,
+                                   self.kv_dtype)
+        self.hidden_size = hf_config.hidden_size
         self.kv_pool: torch.Tensor | None = None
+        self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                                and getattr(self.backend, "supports_cuda_graph", False))
+        self.graphs: DecodeGraphRunner | None = None
+        self.last_step = StepStats()
 
     # ---- KV pool -----------------------------------------------------------------------------
     def kv_budget_blocks(self) -> int:
@@ -85,7 +172,9 @@ class ModelRunner:
                 max_seqlen_q=tokens, max_seqlen_k=tokens, block_size=self.config.block_size)
             meta.plan = self.backend.plan(meta)
             ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-            hidden = self.model(ids, torch.arange(tokens, device=self.device), meta)
+            # positions stay inside the rope table (max_model_len may be shorter than the token budget)
+            positions = torch.arange(tokens, device=self.device) % self.max_model_len
+            hidden = self.model(ids, positions, meta)
             rows = min(self.config.max_num_seqs, tokens)
             self.model.compute_logits(hidden[:rows]).float().softmax(-1)
         torch.cuda.synchronize(self.device)
@@ -93,7 +182,9 @@ class ModelRunner:
         self.kv_pool = None
         del pool
         torch.cuda.empty_cache()
-        return int(peak - self._weights_bytes())
+        # decode graphs (their pool) and the sampler's [max_num_seqs, vocab] float32 temporaries
+        graphs = self.config.max_num_seqs * self.vocab_size * 4 * 3 if self.use_cuda_graphs else 0
+        return int(peak - self._weights_bytes() + graphs)
 
     def _weights_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -106,71 +197,62 @@ class ModelRunner:
     def allocate_kv_pool(self, num_blocks: int) -> torch.Tensor:
         pool = allocate_pool(self.kv_spec, num_blocks, self.device)
         self.bind_kv_pool(pool)
+        if self.use_cuda_graphs:
+            self.graphs = DecodeGraphRunner(
+                self.model, self.backend, self.device, capture_sizes(self.config.max_num_seqs),
+                -(-self.max_model_len // self.config.block_size), num_blocks, self.config.block_size,
+                self.hidden_size, self.dtype)
+            self.graphs.capture()
         return pool
 
     # ---- one step ----------------------------------------------------------------------------
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        bs = self.config.block_size
-        input_ids, positions, slots, cu_q, seq_lens, logits_idx = [], [], [], [0], [], []
-        max_blocks = 0
-        for s in batch:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            cu_q.append(cu_q[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            max_blocks = max(max_blocks, len(table))
-            if s.samples:
-                logits_idx.append(cu_q[-1] - 1)
-        tables = [s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in batch]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_seqlen_q=max(s.num_new_tokens for s in batch), max_seqlen_k=max(seq_lens),
-            block_size=bs, is_decode=all(s.num_new_tokens == 1 for s in batch))
-        return (torch.tensor(input_ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), meta,
-                torch.tensor(logits_idx, dtype=torch.int64, device=dev))
+        return self._device_inputs(prepare_host(batch, self.config.block_size, self.backend.needs_block_tables))
+
+    def _device_inputs(self, x: StepInputs):
+        dev, h = self.device, x.host
+        ids, pos, slots, logits_idx = _to_device([x.input_ids, x.positions, x.slot_mapping, x.logits_idx],
+                                                 np.int64, dev)
+        tables = x.block_tables if x.block_tables is not None else np.zeros((len(h.seq_lens), 0), np.int32)
+        cu_q, seq_lens, tables_d = _to_device([h.qo_indptr, h.seq_lens, tables], np.int32, dev)
+        meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu_q, seq_lens=seq_lens, block_tables=tables_d,
+                                 max_seqlen_q=x.max_seqlen_q, max_seqlen_k=int(h.seq_lens.max()),
+                                 block_size=self.config.block_size, is_decode=x.is_decode, host=h)
+        return ids, pos, meta, logits_idx
 
     def sampling_metadata(self, seqs, stop_ids_of) -> SamplingMetadata:
         dev, V = self.device, self.vocab_size
         params = [s.params for s in seqs]
-        f32 = dict(dtype=torch.float32, device=dev)
+        floats = np.array([[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
+                           [p.min_p for p in params]], np.float32)
+        ints = np.array([[p.top_k if p.top_k > 0 else V for p in params], [s.sampling_seed for s in seqs],
+                         [s.num_output_tokens for s in seqs]], np.int64)
+        (f,), (i,) = _to_device([floats], np.float32, dev), _to_device([ints], np.int64, dev)
         m = SamplingMetadata(
-            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], **f32),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else V for p in params], dtype=torch.int64, device=dev),
-            top_p=torch.tensor([p.top_p for p in params], **f32),
-            min_p=torch.tensor([p.min_p for p in params], **f32),
-            seeds=torch.tensor([s.sampling_seed for s in seqs], dtype=torch.int64, device=dev),
-            steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=dev),
+            temperature=f[0], top_p=f[1], min_p=f[2], top_k=i[0], seeds=i[1], steps=i[2],
             all_greedy=all(p.greedy for p in params),
             need_top_k=any(0 < p.top_k < V for p in params),
             need_top_p=any(p.top_p < 1.0 for p in params),
             need_min_p=any(p.min_p > 0.0 for p in params))
+        f32 = dict(dtype=torch.float32, device=dev)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             m.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], **f32)
             m.presence_penalty = torch.tensor([p.presence_penalty for p in params], **f32)
             m.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], **f32)
             prompt_mask = torch.zeros(len(seqs), V, dtype=torch.bool, device=dev)
             counts = torch.zeros(len(seqs), V, dtype=torch.int32, device=dev)
-            for i, s in enumerate(seqs):
-                prompt_mask[i, torch.tensor(s.token_ids[:s.num_prompt_tokens], device=dev)] = True
+            for r, s in enumerate(seqs):
+                prompt_mask[r, torch.tensor(s.token_ids[:s.num_prompt_tokens], device=dev)] = True
                 out = s.output_token_ids
                 if out:
-                    counts[i].index_add_(0, torch.tensor(out, device=dev),
+                    counts[r].index_add_(0, torch.tensor(out, device=dev),
                                          torch.ones(len(out), dtype=torch.int32, device=dev))
             m.prompt_mask, m.output_counts = prompt_mask, counts
         rows, toks = [], []
-        for i, s in enumerate(seqs):
+        for r, s in enumerate(seqs):
             if s.num_output_tokens < s.params.min_tokens:
                 ids = stop_ids_of(s)
-                rows.extend([i] * len(ids))
+                rows.extend([r] * len(ids))
                 toks.extend(ids)
         if rows:
             m.min_tokens_mask = (torch.tensor(rows, device=dev), torch.tensor(toks, device=dev))
@@ -178,16 +260,29 @@ class ModelRunner:
         m.max_num_logprobs = max(wanted) if wanted else None
         return m
 
+    def forward(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of the step (a graph replay for decode batches that fit a bucket) and the
+        device indices of the rows to sample (None: all rows)."""
+        all_rows = len(x.logits_idx) == len(x.input_ids)
+        self.last_step = StepStats(x.is_decode, len(x.host.seq_lens), len(x.input_ids), int(x.host.seq_lens.sum()))
+        if self.graphs is not None and x.is_decode:
+            hidden = self.graphs.run(DecodeInputs(x.input_ids, x.positions, x.slot_mapping, x.host, x.block_tables))
+            if hidden is not None:
+                self.last_step.graph = True
+                return hidden, None if all_rows else torch.from_numpy(x.logits_idx).to(self.device)
+        ids, pos, meta, logits_idx = self._device_inputs(x)
+        meta.plan = self.backend.plan(meta)
+        return self.model(ids, pos, meta), None if all_rows else logits_idx
+
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], stop_ids_of) -> SamplerOutput | None:
         """Runs one forward over the batch; samples the sequences that completed their tokens."""
-        input_ids, positions, meta, logits_idx = self.prepare(batch)
-        meta.plan = self.backend.plan(meta)
-        hidden = self.model(input_ids, positions, meta)
+        x = prepare_host(batch, self.config.block_size, self.backend.needs_block_tables)
         sampling = [s.seq for s in batch if s.samples]
+        hidden, rows = self.forward(x)
         if not sampling:
             return None
-        logits = self.model.compute_logits(hidden[logits_idx]).float()
+        logits = self.model.compute_logits(hidden if rows is None else hidden[rows]).float()
         return sample(logits, self.sampling_metadata(sampling, stop_ids_of))
 
     @torch.inference_mode()

@@ -1,5 +1,6 @@
 """Sampler: penalties, temperature, top-k / top-p / min-p and logprobs, vectorised over the batch.
 
+On CUDA, rows without top-k / top-p / min-p are drawn by one fused Triton pass (no [B, V] noise tensor).
 Randomness is a pure function of (request seed, output index, token id), hashed on the device:
 a seeded request draws the same tokens whatever else is in the batch, after a preemption, and on
 another engine that continues it (prefill -> decode migration), with no host sync and no
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kernels.triton import use_triton
 
 _MASK32 = 0xFFFFFFFF
 
@@ -56,10 +59,15 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def row_hash(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[B] uint32 values (in int64): the per-row key of (seed, step) that token ids are hashed with."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    return _hash32(_hash32(lo ^ _hash32(hi + 0x9E3779B9)) + steps * 0x632BE5AB)
+
+
 def random_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] uniforms in (0, 1), a deterministic function of (seed, step, token id)."""
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    row = _hash32(_hash32(lo ^ _hash32(hi + 0x9E3779B9)) + steps * 0x632BE5AB)
+    row = row_hash(seeds, steps)
     cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _hash32(row[:, None] ^ _hash32(cols * 0x27D4EB2F + 0x165667B1)[None, :])
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
@@ -103,10 +111,14 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
     if m.repetition_penalty is not None or m.frequency_penalty is not None:
         logits = apply_penalties(logits, m)
 
-    greedy_ids = logits.argmax(dim=-1)
     if m.all_greedy:
-        out.token_ids = greedy_ids
+        out.token_ids = logits.argmax(dim=-1)
+    elif not (m.need_min_p or m.need_top_k or m.need_top_p) and use_triton(logits):
+        # one fused pass on the GPU: the same draw as below (Gumbel form of the exponential race)
+        from kernels.triton.sampling import gumbel_sample
+        out.token_ids = gumbel_sample(logits, row_hash(m.seeds, m.steps), m.temperature)
     else:
+        greedy_ids = logits.argmax(dim=-1)
         temperature = torch.where(m.temperature > 0, m.temperature, torch.ones_like(m.temperature))
         scaled = logits / temperature[:, None]
         if m.need_min_p:

@@ -1,7 +1,10 @@
-"""Rotary position embedding (neox / rotate-half style, as Llama and Qwen use it)."""
+"""Rotary position embedding (neox / rotate-half style, as Llama and Qwen use it).
+On CUDA one Triton launch rotates all heads of a token; `apply_rope_ref` is the torch reference."""
 from __future__ import annotations
 
 import torch
+
+from kernels.triton import use_triton
 
 
 def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, scaling: float = 1.0) -> torch.Tensor:
@@ -17,10 +20,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, heads, head_dim], k [T, kv_heads, head_dim]; returns rotated copies in their dtype."""
+def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                   cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
     cos = torch.cat((cos, cos), dim=-1).to(q.dtype)[:, None, :]
     sin = torch.cat((sin, sin), dim=-1).to(q.dtype)[:, None, :]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, head_dim], k [T, kv_heads, head_dim]; returns rotated copies in their dtype."""
+    half = q.shape[-1] // 2
+    if (use_triton(q) and cos_sin_cache.shape[-1] == q.shape[-1] and half & (half - 1) == 0
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.is_contiguous()):
+        from kernels.triton.elementwise import apply_rope as fused
+        return fused(q, k, positions, cos_sin_cache)
+    return apply_rope_ref(q, k, positions, cos_sin_cache)

@@ -1,29 +1,50 @@
-"""Paged attention: `get_attention_backend` picks FlashInfer on CUDA when installed, else the torch reference."""
+"""Paged attention: `get_attention_backend` picks FlashInfer on CUDA when installed and the shape suits it,
+else the portable Triton kernel on CUDA, else the torch reference (CPU).
+
+Every backend has `plan(meta, graph_state=None)` (once per step, the result goes in `meta.plan`) and
+`forward(q, k, v, kv_cache, meta, scale)` (stores k, v at `meta.slot_mapping`, then attends)."""
 from __future__ import annotations
 
 import importlib.util
 
 import torch
 
-from kernels.attention.metadata import AttentionMetadata
+from kernels.attention.metadata import AttentionMetadata, PagedHostMeta
 from kernels.attention.torch_ref import TorchAttentionBackend, paged_attention, store_kv
 
-__all__ = ["AttentionMetadata", "TorchAttentionBackend", "get_attention_backend", "paged_attention", "store_kv"]
+__all__ = ["AttentionMetadata", "PagedHostMeta", "TorchAttentionBackend", "get_attention_backend",
+           "paged_attention", "store_kv"]
+
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
 
-def get_attention_backend(name: str, device: torch.device, **kwargs):
-    """`name` is auto | torch | flashinfer | triton."""
+def flashinfer_supports(dtype: torch.dtype | None, head_dim: int | None) -> bool:
+    return (importlib.util.find_spec("flashinfer") is not None
+            and dtype in (None, torch.float16, torch.bfloat16)
+            and head_dim in (None, *FLASHINFER_HEAD_DIMS))
+
+
+def get_attention_backend(name: str, device: torch.device, *, dtype: torch.dtype | None = None,
+                          head_dim: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
+    """`name` is auto | torch | flashinfer | triton. `dtype`/`head_dim` let auto skip FlashInfer where it
+    has no kernel (float32 models, head sizes outside 64/128/256)."""
     if name == "auto":
-        use_flashinfer = device.type == "cuda" and importlib.util.find_spec("flashinfer") is not None
-        name = "flashinfer" if use_flashinfer else "torch"
+        if device.type != "cuda":
+            name = "torch"
+        elif flashinfer_supports(dtype, head_dim):
+            name = "flashinfer"
+        elif importlib.util.find_spec("triton") is not None:
+            name = "triton"
+        else:
+            name = "torch"
     if name == "torch":
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(k_scale, v_scale)
     if device.type != "cuda":
         raise ValueError(f"attention backend {name!r} needs a CUDA device")
     if name == "flashinfer":
         from kernels.attention.flashinfer_backend import FlashInferBackend
-        return FlashInferBackend(device=device, **kwargs)
+        return FlashInferBackend(device=device, k_scale=k_scale, v_scale=v_scale)
     if name == "triton":
         from kernels.attention.triton_backend import TritonAttentionBackend
-        return TritonAttentionBackend(device=device, **kwargs)
+        return TritonAttentionBackend(device=device, k_scale=k_scale, v_scale=v_scale)
     raise ValueError(f"unknown attention backend {name!r}: choose auto, torch, flashinfer or triton")

@@ -1,4 +1,5 @@
-"""Plain-torch paged attention: the reference every other backend is checked against (runs on CPU)."""
+"""Plain-torch paged attention: the reference every other backend is checked against (runs on CPU).
+FP8 KV: values are stored as x / scale in E4M3 (saturated) and read back as stored * scale."""
 from __future__ import annotations
 
 import torch
@@ -6,20 +7,29 @@ import torch.nn.functional as F
 
 from kernels.attention.metadata import AttentionMetadata
 
+FP8_MAX = 448.0
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Writes k, v [T, kv_heads, head_dim] into kv_cache [num_blocks, 2, block_size, kv_heads, head_dim]."""
     block_size = kv_cache.shape[2]
     valid = slot_mapping >= 0  # padded tokens carry slot -1
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    kv_cache[:, 0][blocks, offsets] = k.to(kv_cache.dtype)
-    kv_cache[:, 1][blocks, offsets] = v.to(kv_cache.dtype)
+    kv_cache[:, 0][blocks, offsets] = quantize_kv(k, kv_cache.dtype, k_scale)
+    kv_cache[:, 1][blocks, offsets] = quantize_kv(v, kv_cache.dtype, v_scale)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    kv_scale: float = 1.0) -> torch.Tensor:
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of q [T, heads, head_dim] over each sequence's cached KV (its new tokens included)."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs, block_size = meta.num_seqs, kv_cache.shape[2]
@@ -33,8 +43,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     offsets = (key_pos % block_size).expand(num_seqs, -1)
     k = kv_cache[:, 0][blocks, offsets].to(q.dtype)
     v = kv_cache[:, 1][blocks, offsets].to(q.dtype)
-    if kv_scale != 1.0:
-        k, v = k * kv_scale, v * kv_scale
+    if k_scale != 1.0 or v_scale != 1.0:
+        k, v = k * k_scale, v * v_scale
     group = num_heads // k.shape[2]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
@@ -54,14 +64,19 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
 
 
 class TorchAttentionBackend:
-    """The reference backend: no per-step plan, works on every device."""
+    """The reference backend: no per-step plan, works on every device (not CUDA-graph safe)."""
 
     name = "torch"
+    supports_cuda_graph = False
+    needs_block_tables = True
 
-    def plan(self, meta: AttentionMetadata) -> None:
+    def __init__(self, k_scale: float = 1.0, v_scale: float = 1.0):
+        self.k_scale, self.v_scale = k_scale, v_scale
+
+    def plan(self, meta: AttentionMetadata, graph_state=None) -> None:
         return None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
-        return paged_attention(q, kv_cache, meta, scale)
+        store_kv(k, v, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        return paged_attention(q, kv_cache, meta, scale, self.k_scale, self.v_scale)

@@ -1,0 +1,218 @@
+"""`slipstream bench throughput`: nano-vllm's offline workload (Qwen3-0.6B shape, random weights, 256
+requests, input/output lengths uniform in 100..1024 drawn with seed 0 before the engine exists,
+ignore_eos, one warm-up), run through the engine in one or more configurations (bf16 / fp8 KV, CUDA
+graphs on / off), beside Hugging Face transformers on the same requests as a floor and batch-1 TPOT.
+Prints one table with its conditions, and achieved bytes/s per decode step against the device's
+measured copy bandwidth (weights + KV read per step)."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+QWEN3_0_6B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                  vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=40960,
+                  rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, torch_dtype="bfloat16",
+                  bos_token_id=151643, eos_token_id=151645)
+
+RUNS = {"bf16": dict(kv_cache_dtype="auto", enforce_eager=False), "fp8": dict(kv_cache_dtype="fp8", enforce_eager=False),
+        "bf16-eager": dict(kv_cache_dtype="auto", enforce_eager=True),
+        "fp8-eager": dict(kv_cache_dtype="fp8", enforce_eager=True)}
+
+
+def draw_workload(n: int, lo: int, hi_in: int, hi_out: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """nano-vllm's bench.py draws, in its order: all prompts, then all output lengths."""
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(lo, hi_in))] for _ in range(n)]
+    return list(zip(prompts, [rng.randint(lo, hi_out) for _ in range(n)]))
+
+
+def write_random_checkpoint(folder: Path, config: dict) -> Path:
+    from engine.loader import RANDOM_WEIGHTS_MARKER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / RANDOM_WEIGHTS_MARKER).write_text("random weights: shape-only checkpoint for benchmarks\n")
+    return folder
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written, median of 10 (the HBM ceiling we compare to)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for i in range(13):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        if i >= 3:
+            times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * (1 << 30) / statistics.median(times) / 1e9
+
+
+def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from engine.sampling_params import SamplingParams
+    from engine.wire import EngineCoreRequest
+    t0 = time.perf_counter()
+    core = EngineCore(EngineConfig(model=str(path), **options))
+    startup = time.perf_counter() - t0
+    runner = core.runner
+    weights = runner._weights_bytes()
+    kv_token_bytes = runner.kv_spec.bytes_per_token
+
+    def generate(reqs, temperature=0.6, record=None):
+        for i, (ids, n) in enumerate(reqs):
+            core.add_request(EngineCoreRequest(request_id=f"r{i}", prompt_token_ids=ids, params=SamplingParams(
+                max_tokens=n, temperature=temperature, ignore_eos=True)))
+        tokens = 0
+        while core.has_unfinished():
+            s = time.perf_counter()
+            outs = core.step()
+            dt = time.perf_counter() - s
+            tokens += sum(len(o.new_token_ids) for o in outs)
+            st = runner.last_step
+            if record is not None and st.is_decode:
+                record.append((dt, st.num_seqs, weights + st.kv_tokens * kv_token_bytes))
+        return tokens
+
+    generate([([1] * 64, 16)])  # warm-up
+    steps: list[tuple[float, int, int]] = []
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out_tokens = generate(workload, record=steps)
+    wall = time.perf_counter() - t
+    in_tokens = sum(len(p) for p, _ in workload)
+    dec_time = sum(s[0] for s in steps)
+    tpot_steps: list[tuple[float, int, int]] = []
+    generate([([7] * 128, tpot_tokens)], record=tpot_steps)
+    result = dict(startup_s=startup, graph_capture_s=runner.graphs.capture_seconds if runner.graphs else 0.0,
+                  backend=runner.backend.name, wall_s=wall, output_tokens=out_tokens, out_tps=out_tokens / wall,
+                  total_tps=(out_tokens + in_tokens) / wall, decode_steps=len(steps),
+                  decode_share=dec_time / wall, mean_decode_ms=1e3 * dec_time / max(len(steps), 1),
+                  mean_decode_batch=statistics.fmean(s[1] for s in steps) if steps else 0,
+                  decode_gbs=sum(s[2] for s in steps) / max(dec_time, 1e-9) / 1e9,
+                  tpot_ms=1e3 * statistics.median(s[0] for s in tpot_steps[1:]),
+                  kv_blocks=core.block_manager.num_blocks, preemptions=core.scheduler.num_preemptions)
+    del core, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_transformers(config: dict, workload) -> dict:
+    """Batched greedy generate of Hugging Face transformers (sdpa) on the same requests, one batch,
+    left-padded, every row generating the batch's longest output; counts each request's own tokens."""
+    import transformers
+    cfg = transformers.Qwen3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    cfg.eos_token_id = None
+    with torch.device("cuda"):
+        model = transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16).eval()
+    width = max(len(p) for p, _ in workload)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in workload], device="cuda")
+    mask = (torch.arange(width, device="cuda")[None] >= torch.tensor([width - len(p) for p, _ in workload],
+                                                                       device="cuda")[:, None]).long()
+    longest = max(n for _, n in workload)
+    model.generate(ids[:, :32], attention_mask=mask[:, :32], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                   pad_token_id=0)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    useful = sum(n for _, n in workload)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(wall_s=wall, output_tokens=useful, out_tps=useful / wall,
+                total_tps=(useful + sum(len(p) for p, _ in workload)) / wall, requests=len(workload))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="slipstream bench throughput", description=__doc__)
+    ap.add_argument("--runs", default="bf16,fp8", help=f"comma list of {', '.join(RUNS)}")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--max-input-len", type=int, default=1024)
+    ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="", help="HF checkpoint folder (real weights); default: Qwen3-0.6B shape, random")
+    ap.add_argument("--override", default="{}", help='JSON overrides of the model config, e.g. {"num_hidden_layers": 4}')
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--tpot-tokens", type=int, default=256, help="output tokens of the batch-1 TPOT run")
+    ap.add_argument("--hf-requests", type=int, default=32, help="requests given to transformers (0: skip)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench throughput needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    # the workload is drawn before any engine exists, so start-up cannot shift the random sequence
+    workload = draw_workload(args.num_requests, args.min_len, args.max_input_len, args.max_output_len, args.seed)
+    config = {**QWEN3_0_6B, **json.loads(args.override)}
+    tmp = tempfile.TemporaryDirectory()
+    path = Path(args.model) if args.model else write_random_checkpoint(Path(tmp.name) / "model", config)
+    if args.model:
+        config = json.loads((path / "config.json").read_text())
+    bandwidth = copy_bandwidth_gbs()
+    import importlib.metadata as md
+    versions = {n: md.version(n) for n in ("torch", "triton", "flashinfer-python", "transformers")
+                if _installed(n)}
+    max_len = args.max_input_len + args.max_output_len
+    common = dict(dtype="bfloat16", max_model_len=max(max_len, 128 + args.tpot_tokens + 1),
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
+                  enable_prefix_caching=True)
+    results = {}
+    for name in args.runs.split(","):
+        results[name] = run_engine(path, workload, {**common, **RUNS[name]}, args.tpot_tokens)
+        print(f"[{name}] {json.dumps(results[name])}", flush=True)
+    hf = run_transformers(config, workload[:args.hf_requests]) if args.hf_requests else None
+
+    print("\n## conditions")
+    print(f"device: {torch.cuda.get_device_name()} ; measured D2D copy bandwidth {bandwidth:.0f} GB/s (read+write)")
+    print(f"software: {versions}")
+    print(f"model: {'random weights, ' if not args.model else ''}{ {k: config.get(k) for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size', 'vocab_size')} }")
+    print(f"workload: {len(workload)} requests, input {sum(len(p) for p, _ in workload)} tokens, output "
+          f"{sum(n for _, n in workload)} tokens (lengths uniform {args.min_len}..{args.max_input_len}/"
+          f"{args.max_output_len}, seed {args.seed}), temperature 0.6, ignore_eos, 1 warm-up request")
+    print(f"engine: {common}")
+    print("\n| run | backend | output tok/s | total tok/s | wall s | decode steps | mean decode step ms "
+          "(mean batch) | decode GB/s (% of copy bw) | batch-1 TPOT ms | start-up s (graph capture s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['backend']} | {r['out_tps']:.0f} | {r['total_tps']:.0f} | {r['wall_s']:.1f} | "
+              f"{r['decode_steps']} | {r['mean_decode_ms']:.2f} ({r['mean_decode_batch']:.0f}) | "
+              f"{r['decode_gbs']:.0f} ({100 * r['decode_gbs'] / bandwidth:.0f}%) | {r['tpot_ms']:.2f} | "
+              f"{r['startup_s']:.1f} ({r['graph_capture_s']:.1f}) |")
+    if hf:
+        print(f"| transformers {versions.get('transformers', '')} (first {hf['requests']} requests, one batch, "
+              f"greedy) | sdpa | {hf['out_tps']:.0f} | {hf['total_tps']:.0f} | {hf['wall_s']:.1f} | | | | | |")
+    return 0
+
+
+def _installed(name: str) -> bool:
+    import importlib.metadata as md
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Fused element-wise Triton kernels: RMSNorm (+ residual add, + per-head q/k norm), neox rotary
+embedding and SiLU-and-mul. Each replaces 3-10 torch launches by one, which is what matters in a
+decode step (tiny tensors, launch-bound). Rounding follows the torch references in kernels/*.py."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, stride_xt, stride_xh, stride_rt, eps,
+                     D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    # one program per row; row = (t, h) so that per-head norms read strided q/k views in place
+    row = tl.program_id(0)
+    t, h = row // H, row % H
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(x_ptr + t * stride_xt + h * stride_xh + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + t * stride_rt + cols, mask=mask, other=0.0)
+        x = x + r  # rounded to the input dtype, as `x + residual` in torch
+        tl.store(res_out_ptr + row * D + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / D
+    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * D + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, H, stride_t, stride_h) of a [..., D] or [T, H, D] tensor whose last dim is contiguous."""
+    if x.dim() == 3:
+        return x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1)
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2.shape[0], 1, x2.stride(0), 0
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    D = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows, H, st, sh = _rows(x)
+    if rows:
+        _rms_norm_kernel[(rows,)](x, x, weight, out, out, H, st, sh, 0, eps, D=D,
+                                  BLOCK=triton.next_power_of_2(D), HAS_RES=False, num_warps=4)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    x, residual = x.contiguous(), residual.contiguous()
+    D = x.shape[-1]
+    out, res_out = torch.empty_like(x), torch.empty_like(x)
+    rows = x.numel() // D
+    if rows:
+        _rms_norm_kernel[(rows,)](x, residual, weight, out, res_out, 1, D, 0, D, eps, D=D,
+                                  BLOCK=triton.next_power_of_2(D), HAS_RES=True, num_warps=4)
+    return out, res_out
+
+
+@triton.jit
+def _rope_kernel(x_ptr, out_ptr, pos_ptr, cache_ptr, H, stride_xt, stride_xh,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    # one program per token: all heads of q (or k) rotated with the token's cos/sin row
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cache_ptr + pos * 2 * HALF + d)
+    sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + d)
+    hs = tl.arange(0, BLOCK_H)
+    hmask = hs[:, None] < H
+    base = x_ptr + t * stride_xt + hs[:, None] * stride_xh + d[None, :]
+    x1 = tl.load(base, mask=hmask, other=0.0)
+    x2 = tl.load(base + HALF, mask=hmask, other=0.0)
+    dt = x1.dtype
+    c, s = cos.to(dt).to(tl.float32)[None, :], sin.to(dt).to(tl.float32)[None, :]
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    obase = out_ptr + t * H * 2 * HALF + hs[:, None] * 2 * HALF + d[None, :]
+    tl.store(obase, (x1f * c - x2f * s).to(dt), mask=hmask)
+    tl.store(obase + HALF, (x2f * c + x1f * s).to(dt), mask=hmask)
+
+
+def _rope_one(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    T, H, D = x.shape
+    out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    if T:
+        _rope_kernel[(T,)](x, out, positions, cache, H, x.stride(0), x.stride(1), HALF=D // 2,
+                           BLOCK_H=triton.next_power_of_2(H), num_warps=4)
+    return out
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor):
+    return _rope_one(q, positions, cache), _rope_one(k, positions, cache)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, N, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    u = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    tl.store(out_ptr + row * N + cols, (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    N = x2.shape[-1] // 2
+    out = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        BLOCK = 1024
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, out, N, x2.stride(0), BLOCK=BLOCK,
+                                                                  num_warps=4)
+    return out.view(*x.shape[:-1], N)
