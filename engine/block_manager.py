@@ -48,11 +48,12 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache ----------------------------------------------------------------------
-    def _full_block_hashes(self, token_ids: list[int], num_blocks: int) -> list[int]:
-        hashes, parent, bs = [], None, self.block_size
-        for i in range(num_blocks):
-            parent = block_hash(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
-            hashes.append(parent)
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """The chained hashes of the sequence's first `num_blocks` full blocks, computed once each."""
+        hashes, bs = seq.block_hashes, self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(block_hash(hashes[-1] if hashes else None, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
         return hashes
 
     def match_prefix(self, seq: Sequence) -> list[int]:
@@ -63,7 +64,7 @@ class BlockManager:
         bs = self.block_size
         limit = (len(seq) - 1) // bs
         hit: list[int] = []
-        for i, h in enumerate(self._full_block_hashes(seq.token_ids, limit)):
+        for i, h in enumerate(self._block_hashes(seq, limit)[:limit]):
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
                 break
@@ -71,23 +72,22 @@ class BlockManager:
         return hit
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Publishes the sequence's blocks whose tokens all have KV now."""
+        """Publishes the sequence's blocks whose tokens all have KV now (only the newly full ones:
+        this runs for every sequence on every step)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
-        parent = None
-        for i in range(num_full):
-            block = self.blocks[seq.block_table[i]]
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            if block.hash is not None and block.token_ids == tokens:
-                parent = block.hash
-                continue
-            parent = block_hash(parent, tokens)
-            if parent in self.cached:
-                continue  # an identical block is already published; keep that one
-            block.hash, block.token_ids = parent, tokens
-            self.cached[parent] = block.block_id
+        if num_full <= seq.num_published_blocks:
+            return
+        hashes = self._block_hashes(seq, num_full)
+        for i in range(seq.num_published_blocks, num_full):
+            block, h = self.blocks[seq.block_table[i]], hashes[i]
+            if block.hash == h or h in self.cached:
+                continue  # already published (adopted from the cache), or an identical block is
+            block.hash, block.token_ids = h, tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            self.cached[h] = block.block_id
+        seq.num_published_blocks = num_full
 
     # ---- allocation ------------------------------------------------------------------------
     def _take_free(self) -> int:
@@ -145,3 +145,4 @@ class BlockManager:
         self.free_blocks_by_id(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_published_blocks = 0

@@ -28,6 +28,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
+        self.block_hashes: list[int] = []  # chained hashes of its full blocks (token-based: survive preemption)
+        self.num_published_blocks = 0  # leading blocks of block_table already in the prefix cache
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
