@@ -151,9 +151,13 @@ class ModelRunner:
             return self.kv_spec.num_blocks_for(self.config.kv_cache_memory_bytes)
         if self.device.type == "cpu":
             return self.kv_spec.num_blocks_for(CPU_DEFAULT_KV_BYTES)
+        activations = self._profile_peak_bytes()
+        weights = torch.cuda.memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
-        budget = total * self.config.gpu_memory_utilization - used_by_others - self._profile_peak_bytes()
+        # our share of the GPU (vLLM's meaning: other engines on it have theirs), and never more
+        # than is actually free now
+        budget = min(total * self.config.gpu_memory_utilization - weights - activations,
+                     free - activations - (256 << 20))
         return self.kv_spec.num_blocks_for(int(budget))
 
     def _profile_peak_bytes(self) -> int:
