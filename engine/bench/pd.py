@@ -72,6 +72,21 @@ class Proc:
                 self.proc.kill()
 
 
+def random_checkpoint(folder: Path) -> Path:
+    """Qwen3-0.6B's shape with random weights, and a synthetic word-level tokenizer over its whole
+    vocabulary (the servers need one to detokenise; the text itself is meaningless)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.bench.throughput import QWEN3_0_6B, write_random_checkpoint
+    write_random_checkpoint(folder, QWEN3_0_6B)
+    vocab = {f"t{i}": i for i in range(QWEN3_0_6B["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{QWEN3_0_6B['eos_token_id']}").save_pretrained(str(folder))
+    return folder
+
+
 def _bench(url: str, rate: float, args, model: str, vocab: int) -> dict:
     ns = argparse.Namespace(url=url, model=model, rate=rate, num_prompts=args.num_prompts, input_len=args.input_len,
                             output_len=args.output_len, max_concurrency=0, temperature=0.0, seed=args.seed,
@@ -82,7 +97,8 @@ def _bench(url: str, rate: float, args, model: str, vocab: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slipstream bench pd", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="HF checkpoint folder (or .gguf)")
+    ap.add_argument("model", nargs="?", default="",
+                    help="HF checkpoint folder (or .gguf); default: Qwen3-0.6B's shape with random weights")
     ap.add_argument("--rates", default="1,2,4", help="comma-separated request rates (req/s); 'inf' allowed")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=256)
@@ -95,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     extra = shlex.split(args.engine_args)
     log_dir = Path(tempfile.mkdtemp(prefix="slipstream-bench-pd-"))
+    if not args.model:
+        args.model = str(random_checkpoint(log_dir / "qwen3-0.6b-random"))
     procs: list[Proc] = []
     try:
         hybrid = Proc(["serve", args.model, *extra], log_dir, "hybrid")
