@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         _post(router.url + "/nodes/add", {"url": decode.url, "status": {"role": 3}})
         vocab = _get(hybrid.url + "/engine_info")["vocab_size"]
         model = _get(hybrid.url + "/v1/models")["data"][0]["id"]
+        for url in (hybrid.url, router.url):  # warm-up: first-use compilation and graph capture are not measured
+            _bench(url, float("inf"), argparse.Namespace(**{**vars(args), "num_prompts": 4}), model, vocab)
         rows = []
         for rate in rates:
             for name, url in (("hybrid", hybrid.url), ("1P1D", router.url)):
