@@ -220,13 +220,32 @@ async def _discover(app: web.Application) -> None:
         await client.close()
 
 
+async def _poll_load(app: web.Application) -> None:
+    """Refreshes every engine's running count and KV usage from its /engine_info."""
+    timeout = aiohttp.ClientTimeout(total=2)
+
+    async def one(node: Node) -> None:
+        try:
+            async with app[SESSION].get(node.url + "/engine_info", timeout=timeout) as resp:
+                stats = (await resp.json(content_type=None))["stats"]
+            node.running = stats["num_running"] + stats["num_waiting"]
+            node.kv_usage = 1.0 - stats["num_free_blocks"] / max(1, stats["num_blocks"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
+            pass  # not a Slipstream engine, or busy: the router's own in-flight count still balances
+    while True:
+        await asyncio.gather(*(one(n) for n in list(app[POOL].nodes.values())))
+        await asyncio.sleep(app[CONFIG].refresh_interval)
+
+
 async def _lifecycle(app: web.Application):
     app[SESSION] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=app[CONFIG].request_timeout))
-    task = asyncio.ensure_future(_discover(app)) if app[CONFIG].ctrl_address else None
+    tasks = [asyncio.ensure_future(_poll_load(app))]
+    if app[CONFIG].ctrl_address:
+        tasks.append(asyncio.ensure_future(_discover(app)))
     yield
-    if task is not None:
+    for task in tasks:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     await app[SESSION].close()
 
 

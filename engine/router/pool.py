@@ -13,8 +13,14 @@ class Node:
     role: str  # hybrid | prefill | decode
     models: set[str] = field(default_factory=set)  # accepted `model` values (empty: any)
     source: str = "manual"  # manual | ctrl
-    inflight: int = 0
+    inflight: int = 0  # requests this router has in flight there
+    running: int = 0  # the engine's own count (all its clients), from its last /engine_info
+    kv_usage: float = 0.0  # fraction of its KV pool in use, from its last /engine_info
     failures: int = 0
+
+    @property
+    def load(self) -> tuple[int, float]:
+        return max(self.inflight, self.running), self.kv_usage
 
     def serves(self, model: str | None) -> bool:
         return not self.models or model is None or model in self.models
@@ -28,7 +34,7 @@ class EnginePool:
     def add(self, node: Node) -> None:
         old = self.nodes.get(node.url)
         if old is not None:
-            node.inflight = old.inflight
+            node.inflight, node.running, node.kv_usage = old.inflight, old.running, old.kv_usage
         self.nodes[node.url] = node
 
     def replace_discovered(self, nodes: list[Node]) -> None:
@@ -45,12 +51,12 @@ class EnginePool:
         return [n for n in self.nodes.values() if n.role == role and n.serves(model)]
 
     def pick(self, role: str, model: str | None, exclude: set[str] = frozenset()) -> Node | None:
-        """Fewest requests in flight from this router; round-robin among equals."""
+        """Least loaded (requests running there, then KV usage); round-robin among equals."""
         nodes = [n for n in self.candidates(role, model) if n.url not in exclude]
         if not nodes:
             return None
-        least = min(n.inflight for n in nodes)
-        tied = [n for n in nodes if n.inflight == least]
+        least = min(n.load for n in nodes)
+        tied = [n for n in nodes if n.load == least]
         return tied[next(self._rr) % len(tied)]
 
     def models(self) -> set[str]:
