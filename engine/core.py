@@ -254,7 +254,7 @@ class EngineCore:
                 "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions,
                 "num_parked": len(self.handoff.parked), "num_pulling": len(self.handoff.pulls),
-                "num_generated_tokens": self.num_generated_tokens}
+                "num_generated_tokens": self.num_generated_tokens, **self.handoff.metrics()}
 
 
 def _logprob_rows(result, sampled) -> list[TokenLogprobs] | None:

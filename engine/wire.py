@@ -97,6 +97,10 @@ class EngineStats(msgspec.Struct, kw_only=True):
     num_parked: int = 0  # prefill role: KV kept for a decode engine to pull
     num_pulling: int = 0  # decode role: KV pulls in flight
     num_generated_tokens: int = 0
+    kv_transfers: int = 0  # KV pulls by this engine: finished, failed, timed out
+    kv_transfers_failed: int = 0
+    kv_transfer_bytes: int = 0  # of the successful ones, and their summed wall time
+    kv_transfer_ms: float = 0.0
 
 
 class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):

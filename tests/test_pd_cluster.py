@@ -124,6 +124,10 @@ def test_prefill_protocol_as_dlrouter_drives_it(cluster):
     status, full = post(url(decode, "/v1/completions"), d_body)
     assert status == 200, full
     assert full["usage"]["completion_tokens"] == 6 and full["choices"][0]["finish_reason"] == "length"
+    stats = decode.engine_info()["stats"]  # the pull is counted (and exported on /metrics)
+    assert stats["kv_transfers"] == 1 and stats["kv_transfers_failed"] == 0 and stats["kv_transfer_bytes"] > 0
+    metrics = urllib.request.urlopen(url(decode, "/metrics"), timeout=5).read().decode()
+    assert "kv_transfer_gbps" in metrics and "kv_transfers_total" in metrics
     # /pd/free is idempotent and accepts unknown ids
     for ids in ([kv["seq_id"]], [kv["seq_id"]], [123456, 7]):
         status, freed = post(url(prefill, "/pd/free"), {"seq_ids": ids})

@@ -83,6 +83,8 @@ def test_disaggregated_equals_hybrid(pair):
         assert tokens[rid][0] == first
         assert tokens[rid] == exp, rid
         assert finals[rid].finish_reason == "length"
+    stats = decode.stats()
+    assert stats["kv_transfers"] >= len(migrations) and stats["kv_transfer_bytes"] > 0
     assert prefill.free_parked([seq_id for _, _, seq_id, _ in migrations]) == len(migrations)
     assert prefill.free_parked([seq_id for _, _, seq_id, _ in migrations] + [999, "x"]) == 0  # idempotent
 

@@ -178,6 +178,14 @@ class KVHandoff:
             log.error("quarantining %d KV blocks of %s after an abandoned pull", len(pull.seq.block_table),
                       pull.seq.seq_id)
 
+    def metrics(self) -> dict:
+        """Pull counters for the engine's stats (zero until the first transfer)."""
+        if self._agent is None:
+            return {"kv_transfers": 0, "kv_transfers_failed": 0, "kv_transfer_bytes": 0, "kv_transfer_ms": 0.0}
+        m = self._agent.metrics()
+        return {"kv_transfers": m.transfers + m.failed + m.timed_out, "kv_transfers_failed": m.failed + m.timed_out,
+                "kv_transfer_bytes": m.bytes, "kv_transfer_ms": m.ms}
+
     @property
     def busy(self) -> bool:
         return bool(self.parked or self.pulls)

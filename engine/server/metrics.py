@@ -124,6 +124,17 @@ class Metrics:
                          [(f'{lab},finished_reason="{r}"', n) for r, n in sorted(self.finished.items())])
         lines += _metric("counter", "request_rejected_total", "Requests refused by the front, by HTTP status.",
                          [(f'{lab},status="{st}"', n) for st, n in sorted(self.rejections.items())])
+        gbps = s.kv_transfer_bytes / s.kv_transfer_ms / 1e6 if s.kv_transfer_ms else 0.0
+        lines += _metric("counter", "kv_transfers_total", "KV pulls from prefill engines (any outcome).",
+                         [(lab, s.kv_transfers)])
+        lines += _metric("counter", "kv_transfers_failed_total", "KV pulls that failed or timed out.",
+                         [(lab, s.kv_transfers_failed)])
+        lines += _metric("counter", "kv_transfer_bytes_total", "Bytes moved by successful KV pulls.",
+                         [(lab, s.kv_transfer_bytes)])
+        lines += _metric("counter", "kv_transfer_seconds_total", "Wall time of successful KV pulls.",
+                         [(lab, s.kv_transfer_ms / 1e3)])
+        lines += _metric("gauge", "kv_transfer_gbps", "Mean GB/s of successful KV pulls since start.",
+                         [(lab, gbps)])
         for h in (self.ttft, self.itl, self.e2e):
             lines += h.render(lab)
         return "\n".join(lines) + "\n"
