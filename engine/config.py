@@ -17,6 +17,12 @@ def literal_choices(cls) -> dict[str, tuple[str, ...]]:
     return {name: typing.get_args(t) for name, t in hints.items() if typing.get_origin(t) is Literal}
 
 
+def check_field(ok: bool, name: str, message: str) -> None:
+    """Config validation: a typed error that names the offending field (and its CLI flag)."""
+    if not ok:
+        raise InvalidRequestError(f"{name} {message}", param=name)
+
+
 def opt(default, help: str, **kw):
     """A config field with its CLI help text (the CLI is generated from these)."""
     return field(default=default, metadata={"help": help, **kw})
@@ -52,10 +58,7 @@ class EngineConfig:
     kv_staging_bytes: int = opt(2 << 30, "GPU pools over TCP: pinned host memory that stages KV in and out")
 
     def __post_init__(self) -> None:
-        def check(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise InvalidRequestError(f"{name} {message}", param=name)
-
+        check = check_field
         check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",

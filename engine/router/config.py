@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import opt
-from engine.errors import InvalidRequestError
+from engine.config import check_field, opt
 
 
 @dataclass
@@ -19,7 +18,5 @@ class RouterConfig:
     api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1/*")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise InvalidRequestError("port must be in [0, 65535]", param="port")
-        if self.refresh_interval <= 0:
-            raise InvalidRequestError("refresh_interval must be > 0", param="refresh_interval")
+        check_field(0 <= self.port < 65536, "port", "must be in [0, 65535]")
+        check_field(self.refresh_interval > 0, "refresh_interval", "must be > 0")

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import opt
-from engine.errors import InvalidRequestError
+from engine.config import check_field, opt
 from engine.server.registration import CtrlConfig
-
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequestError(f"{name} {message}", param=name)
 
 
 @dataclass
@@ -23,10 +17,10 @@ class CoreServerConfig:
     drain_timeout: float = opt(30.0, "on SIGTERM, seconds to finish in-flight requests before aborting them")
 
     def __post_init__(self) -> None:
-        _check(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
-        _check(self.max_frame_bytes >= 1024, "max_frame_bytes", "must be >= 1024")
-        _check(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
-        _check(not self.zmq_address or self.zmq_address.split("://")[0] in ("tcp", "ipc", "inproc"),
+        check_field(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
+        check_field(self.max_frame_bytes >= 1024, "max_frame_bytes", "must be >= 1024")
+        check_field(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
+        check_field(not self.zmq_address or self.zmq_address.split("://")[0] in ("tcp", "ipc", "inproc"),
                "zmq_address", "must start with tcp://, ipc:// or inproc://")
 
 
@@ -46,10 +40,10 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 <= self.port < 65536, "port", "must be in [0, 65535]")
-        _check(self.heartbeat_interval > 0, "heartbeat_interval", "must be > 0")
-        _check(self.heartbeat_timeout > self.heartbeat_interval, "heartbeat_timeout",
+        check_field(0 <= self.port < 65536, "port", "must be in [0, 65535]")
+        check_field(self.heartbeat_interval > 0, "heartbeat_interval", "must be > 0")
+        check_field(self.heartbeat_timeout > self.heartbeat_interval, "heartbeat_timeout",
                "must exceed heartbeat_interval")
-        _check(self.engine_start_timeout > 0, "engine_start_timeout", "must be > 0")
-        _check(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
-        _check(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")
+        check_field(self.engine_start_timeout > 0, "engine_start_timeout", "must be > 0")
+        check_field(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
+        check_field(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from engine.config import opt
-from engine.errors import InvalidRequestError
+from engine.config import check_field, opt
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +23,8 @@ class CtrlConfig:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:  # a mixin of ServerConfig: keep the other bases' checks
             parent()
-        if not 0 < self.ctrl_heartbeat_interval < 60:
-            raise InvalidRequestError("ctrl_heartbeat_interval must be in (0, 60) s", param="ctrl_heartbeat_interval")
-        if self.ctrl_connect_timeout < 0:
-            raise InvalidRequestError("ctrl_connect_timeout must be >= 0", param="ctrl_connect_timeout")
+        check_field(0 < self.ctrl_heartbeat_interval < 60, "ctrl_heartbeat_interval", "must be in (0, 60) s")
+        check_field(self.ctrl_connect_timeout >= 0, "ctrl_connect_timeout", "must be >= 0")
 
 
 async def register_front(state, config) -> object | None:
