@@ -118,9 +118,8 @@ class EngineCore:
         self.validate(request)
         params = request.params
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        room = self.max_model_len - len(request.prompt_token_ids)
-        max_out = room if params.max_tokens is None else min(params.max_tokens, room)
-        seq = Sequence(request.request_id, request.prompt_token_ids, params, seed, max_out,
+        seq = Sequence(request.request_id, request.prompt_token_ids, params, seed,
+                       self._max_output_tokens(params, len(request.prompt_token_ids)),
                        request.arrival_time or time.time())
         seq.remote_decode = bool(kv.get("do_remote_decode"))
         self.seqs[seq.seq_id] = seq
@@ -132,14 +131,18 @@ class EngineCore:
         prompt = m.prompt_token_ids
         self.validate(EngineCoreRequest(request_id=request.request_id, prompt_token_ids=prompt + [m.first_token],
                                         params=m.params))
-        room = self.max_model_len - len(prompt)
-        max_out = room if m.params.max_tokens is None else min(m.params.max_tokens, room)
-        seq = Sequence(request.request_id, prompt, m.params, m.sampling_seed, max_out,
+        seq = Sequence(request.request_id, prompt, m.params, m.sampling_seed,
+                       self._max_output_tokens(m.params, len(prompt)),
                        request.arrival_time or time.time())
         seq.append_token(m.first_token)
         self.seqs[seq.seq_id] = seq
         self.handoff.admit(seq, m)
         return seq
+
+    def _max_output_tokens(self, params, prompt_len: int) -> int:
+        """max_tokens, capped by the context left after the prompt (None: all of it)."""
+        room = self.max_model_len - prompt_len
+        return room if params.max_tokens is None else min(params.max_tokens, room)
 
     def free_parked(self, seq_ids) -> int:
         """Router's /pd/free: releases KV parked for a decode engine (idempotent)."""
