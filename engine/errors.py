@@ -45,3 +45,19 @@ class OverloadedError(EngineError):
 class UnavailableError(EngineError):
     type = "service_unavailable"
     status = 503
+
+
+class BadGatewayError(UnavailableError):
+    """A gateway's upstream engine failed mid-request."""
+
+    status = 502
+
+
+class AuthenticationError(EngineError):
+    type = "authentication_error"
+    status = 401
+
+
+def error_body(e: EngineError) -> dict:
+    """The OpenAI error object every HTTP surface (front, router) answers with."""
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}}

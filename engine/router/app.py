@@ -13,6 +13,8 @@ from pathlib import PurePath
 import aiohttp
 from aiohttp import web
 
+from engine.errors import (AuthenticationError, BadGatewayError, EngineError, InvalidRequestError, ModelNotFoundError,
+                           UnavailableError, error_body)
 from engine.router.config import RouterConfig
 from engine.router.pool import ROLE_BY_NUMBER, EnginePool, Node
 
@@ -21,9 +23,8 @@ POOL, SESSION, CONFIG, STATS = web.AppKey("pool", EnginePool), web.AppKey("sessi
     web.AppKey("config", RouterConfig), web.AppKey("stats", dict)
 
 
-def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": status}},
-                             status=status)
+def error(e: EngineError) -> web.Response:
+    return web.json_response(error_body(e), status=e.status)
 
 
 def node_from_entity(entity) -> Node:
@@ -61,7 +62,7 @@ async def add_node(request: web.Request) -> web.Response:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError("url")
     except (ValueError, KeyError, TypeError, AttributeError):
-        return error(400, 'expected {"url": "http://host:port", "status": {"role": 1|2|3}}')
+        return error(InvalidRequestError('expected {"url": "http://host:port", "status": {"role": 1|2|3}}'))
     node = Node(url=url.rstrip("/"), role=role)
     try:  # as DLRouter does: ask the node what it serves (an unreachable node serves any model)
         async with request.app[SESSION].get(node.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as resp:
@@ -84,21 +85,21 @@ def _authorised(request: web.Request) -> bool:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     if not _authorised(request):
-        return error(401, "invalid API key", "authentication_error")
+        return error(AuthenticationError("invalid API key"))
     try:
         body = await request.json()
         if not isinstance(body, dict):
             raise ValueError
     except (ValueError, json.JSONDecodeError):
-        return error(400, "request body must be a JSON object")
+        return error(InvalidRequestError("request body must be a JSON object"))
     pool, model, path = request.app[POOL], body.get("model"), request.path
     request.app[STATS]["requests_total"] += 1
     if pool.candidates("prefill", model) and pool.candidates("decode", model):
         return await _two_stage(request, body, path)
     node = pool.pick("hybrid", model)
     if node is None:
-        return error(404 if pool.nodes else 503, f"no engine serves model {model!r}",
-                     "not_found_error" if pool.nodes else "service_unavailable", "model")
+        missing = ModelNotFoundError if pool.nodes else UnavailableError
+        return error(missing(f"no engine serves model {model!r}", param="model"))
     return await _forward(request, node, path, body)
 
 
@@ -120,7 +121,7 @@ async def _two_stage(request: web.Request, body: dict, path: str) -> web.StreamR
     for _ in range(2):  # one retry of the prefill stage on a dead engine
         prefill = pool.pick("prefill", model, exclude=tried)
         if prefill is None:
-            return error(503, "no prefill engine reachable", "service_unavailable")
+            return error(UnavailableError("no prefill engine reachable"))
         try:
             status, answer = await _post_json(app, prefill, path, p_body)
             break
@@ -129,7 +130,7 @@ async def _two_stage(request: web.Request, body: dict, path: str) -> web.StreamR
             tried.add(prefill.url)
             app[STATS]["prefill_retries_total"] += 1
     else:
-        return error(503, "prefill engines failed", "service_unavailable")
+        return error(UnavailableError("prefill engines failed"))
     kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
     if status != 200 or not isinstance(kv, dict) or "migration" not in kv:
         # an error, or the first token already ended the request: prefill's answer is the answer
@@ -140,7 +141,7 @@ async def _two_stage(request: web.Request, body: dict, path: str) -> web.StreamR
     try:
         decode = pool.pick("decode", model)
         if decode is None:
-            return error(503, "no decode engine reachable", "service_unavailable")
+            return error(UnavailableError("no decode engine reachable"))
         d_body = {**body, "kv_transfer_params": {"migration": kv["migration"]}}
         return await _forward(request, decode, path, d_body)
     finally:
@@ -174,7 +175,7 @@ async def _forward(request: web.Request, node: Node, path: str, body: dict) -> w
             return out
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
         node.failures += 1
-        return error(502, f"engine {node.url} failed: {e}", "service_unavailable")
+        return error(BadGatewayError(f"engine {node.url} failed: {e}"))
     finally:
         node.inflight -= 1
 

@@ -15,20 +15,15 @@ import time
 import msgspec
 from aiohttp import web
 
-from engine.errors import EngineError, InvalidRequestError, UnavailableError
+from engine.errors import AuthenticationError, EngineError, InvalidRequestError, UnavailableError, error_body
 from engine.server.config import ServerConfig
 from engine.server.core_client import CoreClient
 from engine.server.metrics import Metrics
-from engine.server.openai_serving import OpenAIServing, error_body, json_response
+from engine.server.openai_serving import OpenAIServing, json_response
 from engine.wire import EngineInfo
 
 log = logging.getLogger(__name__)
 LIVENESS_POLL_S = 0.2
-
-
-class AuthenticationError(EngineError):
-    type = "authentication_error"
-    status = 401
 
 
 class FrontState:

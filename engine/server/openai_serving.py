@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from aiohttp import web
 
-from engine.errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError
+from engine.errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, error_body
 from engine.output_processor import child_id
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
@@ -21,10 +21,6 @@ if TYPE_CHECKING:
     from engine.server.api_server import FrontState
 
 _json = msgspec.json.Encoder()
-
-
-def error_body(e: EngineError) -> dict:
-    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}}
 
 
 def json_response(payload, status: int = 200) -> web.Response:
