@@ -64,7 +64,21 @@ def _stop_pid(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-class RedisServer:
+class _Process:
+    """A server started by `start()` (defined by the subclass), stopped by PID."""
+
+    proc: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_pid(self.proc)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class RedisServer(_Process):
     """A redis-server without persistence, so a restart comes back empty (as after a crash)."""
 
     def __init__(self, workdir: Path):
@@ -94,16 +108,9 @@ class RedisServer:
         self.proc = _spawn(cmd, log)
         _wait_until(self._ping, self.proc, log, f"redis-server on port {self.port}")
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_pid(self.proc)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
-class CtrlPlane:
+class CtrlPlane(_Process):
     """`dlslime-ctrl server` on 127.0.0.1, backed by `redis`."""
 
     def __init__(self, redis_server: RedisServer, workdir: Path):
@@ -148,13 +155,6 @@ class CtrlPlane:
                 if attempt == 2:
                     raise
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_pid(self.proc)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 @pytest.fixture
