@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from engine.pd.transfer import KVTransferAgent, TransferError, TransferState
+from engine.pd.transfer import TERMINAL, KVTransferAgent, TransferError, TransferState
 
 # layers, K/V, block_size, kv_heads, head_dim: 512-byte blocks in bf16
 SHAPE = (2, 2, 4, 2, 8)
@@ -75,12 +75,23 @@ def test_staged_pull_waits_for_slots_then_lands():
         assert staged.ready() and sorted(staged.remote_ids) == list(range(40))
         info = source.endpoint_info()
         assert info["staged"] and info["num_blocks"] == 48 and info["pool_blocks"] == 64
-        # 2 x 20 blocks through a 32-slot staging area: the second waits for slots.
+        # 2 x 20 blocks through a 32-slot staging area: the second waits for slots. `a` first gets
+        # past the connection's identity probe and takes its 20 slots (a poll that issues reads
+        # returns PULLING at least once), so `b` finds the area full.
         a = sink.start_pull(info, staged.remote_ids[:20], list(range(20)), timeout_s=10)
+        deadline = time.monotonic() + 10
+        while a.poll() is TransferState.PENDING:
+            assert time.monotonic() < deadline, "the first pull never started"
+            time.sleep(0.0002)
+        assert a.state is TransferState.PULLING
         b = sink.start_pull(info, staged.remote_ids[20:], list(range(40, 60)), timeout_s=10)
         assert b.state is TransferState.PENDING
-        assert a.wait() is TransferState.DONE, a.error
-        assert b.wait() is TransferState.DONE, b.error
+        while not (a.state in TERMINAL and b.state in TERMINAL):  # both driven, as the engine does
+            assert {a.poll(), b.poll()} != {TransferState.PULLING}, "both pulls hold staging slots at once"
+            assert time.monotonic() < deadline, (a.state, b.state)
+            time.sleep(0.0002)
+        assert a.state is TransferState.DONE, a.error
+        assert b.state is TransferState.DONE, b.error
         source.release(staged)
         source.release(staged)   # idempotent
         exp = dst_before.clone()
