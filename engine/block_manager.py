@@ -77,7 +77,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        # a block is keyed by its token ids, so one holding a token still in flight waits
+        num_full = min(min(seq.num_computed_tokens, len(seq.token_ids)) // bs, len(seq.block_table))
         if num_full <= seq.num_published_blocks:
             return
         hashes = self._block_hashes(seq, num_full)

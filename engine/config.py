@@ -47,6 +47,9 @@ class EngineConfig:
     num_kv_blocks: int | None = opt(None, "exact number of KV blocks (tests; overrides the budgets)")
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = opt("auto", "KV-cache dtype; auto: the model dtype")
     enforce_eager: bool = opt(False, "disable CUDA graphs")
+    async_scheduling: bool = opt(
+        True, "schedule and launch step N+1 while the device runs step N (sequences that stop at N "
+              "compute one token more, which is dropped)")
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = opt(
         "auto", "auto: flashinfer on CUDA when installed, else the torch reference")
     tensor_parallel_size: int = opt(1, "GPUs per engine for tensor parallelism")

@@ -17,7 +17,7 @@ from engine.errors import (InvalidRequestError, ModelNotFoundError, PromptTooLon
                            UnsupportedModelError)
 from engine.gguf import resolve_model_path
 from engine.loader import load_hf_config
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.pd.handoff import KVHandoff
 from engine.pd.migration import KVGeometry
 from engine.scheduler import Scheduler
@@ -89,6 +89,7 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config)
         self._seed_rng = random.Random(config.seed)
         self.num_generated_tokens = 0
+        self._in_flight: LaunchedStep | None = None  # the launched step not yet read back
         log.info("engine ready: %s, %d KV blocks x %d tokens, %.1fs", self.model_path.name, num_blocks,
                  config.block_size, time.perf_counter() - t0)
 
@@ -170,18 +171,45 @@ class EngineCore:
         return sorted(ids)
 
     def step(self) -> list[EngineCoreOutput]:
+        """Schedules and launches one step, then reads back the previous one (async scheduling: the
+        device runs this step while the host turns the previous step's samples into outputs and
+        comes back to schedule the next). Without async scheduling a step is read back at once."""
         outputs = self._advance_handoff()
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return outputs
-        result = self.runner.execute(sched.scheduled, self.stop_ids)
-        sampled = [s for s in sched.scheduled if s.samples]
-        token_ids = result.token_ids.tolist() if result is not None else []
-        logprobs = _logprob_rows(result, sampled) if result is not None else None
-        for s in sched.scheduled:
+        launched = self._launch(sched.scheduled) if not sched.is_empty else None
+        if self._in_flight is not None:
+            outputs.extend(self._read_back(self._in_flight))
+        self._in_flight = launched
+        if launched is not None and not self.config.async_scheduling:
+            outputs.extend(self._read_back(launched))
+            self._in_flight = None
+        if self._in_flight is not None and all(seq.is_finished for seq in self._in_flight.seqs):
+            self._in_flight = None  # its samples are all dropped: nothing to wait for
+        return outputs
+
+    def _launch(self, scheduled) -> LaunchedStep | None:
+        step = self.runner.launch(scheduled, self.stop_ids, self._in_flight)
+        for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-        for i, s in enumerate(sampled):
-            seq, token = s.seq, token_ids[i]
+            if not s.samples:  # a prefill chunk: its full blocks are reusable already
+                self.block_manager.cache_full_blocks(s.seq)
+        for row, seq in enumerate(step.seqs if step is not None else ()):
+            seq.num_pending_tokens += 1
+            seq.pending_row = row
+        return step
+
+    def _read_back(self, step: LaunchedStep) -> list[EngineCoreOutput]:
+        """Appends a launched step's samples and applies the stop rules. Sequences that finished
+        (or were aborted) while it was in flight drop their sample."""
+        result = step.fetch()
+        token_ids = result.token_ids.tolist()
+        logprobs = _logprob_rows(result, step.seqs)
+        outputs = []
+        for i, seq in enumerate(step.seqs):
+            seq.num_pending_tokens -= 1
+            if seq.is_finished:
+                continue
+            token = token_ids[i]
             seq.append_token(token)
             self.num_generated_tokens += 1
             self._check_stop(seq, token)
@@ -194,9 +222,6 @@ class EngineCore:
             else:
                 self.block_manager.cache_full_blocks(seq)
             outputs.append(self._output(seq, [token], new_lp))
-        for s in sched.scheduled:
-            if not s.samples:  # a prefill chunk: its full blocks are reusable already
-                self.block_manager.cache_full_blocks(s.seq)
         return outputs
 
     def _advance_handoff(self) -> list[EngineCoreOutput]:
@@ -236,7 +261,7 @@ class EngineCore:
                 return self._finish(seq, "stop", token)
             if not p.ignore_eos and token in self.eos_token_ids:
                 return self._finish(seq, "stop", None)
-        if seq.num_output_tokens >= seq.max_output_tokens or len(seq) >= self.max_model_len:
+        if seq.num_output_tokens >= seq.max_output_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
@@ -260,14 +285,14 @@ class EngineCore:
                 "num_generated_tokens": self.num_generated_tokens, **self.handoff.metrics()}
 
 
-def _logprob_rows(result, sampled) -> list[TokenLogprobs] | None:
+def _logprob_rows(result, seqs) -> list[TokenLogprobs] | None:
     if result.logprobs is None:
         return None
     lps, ranks = result.logprobs.tolist(), result.ranks.tolist()
     top_ids = result.top_ids.tolist() if result.top_ids is not None else None
     top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
     rows = []
-    for i, s in enumerate(sampled):
-        n = s.seq.params.logprobs or 0
+    for i, seq in enumerate(seqs):
+        n = seq.params.logprobs or 0
         rows.append(TokenLogprobs(lps[i], ranks[i], top_ids[i][:n] if n else [], top_lps[i][:n] if n else []))
     return rows

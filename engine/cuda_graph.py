@@ -116,8 +116,9 @@ class DecodeGraphRunner:
         log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1fs", len(self.sizes), self.sizes[0],
                  self.sizes[-1], self.capture_seconds)
 
-    def run(self, x: DecodeInputs) -> torch.Tensor | None:
-        """Replays the bucket for this batch; None when the batch is larger than every bucket."""
+    def run(self, x: DecodeInputs, fill=None) -> torch.Tensor | None:
+        """Replays the bucket for this batch; None when the batch is larger than every bucket.
+        `fill(input_ids)` writes device-side inputs (tokens still in flight) into the static buffer."""
         B = len(x.input_ids)
         size = bucket_for(B, self.sizes)
         if size is None:
@@ -126,6 +127,8 @@ class DecodeGraphRunner:
         p = pad_decode_inputs(x, size, self.width if self.backend.needs_block_tables else None)
         staged = torch.from_numpy(np.stack([p.input_ids, p.positions, p.slot_mapping])).pin_memory()
         self.i64[:, :size].copy_(staged, non_blocking=True)
+        if fill is not None:
+            fill(self.i64[0, :B])
         if self.backend.needs_block_tables:
             self.seq_lens[:size].copy_(torch.from_numpy(p.host.seq_lens).pin_memory(), non_blocking=True)
             self.tables[:size].copy_(torch.from_numpy(p.block_tables).pin_memory(), non_blocking=True)

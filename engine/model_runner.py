@@ -66,6 +66,10 @@ class StepInputs:
     block_tables: np.ndarray | None  # [B, pages] int32 (only for backends that read them)
     max_seqlen_q: int
     is_decode: bool
+    # tokens still in flight (async scheduling): input_ids[pending_dst] = previous step's
+    # sampled tokens[pending_src], filled on the device
+    pending_dst: np.ndarray  # [P] int64
+    pending_src: np.ndarray  # [P] int64
 
 
 def prepare_host(batch: list[ScheduledSeq], block_size: int, with_block_tables: bool) -> StepInputs:
@@ -77,12 +81,20 @@ def prepare_host(batch: list[ScheduledSeq], block_size: int, with_block_tables: 
     np.cumsum(n_new, out=cu_q[1:])
     T = int(cu_q[-1])
     is_decode = T == B
+    # a sequence with a token in flight feeds exactly that token (it is its last): a placeholder
+    # here, filled on the device from the previous step's samples
+    pending = np.fromiter((s.seq.num_pending_tokens > 0 for s in batch), bool, B)
+    pending_dst = cu_q[1:][pending] - 1
+    pending_src = np.fromiter((s.seq.pending_row for s in batch if s.seq.num_pending_tokens), np.int64,
+                              len(pending_dst))
     if is_decode:
-        input_ids = np.fromiter((s.seq.token_ids[st] for s, st in zip(batch, start.tolist())), np.int64, B)
+        input_ids = np.fromiter((0 if s.seq.num_pending_tokens else s.seq.token_ids[st]
+                                 for s, st in zip(batch, start.tolist())), np.int64, B)
         positions = start
     else:
         input_ids = np.fromiter(itertools.chain.from_iterable(
-            s.seq.token_ids[st:en] for s, st, en in zip(batch, start.tolist(), end.tolist())), np.int64, T)
+            s.seq.token_ids[st:en - 1] + [0] if s.seq.num_pending_tokens else s.seq.token_ids[st:en]
+            for s, st, en in zip(batch, start.tolist(), end.tolist())), np.int64, T)
         positions = np.arange(T, dtype=np.int64) + np.repeat(start - cu_q[:-1], n_new)
     pages = (end + bs - 1) // bs
     kv_indptr = np.zeros(B + 1, np.int64)
@@ -99,7 +111,41 @@ def prepare_host(batch: list[ScheduledSeq], block_size: int, with_block_tables: 
         tables = np.zeros((B, int(pages.max())), np.int32)
         tables[np.arange(tables.shape[1])[None, :] < pages[:, None]] = kv_indices
     return StepInputs(input_ids, positions, slot_mapping, cu_q[1:][samples] - 1, host, tables,
-                      int(n_new.max()), is_decode)
+                      int(n_new.max()), is_decode, pending_dst, pending_src)
+
+
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device. Its sampled tokens (and logprobs)
+    are copied to pinned host memory behind them; `fetch` waits for that copy only, so the host can
+    schedule and launch the next step meanwhile (async scheduling)."""
+
+    def __init__(self, seqs: list, out: SamplerOutput):
+        self.seqs = seqs  # the sampled sequences, in row order
+        self.token_ids = out.token_ids  # on the device: the next step feeds its pending tokens from here
+        on_gpu = out.token_ids.is_cuda
+        self._host = SamplerOutput(*(t.to("cpu", non_blocking=True) if t is not None and on_gpu else t
+                                     for t in (out.token_ids, out.logprobs, out.ranks, out.top_ids,
+                                               out.top_logprobs)))
+        self._copied = None
+        if on_gpu:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def fetch(self) -> SamplerOutput:
+        """The host copy of the samples (waits until the device has produced them)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        return self._host
+
+
+def fill_pending(input_ids: torch.Tensor, dst: np.ndarray, src: np.ndarray, prev: LaunchedStep | None) -> None:
+    """input_ids[dst] = prev.token_ids[src], on the device: tokens sampled by a step still in flight."""
+    if len(dst) == 0:
+        return
+    assert prev is not None, "a sequence has a token in flight but no step is in flight"
+    (idx,) = _to_device([np.stack([dst, src])], np.int64, input_ids.device)
+    input_ids.index_copy_(0, idx[0], prev.token_ids.index_select(0, idx[1]).to(input_ids.dtype))
 
 
 def _to_device(arrays: list[np.ndarray], dtype, device: torch.device) -> list[torch.Tensor]:
@@ -224,13 +270,13 @@ class ModelRunner:
                                  block_size=self.config.block_size, is_decode=x.is_decode, host=h)
         return ids, pos, meta, logits_idx
 
-    def sampling_metadata(self, seqs, stop_ids_of) -> SamplingMetadata:
+    def sampling_metadata(self, seqs, stop_ids_of, prev: LaunchedStep | None = None) -> SamplingMetadata:
         dev, V = self.device, self.vocab_size
         params = [s.params for s in seqs]
         floats = np.array([[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
                            [p.min_p for p in params]], np.float32)
         ints = np.array([[p.top_k if p.top_k > 0 else V for p in params], [s.sampling_seed for s in seqs],
-                         [s.num_output_tokens for s in seqs]], np.int64)
+                         [s.next_output_index for s in seqs]], np.int64)
         (f,), (i,) = _to_device([floats], np.float32, dev), _to_device([ints], np.int64, dev)
         m = SamplingMetadata(
             temperature=f[0], top_p=f[1], min_p=f[2], top_k=i[0], seeds=i[1], steps=i[2],
@@ -251,10 +297,15 @@ class ModelRunner:
                 if out:
                     counts[r].index_add_(0, torch.tensor(out, device=dev),
                                          torch.ones(len(out), dtype=torch.int32, device=dev))
+            in_flight = [(r, s.pending_row) for r, s in enumerate(seqs) if s.num_pending_tokens]
+            if in_flight:  # the output token still in flight counts too (read on the device)
+                rows, src = torch.tensor(in_flight, device=dev).T
+                counts.index_put_((rows, prev.token_ids[src]), torch.ones_like(rows, dtype=torch.int32),
+                                  accumulate=True)
             m.prompt_mask, m.output_counts = prompt_mask, counts
         rows, toks = [], []
         for r, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens:
+            if s.next_output_index < s.params.min_tokens:
                 ids = stop_ids_of(s)
                 rows.extend([r] * len(ids))
                 toks.extend(ids)
@@ -264,30 +315,35 @@ class ModelRunner:
         m.max_num_logprobs = max(wanted) if wanted else None
         return m
 
-    def forward(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: StepInputs, prev: LaunchedStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states of the step (a graph replay for decode batches that fit a bucket) and the
-        device indices of the rows to sample (None: all rows)."""
+        device indices of the rows to sample (None: all rows). `prev` is the step in flight whose
+        samples feed this one's pending tokens."""
         all_rows = len(x.logits_idx) == len(x.input_ids)
         self.last_step = StepStats(x.is_decode, len(x.host.seq_lens), len(x.input_ids), int(x.host.seq_lens.sum()))
+        fill = lambda ids: fill_pending(ids, x.pending_dst, x.pending_src, prev)
         if self.graphs is not None and x.is_decode:
-            hidden = self.graphs.run(DecodeInputs(x.input_ids, x.positions, x.slot_mapping, x.host, x.block_tables))
+            hidden = self.graphs.run(DecodeInputs(x.input_ids, x.positions, x.slot_mapping, x.host, x.block_tables),
+                                     fill)
             if hidden is not None:
                 self.last_step.graph = True
                 return hidden, None if all_rows else torch.from_numpy(x.logits_idx).to(self.device)
         ids, pos, meta, logits_idx = self._device_inputs(x)
+        fill(ids)
         meta.plan = self.backend.plan(meta)
         return self.model(ids, pos, meta), None if all_rows else logits_idx
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], stop_ids_of) -> SamplerOutput | None:
-        """Runs one forward over the batch; samples the sequences that completed their tokens."""
+    def launch(self, batch: list[ScheduledSeq], stop_ids_of, prev: LaunchedStep | None = None) -> LaunchedStep | None:
+        """Queues one forward over the batch and the sampling of the sequences that complete their
+        tokens; returns without waiting for the device (None: nothing sampled)."""
         x = prepare_host(batch, self.config.block_size, self.backend.needs_block_tables)
         sampling = [s.seq for s in batch if s.samples]
-        hidden, rows = self.forward(x)
+        hidden, rows = self.forward(x, prev)
         if not sampling:
             return None
         logits = self.model.compute_logits(hidden if rows is None else hidden[rows]).float()
-        return sample(logits, self.sampling_metadata(sampling, stop_ids_of))
+        return LaunchedStep(sampling, sample(logits, self.sampling_metadata(sampling, stop_ids_of, prev)))
 
     @torch.inference_mode()
     def prefill_logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:

@@ -13,11 +13,12 @@ from engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens fed this step, from seq.num_computed_tokens on
+    # this step computes the sequence's last token, so its logits are sampled (fixed when scheduled)
+    samples: bool | None = None
 
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the sequence's last token, so its logits are sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+    def __post_init__(self) -> None:
+        if self.samples is None:
+            self.samples = self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.last_token_pending:  # it ends when that token is read back: nothing to feed
+                i += 1
+                continue
             num_new = min(len(seq) - seq.num_computed_tokens, budget)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running.pop()

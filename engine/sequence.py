@@ -34,13 +34,30 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.remote_decode = False  # prefill half of a PD pair: park the KV after the first token
+        # async scheduling: tokens sampled by launched steps but not yet read back to the host, and
+        # the row of the newest one in its step's sampled tokens (the next step feeds it from there)
+        self.num_pending_tokens = 0
+        self.pending_row = -1
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        """Tokens the scheduler plans with: those known on the host plus those still in flight."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens known on the host (stop rules and outputs see only these)."""
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def next_output_index(self) -> int:
+        """Index of the output token the next sampling step draws (in-flight ones counted)."""
+        return len(self) - self.num_prompt_tokens
+
+    @property
+    def last_token_pending(self) -> bool:
+        """A token is in flight and it is the last this sequence takes (its length limit, or the
+        first token of a PD prefill), so no further step needs to feed it."""
+        return self.num_pending_tokens > 0 and (self.remote_decode or self.next_output_index >= self.max_output_tokens)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -36,6 +36,7 @@ class FlashInferBackend:
         self._tensor_cores = decode_tensor_cores
         self.decode = None
         self.shape: dict | None = None
+        self._planned: torch.cuda.Event | None = None
 
     def configure(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                   q_dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
@@ -53,6 +54,17 @@ class FlashInferBackend:
     # ---- planning ------------------------------------------------------------------------------
     def plan(self, meta: AttentionMetadata, graph_state=None) -> FlashInferPlan:
         assert self.shape is not None, "FlashInferBackend.configure() was not called"
+        # FlashInfer stages every plan through one pinned host buffer and an async copy: with async
+        # scheduling the next step is planned while this one may still be queued, so the previous
+        # plan's copy must have left the buffer first (it has, unless the device is a step behind)
+        if self._planned is not None:
+            self._planned.synchronize()
+        plan = self._plan(meta, graph_state)
+        self._planned = torch.cuda.Event()
+        self._planned.record()
+        return plan
+
+    def _plan(self, meta: AttentionMetadata, graph_state) -> FlashInferPlan:
         h = meta.paged_host()
         if meta.is_decode:
             wrapper = graph_state if graph_state is not None else self.decode
