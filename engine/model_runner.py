@@ -342,7 +342,7 @@ class ModelRunner:
         hidden, rows = self.forward(x, prev)
         if not sampling:
             return None
-        logits = self.model.compute_logits(hidden if rows is None else hidden[rows]).float()
+        logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
         return LaunchedStep(sampling, sample(logits, self.sampling_metadata(sampling, stop_ids_of, prev)))
 
     @torch.inference_mode()

@@ -101,23 +101,27 @@ def _filter_top_k_top_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tens
 
 
 def sample(logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
-    """logits [B, V] (float32) -> sampled token ids, with logprobs of the raw model distribution."""
+    """logits [B, V] (the model's dtype) -> sampled token ids, with logprobs of the raw model
+    distribution. Values are compared and transformed in float32 (widening is exact); the plain
+    GPU path widens in registers instead of materialising a float32 copy."""
     out = SamplerOutput(token_ids=torch.empty(0))
-    raw_logprobs = logits.log_softmax(dim=-1) if m.max_num_logprobs is not None else None
+    raw_logprobs = logits.float().log_softmax(dim=-1) if m.max_num_logprobs is not None else None
 
     if m.min_tokens_mask is not None:
         rows, tokens = m.min_tokens_mask
-        logits = logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device,
+                                                                dtype=logits.dtype))
     if m.repetition_penalty is not None or m.frequency_penalty is not None:
-        logits = apply_penalties(logits, m)
+        logits = apply_penalties(logits.float(), m)
 
     if m.all_greedy:
         out.token_ids = logits.argmax(dim=-1)
     elif not (m.need_min_p or m.need_top_k or m.need_top_p) and use_triton(logits):
         # one fused pass on the GPU: the same draw as below (Gumbel form of the exponential race)
         from kernels.triton.sampling import gumbel_sample
-        out.token_ids = gumbel_sample(logits, row_hash(m.seeds, m.steps), m.temperature)
+        out.token_ids = gumbel_sample(logits, m.seeds, m.steps, m.temperature)
     else:
+        logits = logits.float()
         greedy_ids = logits.argmax(dim=-1)
         temperature = torch.where(m.temperature > 0, m.temperature, torch.ones_like(m.temperature))
         scaled = logits / temperature[:, None]

@@ -164,3 +164,32 @@ def test_gumbel_sampling_matches_torch_path():
     half = SamplingMetadata(**{**m.__dict__, "temperature": temp[:7], "seeds": m.seeds[:7], "steps": m.steps[:7],
                                "need_min_p": False, "min_p": m.min_p[:7], "top_k": m.top_k[:7], "top_p": m.top_p[:7]})
     assert torch.equal(sample(logits[:7], half).token_ids, fast[:7])
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+@pytest.mark.parametrize("splits", [None, 1, 4, 32])
+def test_triton_decode_attention(kv, splits):
+    """The GQA decode kernel (split or not) against the torch reference, ragged lengths incl. 1 token."""
+    from kernels.attention.torch_ref import paged_attention as ref
+    from kernels.triton.decode_attention import decode_attention
+    kv_dtype = torch.float8_e4m3fn if kv == "fp8" else torch.bfloat16
+    ctx = [0, 1, 15, 16, 17, 100, 255, 1000, 3, 63, 64, 65]
+    pool, meta = random_batch([1] * len(ctx), ctx, kv_dtype=kv_dtype, num_blocks=512)
+    q = torch.randn(len(ctx), 16, 128, device=DEV, dtype=torch.bfloat16)
+    k_scale, v_scale = (0.5, 0.25) if kv == "fp8" else (1.0, 1.0)
+    out = decode_attention(q, pool[:, 1], meta.seq_lens, meta.block_tables, 128 ** -0.5, k_scale, v_scale,
+                           num_splits=splits)
+    expected = ref(q.float(), pool[:, 1], meta, 128 ** -0.5, k_scale, v_scale)
+    assert rel_err(out, expected) < 2e-2
+
+
+def test_gumbel_sampling_reads_bf16_logits():
+    """The fused path widens bf16 logits in registers: the same draw as from their float32 copy."""
+    from engine.sampler import SamplingMetadata, sample
+    B, V = 16, 151936
+    logits = (torch.randn(B, V, device=DEV) * 3).bfloat16()
+    m = SamplingMetadata(temperature=torch.full((B,), 0.7, device=DEV), top_k=torch.full((B,), V, device=DEV),
+                         top_p=torch.ones(B, device=DEV), min_p=torch.zeros(B, device=DEV),
+                         seeds=torch.randint(0, 2 ** 62, (B,), device=DEV), steps=torch.randint(0, 1000, (B,), device=DEV),
+                         all_greedy=False, need_top_k=False, need_top_p=False, need_min_p=False)
+    assert torch.equal(sample(logits, m).token_ids, sample(logits.float(), m).token_ids)

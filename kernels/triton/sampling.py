@@ -1,5 +1,6 @@
 """Sampling in one pass over the logits with no host sync: per row, argmax of logit/T + Gumbel noise
-derived from the same (seed, step, token id) hash as engine.sampler.random_uniform. Used for rows
+derived from the same (seed, step, token id) hash as engine.sampler.random_uniform (the row's key is
+hashed in the kernel too). Reads the logits in the model's dtype, widening in registers. Used for rows
 without top-k / top-p / min-p filters; a row's draw depends on its own seed and step only."""
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ def _hash32(x):
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, row_hash_ptr, temp_ptr, out_ptr, V, stride_l, BLOCK: tl.constexpr):
+def _gumbel_argmax_kernel(logits_ptr, seeds_ptr, steps_ptr, temp_ptr, out_ptr, V, stride_l, BLOCK: tl.constexpr):
     r = tl.program_id(0)
-    row = tl.load(row_hash_ptr + r).to(tl.uint32)
+    # engine.sampler.row_hash in uint32 arithmetic (wrapping multiplies)
+    seed = tl.load(seeds_ptr + r)
+    lo, hi = (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    step = (tl.load(steps_ptr + r) & 0xFFFFFFFF).to(tl.uint32)
+    row = _hash32(_hash32(lo ^ _hash32(hi + 0x9E3779B9)) + step * 0x632BE5AB)
     t = tl.load(temp_ptr + r)
     greedy = t <= 0.0
     inv_t = tl.where(greedy, 1.0, 1.0 / t)
@@ -45,12 +50,13 @@ def _gumbel_argmax_kernel(logits_ptr, row_hash_ptr, temp_ptr, out_ptr, V, stride
     tl.store(out_ptr + r, idx.to(tl.int64))
 
 
-def gumbel_sample(logits: torch.Tensor, row_hash: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """logits [B, V]; row_hash [B] (uint32 values in int64, see engine.sampler.row_hash);
+def gumbel_sample(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                  temperature: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] (any float dtype); seeds, steps [B] int64 (see engine.sampler.row_hash);
     temperature [B] float32 (<= 0: greedy). Returns token ids [B] int64."""
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B:
-        _gumbel_argmax_kernel[(B,)](logits, row_hash, temperature, out, V, logits.stride(0), BLOCK=2048,
+        _gumbel_argmax_kernel[(B,)](logits, seeds, steps, temperature, out, V, logits.stride(0), BLOCK=2048,
                                     num_warps=8)
     return out
