@@ -145,7 +145,7 @@ def test_flashinfer_bf16_engine_graphs_on_off_and_fp8(bf16_qwen3):
         for kv in ("auto", "fp8"):
             llm = LLM(str(bf16_qwen3), device="cuda", enforce_eager=eager, kv_cache_dtype=kv, num_kv_blocks=64,
                       max_num_seqs=8)
-            assert llm.engine.runner.backend.name == "flashinfer"
+            assert llm.engine.runner.backend.name.startswith("flashinfer")
             results[eager, kv] = _generate(llm)
     # bf16 on a tiny random model: near-ties are common, and the kernels round differently, so long
     # greedy runs drift apart; the first tokens agree, and the kernel tests check the numbers exactly

@@ -193,3 +193,40 @@ def test_gumbel_sampling_reads_bf16_logits():
                          seeds=torch.randint(0, 2 ** 62, (B,), device=DEV), steps=torch.randint(0, 1000, (B,), device=DEV),
                          all_greedy=False, need_top_k=False, need_top_p=False, need_min_p=False)
     assert torch.equal(sample(logits, m).token_ids, sample(logits.float(), m).token_ids)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_fused_attention_input(qk_norm, kv_dtype):
+    """q/k norm + rope + KV write in one launch == the unfused kernels one by one (and the torch refs)."""
+    from kernels.attention.torch_ref import store_kv as ref_store
+    from kernels.norm import rms_norm, rms_norm_ref
+    from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin_cache
+    from kernels.triton.attn_input import attention_input
+    from kernels.triton.kv_store import store_kv
+    T, H, KVH, D = 70, 16, 8, 128
+    inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=DEV).float() / D))
+    cache = rope_cos_sin_cache(inv, 4096)
+    qkv = torch.randn(T, (H + 2 * KVH) * D, device=DEV, dtype=torch.bfloat16)
+    pos = torch.randint(0, 4096, (T,), device=DEV)
+    wq, wk = (torch.rand(D, device=DEV, dtype=torch.bfloat16) + 0.5 for _ in range(2))
+    pool = torch.zeros(40, 2, 2, 16, KVH, D, device=DEV).to(kv_dtype)
+    slots = torch.randperm(40 * 16, device=DEV)[:T]
+    slots[::9] = -1
+    a, b, c = pool.clone(), pool.clone(), pool.clone()
+    q = attention_input(qkv, pos, cache, a[:, 1], slots, H, KVH, D, wq if qk_norm else None,
+                        wk if qk_norm else None, 1e-6, 0.5, 0.25)
+    q_, k_, v_ = qkv.split([H * D, KVH * D, KVH * D], -1)
+    q_, k_, v_ = q_.view(T, H, D), k_.view(T, KVH, D), v_.view(T, KVH, D)
+    norm = (lambda x, w: rms_norm(x, w, 1e-6)) if qk_norm else (lambda x, w: x)
+    q1, k1 = apply_rope(norm(q_, wq), norm(k_, wk), pos, cache)
+    store_kv(k1, v_, b[:, 1], slots, 0.5, 0.25)
+    assert rel_err(q, q1) < 1e-2 and (q == q1).float().mean() > 0.99
+    assert rel_err(a.float(), b.float()) < 1e-2 and (a.float() == b.float()).float().mean() > 0.99
+    ref_norm = (lambda x, w: rms_norm_ref(x, w, 1e-6)) if qk_norm else (lambda x, w: x)
+    q2, k2 = apply_rope_ref(ref_norm(q_, wq), ref_norm(k_, wk), pos, cache)
+    ref_store(k2, v_, c[:, 1], slots, 0.5, 0.25)
+    assert rel_err(q, q2) < 2e-2 and rel_err(a.float(), c.float()) < 2e-2
+    untouched = torch.ones(40 * 16, dtype=torch.bool, device=DEV)
+    untouched[slots[slots >= 0]] = False
+    assert (a[:, 1].transpose(1, 2).reshape(40 * 16, 2, -1)[untouched].float() == 0).all()

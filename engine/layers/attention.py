@@ -1,4 +1,5 @@
-"""Attention layer: stores this layer's K/V into the paged pool and attends through the backend."""
+"""Attention layer: this layer's view of the paged KV pool and the backend that attends over it (the
+model writes the step's K/V first, kernels/attn_input.py)."""
 from __future__ import annotations
 
 import torch
@@ -16,5 +17,5 @@ class PagedAttention(nn.Module):
         # this layer's view `pool[:, layer]` of the block-major KV pool, bound by the model runner
         self.kv_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.backend.attend(q, self.kv_cache, meta, self.scale)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from engine.errors import UnsupportedModelError
-from kernels.rope import apply_rope, rope_cos_sin_cache
+from kernels.rope import rope_cos_sin_cache
 
 
 def rope_parameters(hf_config) -> dict:
@@ -33,11 +33,10 @@ def inv_freq_from_config(hf_config, head_dim: int) -> tuple[torch.Tensor, float]
 
 
 class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin table; kernels/attn_input.py applies it (fused with q/k norm and the KV write)."""
+
     def __init__(self, hf_config, head_dim: int, max_positions: int, device: torch.device):
         super().__init__()
         inv_freq, scaling = inv_freq_from_config(hf_config, head_dim)
         # a plain attribute, not a buffer: it is computed here, never loaded or materialised from meta
         self.cos_sin_cache = rope_cos_sin_cache(inv_freq.to(device), max_positions, scaling)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return apply_rope(q, k, positions, self.cos_sin_cache)

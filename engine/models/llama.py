@@ -13,6 +13,7 @@ from engine.layers.attention import PagedAttention
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from kernels.activation import silu_and_mul
+from kernels.attn_input import attention_input
 from kernels.attention import AttentionMetadata
 
 
@@ -49,14 +50,13 @@ class Attention(nn.Module):
         self.attn = PagedAttention(backend, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)
+        # q/k norm, rotary and the K/V write: one fused launch on the GPU
+        backend = self.attn.backend
+        q = attention_input(self.qkv_proj(x), positions, self.rotary.cos_sin_cache, self.attn.kv_cache,
+                            meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim,
+                            self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
+                            self.q_norm.eps if self.qk_norm else 0.0, backend.k_scale, backend.v_scale)
+        out = self.attn(q, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

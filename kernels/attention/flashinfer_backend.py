@@ -109,10 +109,7 @@ class FlashInferBackend:
             paged_kv_last_page_len_buffer=torch.zeros(batch_size, **i32))
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        from kernels.triton.kv_store import store_kv
-        store_kv(k, v, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if q.stride(-2) != q.shape[-1] or q.stride(-1) != 1:
             q = q.contiguous()
         if meta.plan.wrapper is None:  # Triton decode
@@ -121,6 +118,12 @@ class FlashInferBackend:
         if self.k_scale == 1.0 and self.v_scale == 1.0:
             return meta.plan.wrapper.run(q, kv_cache)
         return meta.plan.wrapper.run(q, kv_cache, k_scale=self.k_scale, v_scale=self.v_scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        from kernels.triton.kv_store import store_kv
+        store_kv(k, v, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        return self.attend(q, kv_cache, meta, scale)
 
 
 def _t(a: np.ndarray) -> torch.Tensor:

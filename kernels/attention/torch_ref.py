@@ -76,7 +76,10 @@ class TorchAttentionBackend:
     def plan(self, meta: AttentionMetadata, graph_state=None) -> None:
         return None
 
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return paged_attention(q, kv_cache, meta, scale, self.k_scale, self.v_scale)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv(k, v, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        return paged_attention(q, kv_cache, meta, scale, self.k_scale, self.v_scale)
+        return self.attend(q, kv_cache, meta, scale)

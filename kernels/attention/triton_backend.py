@@ -25,10 +25,13 @@ class TritonAttentionBackend:
     def make_graph_state(self, batch_size: int, max_pages: int) -> None:
         return None
 
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        from kernels.triton.paged_attention import paged_attention
+        return paged_attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+                               meta.max_seqlen_q, scale, self.k_scale, self.v_scale)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         from kernels.triton.kv_store import store_kv
-        from kernels.triton.paged_attention import paged_attention
         store_kv(k, v, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        return paged_attention(q, kv_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-                               meta.max_seqlen_q, scale, self.k_scale, self.v_scale)
+        return self.attend(q, kv_cache, meta, scale)
