@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="", help="HF checkpoint folder (real weights); default: Qwen3-0.6B shape, random")
     ap.add_argument("--override", default="{}", help='JSON overrides of the model config, e.g. {"num_hidden_layers": 4}')
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                    help="step token budget (16384: nano-vllm's default and vLLM's offline default on H100)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--tpot-tokens", type=int, default=256, help="output tokens of the batch-1 TPOT run")
