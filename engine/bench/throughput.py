@@ -1,6 +1,6 @@
 """`slipstream bench throughput`: nano-vllm's offline workload (Qwen3-0.6B shape, random weights, 256
 requests, input/output lengths uniform in 100..1024 drawn with seed 0 before the engine exists,
-ignore_eos, one warm-up), run through the engine in one or more configurations (bf16 / fp8 KV, CUDA
+ignore_eos, one warm-up batch), run through the engine in one or more configurations (bf16 / fp8 KV, CUDA
 graphs on / off), beside Hugging Face transformers on the same requests as a floor and batch-1 TPOT.
 Prints one table with its conditions, and achieved bytes/s per decode step against the device's
 measured copy bandwidth (weights + KV read per step)."""
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {'random weights, ' if not args.model else ''}{ {k: config.get(k) for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size', 'vocab_size')} }")
     print(f"workload: {len(workload)} requests, input {sum(len(p) for p, _ in workload)} tokens, output "
           f"{sum(n for _, n in workload)} tokens (lengths uniform {args.min_len}..{args.max_input_len}/"
-          f"{args.max_output_len}, seed {args.seed}), temperature 0.6, ignore_eos, 1 warm-up request")
+          f"{args.max_output_len}, seed {args.seed}), temperature 0.6, ignore_eos, one warm-up batch of 3 small requests")
     print(f"engine: {common}")
     print("\n| run | backend | output tok/s | total tok/s | wall s | decode steps | mean decode step ms "
           "(mean batch) | decode GB/s (% of copy bw) | batch-1 TPOT ms | start-up s (graph capture s) |")
