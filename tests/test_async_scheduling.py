@@ -103,22 +103,21 @@ def test_abort_while_in_flight_drops_the_sample(core):
     assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
 
 
+def _run(engine, lengths) -> dict[str, list[int]]:
+    for rid, n in lengths.items():
+        engine.add_request(_request(rid, n, prompt=(3 + len(rid), 40, 41)))
+    tokens = {rid: [] for rid in lengths}
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens[o.request_id].extend(o.new_token_ids)
+    return tokens
+
+
 def test_every_token_read_back_once(core):
     """Tokens reach the outputs in order, one per step per sequence, none lost or doubled."""
     lengths = {"a": 3, "b": 8, "c": 5}
-    for rid, n in lengths.items():
-        core.add_request(_request(rid, n, prompt=(3 + len(rid), 40, 41)))
-    got = {rid: [] for rid in lengths}
-    while core.has_unfinished():
-        for o in core.step():
-            got[o.request_id].extend(o.new_token_ids)
+    got = _run(core, lengths)
     assert {rid: len(t) for rid, t in got.items()} == lengths
     sync = EngineCore(EngineConfig(model=core.config.model, dtype="float32", device="cpu",
                                    kv_cache_memory_bytes=8 << 20, async_scheduling=False))
-    for rid, n in lengths.items():
-        sync.add_request(_request(rid, n, prompt=(3 + len(rid), 40, 41)))
-    want = {rid: [] for rid in lengths}
-    while sync.has_unfinished():
-        for o in sync.step():
-            want[o.request_id].extend(o.new_token_ids)
-    assert got == want
+    assert got == _run(sync, lengths)
