@@ -133,7 +133,7 @@ class DecodeGraphRunner:
             self.seq_lens[:size].copy_(torch.from_numpy(p.host.seq_lens).pin_memory(), non_blocking=True)
             self.tables[:size].copy_(torch.from_numpy(p.block_tables).pin_memory(), non_blocking=True)
         meta.host = p.host
-        self.backend.plan(meta, graph_state=state)  # fills the wrapper's fixed buffers (FlashInfer)
+        self.backend.plan(meta, graph_state=state)  # backends with a per-step decode plan refill their graph state
         graph.replay()
         return out[:B]
 
