@@ -108,7 +108,9 @@ def _backend(name, kv_dtype, dtype, k_scale=1.0, v_scale=1.0):
 
 
 CASES = {"prefill": ([37, 5, 64], [0, 0, 0]), "prefix_cached": ([20, 3, 33], [48, 17, 100]),
-         "decode": ([1] * 9, [0, 1, 15, 16, 17, 100, 255, 1000, 3]), "mixed": ([1, 1, 40], [50, 7, 16])}
+         "decode": ([1] * 9, [0, 1, 15, 16, 17, 100, 255, 1000, 3]), "mixed": ([1, 1, 40], [50, 7, 16]),
+         # one-token rows after a chunk, and a one-token prompt: only the leading row goes to decode
+         "mixed_interleaved": ([1, 30, 1, 1], [20, 0, 300, 0])}
 BACKENDS = ["triton"] + (["flashinfer"] if HAS_FLASHINFER else [])
 
 

@@ -99,14 +99,16 @@ def _num_sms(index: int) -> int:
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                      scale: float, k_scale: float = 1.0, v_scale: float = 1.0, num_splits: int | None = None,
-                     block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """q [B, heads, D] (one query token per sequence) -> out [B, heads, D];
+                     block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, heads, D] (one query token per sequence) -> out [B, heads, D] (written into `out` if given);
     kv_cache [num_blocks, 2, block_size, kv_heads, D], strided over blocks; seq_lens [B] int32 (the new
     token included); block_tables [B, pages] int32."""
     B, H, D = q.shape
     KVH, BS = kv_cache.shape[3], kv_cache.shape[2]
     assert kv_cache.stride(4) == 1 and q.stride(2) == 1 and D & (D - 1) == 0
-    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
     group = H // KVH
