@@ -12,7 +12,7 @@ from ctrl_client import (
     CtrlClient, CtrlError, CtrlUnavailable, Discovery, Endpoint, EngineEntity, EngineMetadata,
     EngineWatcher, EntityNotFound, Registration, list_engines,
 )
-from tests.support.ctrl_plane import free_port
+from tests.support.server import free_port
 
 INTERVAL_S = 0.2  # heartbeat interval in tests; production default is 15 s
 
