@@ -175,14 +175,14 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         self.backend = get_attention_backend(config.attention_backend, self.device, dtype=self.dtype,
-                                             head_dim=head_dim)
+                                             head_dim=head_dim, decode_kernel=config.decode_attention)
         self.model = load_model(model_class(hf_config), hf_config, model_path, self.backend, self.dtype,
                                 self.device, max_model_len, progress)
         attn = self.model.attention_layers()
         if hasattr(self.backend, "configure"):
             self.backend.configure(num_heads=attn[0].num_heads, num_kv_heads=attn[0].num_kv_heads,
                                    head_dim=attn[0].head_dim, scale=attn[0].scale, q_dtype=self.dtype,
-                                   kv_dtype=self.kv_dtype)
+                                   kv_dtype=self.kv_dtype, block_size=config.block_size)
         self.kv_spec = KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, config.block_size,
                                    self.kv_dtype)
         self.hidden_size = hf_config.hidden_size

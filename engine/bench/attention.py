@@ -1,8 +1,10 @@
 """`slipstream bench attention`: the decode attention kernels alone, at the throughput benchmark's shapes
 (Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, 16-token pages scattered over a 28-layer pool),
 bf16 and FP8 pages, batch 1..256. Each kernel is timed as CUDA-graph replays (no launch overhead):
-FlashInfer's CUDA-core decode against the Triton GQA kernel (kernels/triton/decode_attention.py),
-with achieved GB/s (KV bytes read / time) against the device's measured copy bandwidth."""
+FlashInfer's CUDA-core decode against the Triton GQA kernel (kernels/triton/decode_attention.py) and,
+for FP8 pages on Hopper, FlashInfer's XQA (kernels/attention/xqa_decode.py), with achieved GB/s (KV bytes
+read / time) against the device's measured copy bandwidth, and each kernel's error against an fp32
+reference over the same (dequantised) pages."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import flashinfer
     from engine.bench.throughput import copy_bandwidth_gbs
+    from kernels.attention.xqa_decode import XqaDecode, xqa_fp8_supported
     from kernels.triton.decode_attention import decode_attention
     H, KVH, D, BS = 16, 8, 128, 16
     bandwidth = copy_bandwidth_gbs()
@@ -73,25 +76,45 @@ def main(argv: list[str] | None = None) -> int:
             wrapper.plan(t(indptr), t(indices), t((lens - (pages - 1) * BS).astype(np.int32)), H, KVH, D, BS,
                          sm_scale=D ** -0.5, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
             seq_lens, block_tables = t(lens).to(dev), t(tables).to(dev)
-            ref = wrapper.run(q, cache)
-            ours = decode_attention(q, cache, seq_lens, block_tables, D ** -0.5)
-            err = float((ours.float() - ref.float()).norm() / ref.float().norm())
-            fi = graph_time_us(lambda: wrapper.run(q, cache))
-            tr = graph_time_us(lambda: decode_attention(q, cache, seq_lens, block_tables, D ** -0.5))
+            ref = reference(q, cache, lens, tables, BS)
+            kernels = {"FlashInfer": lambda: wrapper.run(q, cache),
+                       "Triton": lambda: decode_attention(q, cache, seq_lens, block_tables, D ** -0.5)}
+            if xqa_fp8_supported(dev, q.dtype, kv_dtype, BS, D):
+                xqa, out = XqaDecode(dev, KVH, D, BS, D ** -0.5), torch.empty_like(q)
+                kernels["XQA"] = lambda: xqa(q, cache, seq_lens, block_tables, out)
             kv_bytes = int(lens.sum()) * KVH * D * 2 * pool.element_size()
-            rows.append((str(kv_dtype).removeprefix("torch."), B, int(lens.sum()), fi, kv_bytes / fi / 1e3, tr,
-                         kv_bytes / tr / 1e3, err))
-            print(f"[{rows[-1][0]} B={B}] flashinfer {fi:.1f} us, triton {tr:.1f} us", file=sys.stderr, flush=True)
+            cells = {}
+            for name, fn in kernels.items():
+                err = float((fn().float() - ref).norm() / ref.norm())
+                us = graph_time_us(fn)
+                cells[name] = f"{us:.1f} ({kv_bytes / us / 1e3:.0f}, {kv_bytes / us / 1e3 / bandwidth:.0%}; {err:.0e})"
+            rows.append((str(kv_dtype).removeprefix("torch."), B, int(lens.sum()), cells))
+            print(f"[{rows[-1][0]} B={B}] {cells}", file=sys.stderr, flush=True)
         del pool, cache
         torch.cuda.empty_cache()
     print(f"\ndevice: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth:.0f} GB/s; one layer, "
           f"{H} q heads / {KVH} KV heads / head_dim {D}, {BS}-token pages scattered over a {args.layers}-layer pool")
-    print("\n| KV | batch | KV tokens | FlashInfer us (GB/s) | Triton us (GB/s) | Triton vs FlashInfer rel. err |")
-    print("|---|---|---|---|---|---|")
-    for kv, B, n, fi, fi_gbs, tr, tr_gbs, err in rows:
-        print(f"| {kv} | {B} | {n} | {fi:.1f} ({fi_gbs:.0f}, {fi_gbs / bandwidth:.0%}) | "
-              f"{tr:.1f} ({tr_gbs:.0f}, {tr_gbs / bandwidth:.0%}) | {err:.1e} |")
+    print("cells: us per layer (GB/s, % of copy bandwidth; relative error against the fp32 reference)")
+    names = ["FlashInfer", "Triton", "XQA"]
+    print("\n| KV | batch | KV tokens | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for kv, B, n, cells in rows:
+        print(f"| {kv} | {B} | {n} | " + " | ".join(cells.get(k, "") for k in names) + " |")
     return 0
+
+
+def reference(q: torch.Tensor, cache: torch.Tensor, lens: np.ndarray, tables: np.ndarray, bs: int) -> torch.Tensor:
+    """fp32 decode attention over the dequantised pages, one sequence at a time."""
+    B, H, D = q.shape
+    kvh = cache.shape[3]
+    out = torch.empty(B, H, D, device=q.device)
+    for b in range(B):
+        n = int(lens[b])
+        kv = cache[torch.from_numpy(tables[b, :(n + bs - 1) // bs]).to(q.device).long()].float()
+        k, v = kv[:, 0].reshape(-1, kvh, D)[:n], kv[:, 1].reshape(-1, kvh, D)[:n]
+        s = torch.einsum("hgd,nhd->hgn", q[b].float().view(kvh, H // kvh, D), k) * D ** -0.5
+        out[b] = torch.einsum("hgn,nhd->hgd", s.softmax(-1), v).reshape(H, D)
+    return out
 
 
 if __name__ == "__main__":

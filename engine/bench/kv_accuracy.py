@@ -1,7 +1,9 @@
 """FP8 KV-cache accuracy against bf16 KV: the same greedy requests run with both pools; reports
 greedy-token agreement over a long generation (share of identical tokens, first divergence) and the
 error of the chosen tokens' log-probabilities while both runs still agree (a logit-error measure).
-`python3 -m engine.bench.kv_accuracy [--model FOLDER]` (default: Qwen3-0.6B shape, random weights)."""
+Each FP8 decode kernel is one row: auto (XQA on Hopper: q and probabilities rounded to E4M3) and triton
+(exact q). `python3 -m engine.bench.kv_accuracy [--model FOLDER]` (default: Qwen3-0.6B shape, random
+weights)."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +17,14 @@ from pathlib import Path
 import torch
 
 
-def greedy_runs(path: Path, prompts, n: int, kv: str) -> list[tuple[list[int], list[float]]]:
+def greedy_runs(path: Path, prompts, n: int, kv: str, decode: str = "auto") -> list[tuple[list[int], list[float]]]:
     from engine.config import EngineConfig
     from engine.core import EngineCore
     from engine.sampling_params import SamplingParams
     from engine.wire import EngineCoreRequest
     core = EngineCore(EngineConfig(model=str(path), dtype="bfloat16", kv_cache_dtype=kv, max_model_len=4096,
-                                   gpu_memory_utilization=0.5))
+                                   gpu_memory_utilization=0.5, decode_attention=decode))
+    kernel = core.runner.backend.name
     for i, p in enumerate(prompts):
         core.add_request(EngineCoreRequest(request_id=str(i), prompt_token_ids=p, params=SamplingParams(
             max_tokens=n, temperature=0, ignore_eos=True, logprobs=0)))
@@ -33,7 +36,7 @@ def greedy_runs(path: Path, prompts, n: int, kv: str) -> list[tuple[list[int], l
     del core
     gc.collect()
     torch.cuda.empty_cache()
-    return [runs[str(i)] for i in range(len(prompts))]
+    return kernel, [runs[str(i)] for i in range(len(prompts))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,11 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=1024)
+    ap.add_argument("--decode-kernels", default="auto,triton", help="FP8 runs: comma list of auto, triton, xqa")
     args = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.model) if args.model else write_random_checkpoint(Path(tmp.name) / "m", QWEN3_0_6B)
     prompts = [p for p, _ in draw_workload(args.num_prompts, 100, 1024, 1024, seed=1)]
-    ref, fp8 = greedy_runs(path, prompts, args.output_len, "auto"), greedy_runs(path, prompts, args.output_len, "fp8")
+    _, ref = greedy_runs(path, prompts, args.output_len, "auto")
+    for decode in args.decode_kernels.split(","):
+        kernel, fp8 = greedy_runs(path, prompts, args.output_len, "fp8", decode)
+        print(json.dumps(dict(model=args.model or "Qwen3-0.6B shape, random weights", decode_kernel=kernel,
+                              prompts=len(prompts), output_len=args.output_len, **compare(ref, fp8, args.output_len))))
+    return 0
+
+
+def compare(ref, fp8, output_len: int) -> dict:
+    """Greedy agreement of the FP8 run with the bf16 run, and the chosen-token logprob error up to the
+    first divergence of each request."""
     same, first, lp_err, spread = 0, [], [], []
     for (t1, l1), (t2, l2) in zip(ref, fp8):
         same += sum(a == b for a, b in zip(t1, t2))
@@ -54,15 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         first.append(div)
         lp_err += [abs(a - b) for a, b in zip(l1[:div], l2[:div])]
         spread += l1
-    total = sum(len(t) for t, _ in ref)
-    print(json.dumps(dict(
-        model=args.model or "Qwen3-0.6B shape, random weights", prompts=len(prompts), output_len=args.output_len,
-        token_agreement=same / total, mean_first_divergence=statistics.fmean(first),
-        min_first_divergence=min(first), identical_sequences=sum(f == args.output_len for f in first),
-        logprob_abs_err_mean=statistics.fmean(lp_err) if lp_err else None,
-        logprob_abs_err_max=max(lp_err) if lp_err else None,
-        chosen_logprob_mean_bf16=statistics.fmean(spread))))
-    return 0
+    return dict(token_agreement=same / sum(len(t) for t, _ in ref), mean_first_divergence=statistics.fmean(first),
+                min_first_divergence=min(first), identical_sequences=sum(f == output_len for f in first),
+                logprob_abs_err_mean=statistics.fmean(lp_err) if lp_err else None,
+                logprob_abs_err_max=max(lp_err) if lp_err else None, chosen_logprob_mean_bf16=statistics.fmean(spread))
 
 
 if __name__ == "__main__":
