@@ -15,7 +15,9 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# stride_bt is the block table's width: fixed in a CUDA graph, but per step in mixed steps and eager
+# decode. Specialising on it (==1, %16) compiled new variants mid-run (~1.8 s of the throughput bench).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                    qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cb, stride_ckv, stride_co, stride_ch, stride_bt,

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block table's width changes per step
 def _paged_attn_kernel(q_ptr, cache_ptr, out_ptr, cu_q_ptr, seq_lens_ptr, bt_ptr, scale, k_scale, v_scale,
                        stride_qt, stride_qh, stride_ot, stride_cb, stride_ckv, stride_co, stride_ch, stride_bt,
                        block_size, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
