@@ -52,10 +52,10 @@ class EngineConfig:
               "compute one token more, which is dropped)")
     attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = opt(
         "auto", "auto: flashinfer on CUDA when installed, else the torch reference")
-    decode_attention: Literal["auto", "triton", "xqa"] = opt(
-        "auto", "decode kernel of the flashinfer backend: triton (exact q), or xqa (FlashInfer's XQA on "
-                "Hopper with FP8 pages: FP8 tensor-core math with q and probabilities rounded to E4M3, "
-                "faster); auto: xqa where it runs, else triton")
+    fp8_attention: Literal["auto", "fp8", "exact"] = opt(
+        "auto", "attention over FP8 KV pages (flashinfer backend): fp8 rounds q and the softmax "
+                "probabilities to E4M3 and runs FP8 tensor cores (XQA decode, FlashAttention-3 prefill; "
+                "Hopper), exact keeps q in the model dtype; auto: fp8 where it runs")
     tensor_parallel_size: int = opt(1, "GPUs per engine for tensor parallelism")
     seed: int = opt(0, "engine seed: draws the sampling seeds of requests that bring none")
     role: Role = opt("hybrid", "hybrid, or one half of a prefill/decode pair")

@@ -175,7 +175,7 @@ class ModelRunner:
         self.vocab_size = hf_config.vocab_size
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         self.backend = get_attention_backend(config.attention_backend, self.device, dtype=self.dtype,
-                                             head_dim=head_dim, decode_kernel=config.decode_attention)
+                                             head_dim=head_dim, fp8_attention=config.fp8_attention)
         self.model = load_model(model_class(hf_config), hf_config, model_path, self.backend, self.dtype,
                                 self.device, max_model_len, progress)
         attn = self.model.attention_layers()

@@ -42,12 +42,12 @@ def test_pad_decode_inputs():
     assert p.block_tables.shape == (8, 6) and p.block_tables[1, :2].tolist() == [2, 5] and not p.block_tables[3:].any()
 
 
-def test_xqa_decode_kernel_outside_flashinfer_is_a_clear_error():
+def test_fp8_attention_outside_flashinfer_is_a_clear_error():
     from kernels.attention import get_attention_backend
     from kernels.attention.xqa_decode import xqa_fp8_supported
     for name in ("auto", "torch"):  # auto is the torch reference on a CPU
-        with pytest.raises(ValueError, match="xqa comes with the flashinfer attention backend"):
-            get_attention_backend(name, torch.device("cpu"), decode_kernel="xqa")
+        with pytest.raises(ValueError, match="fp8 comes with the flashinfer attention backend"):
+            get_attention_backend(name, torch.device("cpu"), fp8_attention="fp8")
     assert not xqa_fp8_supported(torch.device("cpu"), torch.bfloat16, torch.float8_e4m3fn, 16, 128)
 
 
@@ -164,10 +164,10 @@ def test_flashinfer_bf16_engine_graphs_on_off_and_fp8(bf16_qwen3):
     assert first and agree >= 0.9, agree
     agree, first = _agreement(results[False, "fp8"], results[True, "fp8"])
     assert first and agree >= 0.9, agree
-    # FP8 pages on Hopper decode with XQA (q and probabilities rounded to E4M3) unless told otherwise;
-    # the exact-q Triton kernel must give the same first tokens
-    fp8_triton = LLM(str(bf16_qwen3), device="cuda", kv_cache_dtype="fp8", decode_attention="triton",
-                     num_kv_blocks=64, max_num_seqs=8)
-    assert fp8_triton.engine.runner.backend.name == "flashinfer+triton-decode"
-    agree, first = _agreement(_generate(fp8_triton), results[False, "fp8"])
+    # FP8 pages on Hopper run FP8 math (q and probabilities rounded to E4M3) unless told otherwise;
+    # the exact-q kernels must give the same first tokens
+    fp8_exact = LLM(str(bf16_qwen3), device="cuda", kv_cache_dtype="fp8", fp8_attention="exact",
+                    num_kv_blocks=64, max_num_seqs=8)
+    assert fp8_exact.engine.runner.backend.name == "flashinfer+triton-decode"
+    agree, first = _agreement(_generate(fp8_exact), results[False, "fp8"])
     assert first and agree >= 0.6, agree

@@ -101,10 +101,10 @@ def random_batch(q_lens, ctx_lens, block_size=16, num_blocks=256, kvh=8, d=128, 
 
 
 def _backend(name, kv_dtype, dtype, k_scale=1.0, v_scale=1.0):
-    """`name`: triton, or flashinfer-<decode kernel>."""
+    """`name`: triton, or flashinfer-<fp8_attention>."""
     from kernels.attention import get_attention_backend
-    name, _, decode = name.partition("-")
-    b = get_attention_backend(name, torch.device(DEV), k_scale=k_scale, v_scale=v_scale, decode_kernel=decode or "auto")
+    name, _, fp8 = name.partition("-")
+    b = get_attention_backend(name, torch.device(DEV), k_scale=k_scale, v_scale=v_scale, fp8_attention=fp8 or "auto")
     if hasattr(b, "configure"):
         b.configure(num_heads=16, num_kv_heads=8, head_dim=128, scale=128 ** -0.5, q_dtype=dtype, kv_dtype=kv_dtype)
     return b
@@ -114,15 +114,15 @@ CASES = {"prefill": ([37, 5, 64], [0, 0, 0]), "prefix_cached": ([20, 3, 33], [48
          "decode": ([1] * 9, [0, 1, 15, 16, 17, 100, 255, 1000, 3]), "mixed": ([1, 1, 40], [50, 7, 16]),
          # one-token rows after a chunk, and a one-token prompt: only the leading row goes to decode
          "mixed_interleaved": ([1, 30, 1, 1], [20, 0, 300, 0])}
-BACKENDS = ["triton"] + (["flashinfer-triton", "flashinfer-xqa"] if HAS_FLASHINFER else [])
+BACKENDS = ["triton"] + (["flashinfer-exact", "flashinfer-fp8"] if HAS_FLASHINFER else [])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 def test_attention_backend_matches_reference(backend, case, kv):
-    if backend == "flashinfer-xqa" and not (kv == "fp8" and HAS_SM90):
-        pytest.skip("XQA decode runs FP8 pages on Hopper (SM90) only")
+    if backend == "flashinfer-fp8" and not (kv == "fp8" and HAS_SM90):
+        pytest.skip("FP8 attention math (XQA decode, FA3 FP8 prefill) runs FP8 pages on Hopper (SM90) only")
     dtype = torch.bfloat16
     kv_dtype = torch.float8_e4m3fn if kv == "fp8" else dtype
     q_lens, ctx = CASES[case]
@@ -138,8 +138,8 @@ def test_attention_backend_matches_reference(backend, case, kv):
     out = fast.forward(q, k, v, a[:, 1], meta, 128 ** -0.5)
     expected = ref.forward(q.float(), k, v, b[:, 1], meta, 128 ** -0.5)
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), "KV store differs"
-    # XQA rounds q and the softmax probabilities to E4M3 (2^-4 relative): ~3e-2 on the decode rows
-    assert rel_err(out, expected) < (5e-2 if backend == "flashinfer-xqa" else 2e-2)
+    # FP8 math rounds q and the softmax probabilities to E4M3 (2^-4 relative): ~3e-2
+    assert rel_err(out, expected) < (5e-2 if backend == "flashinfer-fp8" else 2e-2)
 
 
 def test_triton_attention_float32_exact():

@@ -1,8 +1,8 @@
 """FP8 KV-cache accuracy against bf16 KV: the same greedy requests run with both pools; reports
 greedy-token agreement over a long generation (share of identical tokens, first divergence) and the
 error of the chosen tokens' log-probabilities while both runs still agree (a logit-error measure).
-Each FP8 decode kernel is one row: auto (XQA on Hopper: q and probabilities rounded to E4M3) and triton
-(exact q). `python3 -m engine.bench.kv_accuracy [--model FOLDER]` (default: Qwen3-0.6B shape, random
+Each FP8 attention choice is one row: auto (FP8 math on Hopper: q and probabilities rounded to E4M3)
+and exact (q in the model dtype). `python3 -m engine.bench.kv_accuracy [--model FOLDER]` (default: Qwen3-0.6B shape, random
 weights)."""
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 
-def greedy_runs(path: Path, prompts, n: int, kv: str, decode: str = "auto") -> list[tuple[list[int], list[float]]]:
+def greedy_runs(path: Path, prompts, n: int, kv: str, fp8_attention: str = "auto") -> list[tuple[list[int], list[float]]]:
     from engine.config import EngineConfig
     from engine.core import EngineCore
     from engine.sampling_params import SamplingParams
     from engine.wire import EngineCoreRequest
     core = EngineCore(EngineConfig(model=str(path), dtype="bfloat16", kv_cache_dtype=kv, max_model_len=4096,
-                                   gpu_memory_utilization=0.5, decode_attention=decode))
+                                   gpu_memory_utilization=0.5, fp8_attention=fp8_attention))
     kernel = core.runner.backend.name
     for i, p in enumerate(prompts):
         core.add_request(EngineCoreRequest(request_id=str(i), prompt_token_ids=p, params=SamplingParams(
@@ -45,15 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=1024)
-    ap.add_argument("--decode-kernels", default="auto,triton", help="FP8 runs: comma list of auto, triton, xqa")
+    ap.add_argument("--fp8-attention", default="auto,exact", help="FP8 runs: comma list of auto, fp8, exact")
     args = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.model) if args.model else write_random_checkpoint(Path(tmp.name) / "m", QWEN3_0_6B)
     prompts = [p for p, _ in draw_workload(args.num_prompts, 100, 1024, 1024, seed=1)]
     _, ref = greedy_runs(path, prompts, args.output_len, "auto")
-    for decode in args.decode_kernels.split(","):
-        kernel, fp8 = greedy_runs(path, prompts, args.output_len, "fp8", decode)
-        print(json.dumps(dict(model=args.model or "Qwen3-0.6B shape, random weights", decode_kernel=kernel,
+    for choice in args.fp8_attention.split(","):
+        kernel, fp8 = greedy_runs(path, prompts, args.output_len, "fp8", choice)
+        print(json.dumps(dict(model=args.model or "Qwen3-0.6B shape, random weights", attention=kernel,
                               prompts=len(prompts), output_len=args.output_len, **compare(ref, fp8, args.output_len))))
     return 0
 

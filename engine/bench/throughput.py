@@ -27,8 +27,8 @@ QWEN3_0_6B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden
 RUNS = {"bf16": dict(kv_cache_dtype="auto", enforce_eager=False), "fp8": dict(kv_cache_dtype="fp8", enforce_eager=False),
         "bf16-eager": dict(kv_cache_dtype="auto", enforce_eager=True),
         "fp8-eager": dict(kv_cache_dtype="fp8", enforce_eager=True),
-        # FP8 pages on the exact-q Triton decode kernel instead of XQA (the default on Hopper)
-        "fp8-triton": dict(kv_cache_dtype="fp8", enforce_eager=False, decode_attention="triton")}
+        # FP8 pages with the exact-q kernels (Triton decode, FA2 prefill) instead of FP8 math (Hopper's default)
+        "fp8-exact": dict(kv_cache_dtype="fp8", enforce_eager=False, fp8_attention="exact")}
 
 
 def draw_workload(n: int, lo: int, hi_in: int, hi_out: int, seed: int = 0) -> list[tuple[list[int], int]]:

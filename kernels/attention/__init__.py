@@ -28,10 +28,11 @@ def flashinfer_supports(dtype: torch.dtype | None, head_dim: int | None) -> bool
 
 def get_attention_backend(name: str, device: torch.device, *, dtype: torch.dtype | None = None,
                           head_dim: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-                          decode_kernel: str = "auto"):
+                          fp8_attention: str = "auto"):
     """`name` is auto | torch | flashinfer | triton. `dtype`/`head_dim` let auto skip FlashInfer where it
-    has no kernel (float32 models, head sizes outside 64/128/256). `decode_kernel` (auto | triton | xqa)
-    is the FlashInfer backend's decode kernel; the other backends have one each."""
+    has no kernel (float32 models, head sizes outside 64/128/256). `fp8_attention` (auto | fp8 | exact)
+    is how the FlashInfer backend computes over FP8 pages (kernels/attention/flashinfer_backend.py); the
+    other backends widen the pages and keep q exact."""
     if name == "auto":
         if device.type != "cuda":
             name = "torch"
@@ -41,15 +42,15 @@ def get_attention_backend(name: str, device: torch.device, *, dtype: torch.dtype
             name = "triton"
         else:
             name = "torch"
-    if decode_kernel == "xqa" and name != "flashinfer":
-        raise ValueError(f"decode kernel xqa comes with the flashinfer attention backend, not {name!r}")
+    if fp8_attention == "fp8" and name != "flashinfer":
+        raise ValueError(f"fp8_attention fp8 comes with the flashinfer attention backend, not {name!r}")
     if name == "torch":
         return TorchAttentionBackend(k_scale, v_scale)
     if device.type != "cuda":
         raise ValueError(f"attention backend {name!r} needs a CUDA device")
     if name == "flashinfer":
         from kernels.attention.flashinfer_backend import FlashInferBackend
-        return FlashInferBackend(device=device, k_scale=k_scale, v_scale=v_scale, decode_kernel=decode_kernel)
+        return FlashInferBackend(device=device, k_scale=k_scale, v_scale=v_scale, fp8_attention=fp8_attention)
     if name == "triton":
         from kernels.attention.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend(device=device, k_scale=k_scale, v_scale=v_scale)

@@ -12,9 +12,12 @@ the scheduler puts running sequences first) also go to the Triton decode kernel,
 prefills the rest. In the throughput bench's prefill phase (16 mixed steps, H100) this took attention
 from 142 ms (FlashInfer for every row) to 97 ms (42 FlashInfer + 56 decode).
 
-With FP8 pages on Hopper the decode rows go to FlashInfer's XQA kernel instead (`decode_kernel`
-auto or xqa; kernels/attention/xqa_decode.py): FP8 tensor-core math, 2.4-2.6 against 1.9-2.0 TB/s, with
-q and the probabilities rounded to E4M3. `decode_kernel="triton"` keeps the exact-q kernel.
+FP8 pages on Hopper (`fp8_attention` auto or fp8) run FP8 tensor-core math: q and the softmax
+probabilities are rounded to E4M3, decode rows go to FlashInfer's XQA kernel (kernels/attention/
+xqa_decode.py; 2.5-2.8 against 1.9-2.0 TB/s for the Triton kernel) and prefill to FlashAttention-3 with
+an FP8 q (170 against 460 us per layer for FA2 with a bf16 q, a 16.6k-token step). The error against
+the fp32 reference grows from 2e-3 to 3e-2, as in vLLM's FP8 KV path on Hopper (FA3 with an FP8 q).
+`fp8_attention="exact"` keeps the model-dtype q: Triton decode and FA2 prefill.
 
 The prefill `plan` runs once per step on host arrays (no device read-back) and every layer reuses it;
 decode needs no plan (the kernel reads seq_lens and block tables on the device), so decode CUDA graphs
@@ -31,7 +34,9 @@ from kernels.attention.metadata import AttentionMetadata
 from kernels.attention.xqa_decode import XQA_PAGE_SIZES, XqaDecode, xqa_fp8_supported
 
 WORKSPACE_BYTES = 256 << 20
-DECODE_KERNELS = ("auto", "triton", "xqa")
+FP8_ATTENTION = ("auto", "fp8", "exact")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
 
 
 @dataclass
@@ -46,35 +51,38 @@ class FlashInferBackend:
     supports_cuda_graph = True
     needs_block_tables = True  # the Triton decode kernel reads them
 
-    def __init__(self, device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0, decode_kernel: str = "auto"):
-        import flashinfer
-        if decode_kernel not in DECODE_KERNELS:
-            raise ValueError(f"unknown decode kernel {decode_kernel!r}: choose {', '.join(DECODE_KERNELS)}")
+    def __init__(self, device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0, fp8_attention: str = "auto"):
+        if fp8_attention not in FP8_ATTENTION:
+            raise ValueError(f"unknown fp8_attention {fp8_attention!r}: choose {', '.join(FP8_ATTENTION)}")
         self.device = device
         self.k_scale, self.v_scale = k_scale, v_scale
-        self.decode_kernel = decode_kernel
-        self.xqa: XqaDecode | None = None  # set by configure() when XQA decodes
+        self.fp8_attention = fp8_attention
+        self.xqa: XqaDecode | None = None  # set by configure() when FP8 math decodes
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.prefill = None  # configure() builds it: the FA3 FP8 or the auto-chosen kernel
         self.shape: dict | None = None
         self._planned: torch.cuda.Event | None = None
 
     def configure(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                   q_dtype: torch.dtype, kv_dtype: torch.dtype, block_size: int = 16) -> None:
         """The model's attention shape; plans need it before the first layer runs, and it picks the
-        decode kernel."""
-        self.shape = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,
-                          q_dtype=q_dtype, kv_dtype=kv_dtype)
-        xqa_ok = xqa_fp8_supported(self.device, q_dtype, kv_dtype, block_size, head_dim)
-        if self.decode_kernel == "xqa" and not xqa_ok:
-            raise ValueError("decode kernel xqa needs a Hopper GPU (SM90), FP8 KV pages, a bf16/fp16 model, "
+        kernels (FP8 math or exact)."""
+        import flashinfer
+        fp8_ok = xqa_fp8_supported(self.device, q_dtype, kv_dtype, block_size, head_dim)
+        if self.fp8_attention == "fp8" and not fp8_ok:
+            raise ValueError("fp8_attention fp8 needs a Hopper GPU (SM90), FP8 KV pages, a bf16/fp16 model, "
                              f"block_size in {XQA_PAGE_SIZES} and head_dim a multiple of 16 up to 256")
+        fp8_math = fp8_ok and self.fp8_attention != "exact"
+        self.shape = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,
+                          q_dtype=FP8 if fp8_math else q_dtype, o_dtype=q_dtype, kv_dtype=kv_dtype)
         self.xqa = (XqaDecode(self.device, num_kv_heads, head_dim, block_size, scale, self.k_scale, self.v_scale)
-                    if xqa_ok and self.decode_kernel != "triton" else None)
+                    if fp8_math else None)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                      backend="fa3" if fp8_math else "auto")
 
     @property
     def name(self) -> str:
-        return "flashinfer+" + ("xqa" if self.xqa is not None else "triton") + "-decode"
+        return "flashinfer-fp8+xqa-decode" if self.xqa is not None else "flashinfer+triton-decode"
 
     # ---- planning ------------------------------------------------------------------------------
     def plan(self, meta: AttentionMetadata, graph_state=None) -> MixedPlan | None:
@@ -95,6 +103,7 @@ class FlashInferBackend:
                           _t(h.kv_indices[page0:]), _t(h.kv_last_page_len[nd:]),
                           s["num_heads"], s["num_kv_heads"], s["head_dim"], meta.block_size, causal=True,
                           sm_scale=s["scale"], q_data_type=s["q_dtype"], kv_data_type=s["kv_dtype"],
+                          o_data_type=s["o_dtype"],
                           seq_lens=_t(h.seq_lens[nd:]), max_token_per_sequence=meta.max_seqlen_q)
         self._planned = torch.cuda.Event()
         self._planned.record()
@@ -114,7 +123,10 @@ class FlashInferBackend:
             self._decode(q[:nd], kv_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scale, out[:nd])
         scales = {} if self.k_scale == 1.0 and self.v_scale == 1.0 else dict(k_scale=self.k_scale,
                                                                               v_scale=self.v_scale)
-        meta.plan.prefill.run(q[nd:], kv_cache, out=out[nd:], **scales)
+        q_prefill = q[nd:]
+        if self.xqa is not None:  # FP8 math: FA3 takes an E4M3 q (saturated, as XQA rounds its q)
+            q_prefill = q_prefill.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        meta.plan.prefill.run(q_prefill, kv_cache, out=out[nd:], **scales)
         return out
 
     def _decode(self, q, kv_cache, seq_lens, block_tables, scale, out) -> torch.Tensor:
