@@ -67,20 +67,19 @@ class DecodeGraphRunner:
     """Captures and replays the model's decode forward (not the logits or the sampler)."""
 
     def __init__(self, model, backend, device: torch.device, sizes: list[int], max_pages_per_seq: int,
-                 num_kv_blocks: int, block_size: int, hidden_size: int, dtype: torch.dtype):
+                 block_size: int, hidden_size: int, dtype: torch.dtype):
         self.model, self.backend, self.device = model, backend, device
         self.sizes = sizes
         self.block_size = block_size
         self.max_pages_per_seq = max_pages_per_seq
         self.width = max_pages_per_seq if backend.needs_block_tables else 1
         top = sizes[-1]
-        self.num_kv_blocks = num_kv_blocks
         # static inputs shared by all graphs (each graph reads the first `size` rows)
         self.i64 = torch.zeros(3, top, dtype=torch.int64, device=device)  # ids, positions, slots
         self.seq_lens = torch.ones(top, dtype=torch.int32, device=device)
         self.cu_q = torch.arange(top + 1, dtype=torch.int32, device=device)
         self.tables = torch.zeros(top, self.width, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, object, AttentionMetadata]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     def _meta(self, size: int) -> AttentionMetadata:
@@ -89,28 +88,23 @@ class DecodeGraphRunner:
                                  max_seqlen_k=self.block_size * self.width, block_size=self.block_size,
                                  is_decode=True)
 
-    def _max_pages(self, size: int) -> int:
-        return min(size * self.max_pages_per_seq, self.num_kv_blocks) + size
-
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
         pool = None
         self.i64[2].fill_(-1)  # capture runs write no KV
         for size in reversed(self.sizes):
-            state = self.backend.make_graph_state(size, self._max_pages(size))
             meta = self._meta(size)
-            dummy = DecodeInputs(np.zeros(size, np.int64), np.zeros(size, np.int64), np.full(size, -1, np.int64),
-                                 _one_token_host(size), None)
-            meta.host = dummy.host
-            meta.plan = self.backend.plan(meta, graph_state=state)
+            # a replay cannot re-plan: graphable backends read the step's seq_lens and block tables on
+            # the device and plan nothing for decode
+            assert self.backend.plan(meta) is None, f"{type(self.backend).__name__} plans decode steps"
             ids, pos = self.i64[0, :size], self.i64[1, :size]
             self.model(ids, pos, meta)  # warm-up: compiles kernels outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(ids, pos, meta)
             pool = graph.pool()
-            self.graphs[size] = (graph, out, state, meta)
+            self.graphs[size] = (graph, out)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
         log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1fs", len(self.sizes), self.sizes[0],
@@ -123,7 +117,7 @@ class DecodeGraphRunner:
         size = bucket_for(B, self.sizes)
         if size is None:
             return None
-        graph, out, state, meta = self.graphs[size]
+        graph, out = self.graphs[size]
         p = pad_decode_inputs(x, size, self.width if self.backend.needs_block_tables else None)
         staged = torch.from_numpy(np.stack([p.input_ids, p.positions, p.slot_mapping])).pin_memory()
         self.i64[:, :size].copy_(staged, non_blocking=True)
@@ -132,13 +126,5 @@ class DecodeGraphRunner:
         if self.backend.needs_block_tables:
             self.seq_lens[:size].copy_(torch.from_numpy(p.host.seq_lens).pin_memory(), non_blocking=True)
             self.tables[:size].copy_(torch.from_numpy(p.block_tables).pin_memory(), non_blocking=True)
-        meta.host = p.host
-        self.backend.plan(meta, graph_state=state)  # backends with a per-step decode plan refill their graph state
         graph.replay()
         return out[:B]
-
-
-def _one_token_host(size: int) -> PagedHostMeta:
-    ar = np.arange(size + 1, dtype=np.int32)
-    ones = np.ones(size, np.int32)
-    return PagedHostMeta(ar, ar.copy(), np.zeros(size, np.int32), ones, ones.copy())

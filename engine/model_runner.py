@@ -254,7 +254,7 @@ class ModelRunner:
         if self.use_cuda_graphs:
             self.graphs = DecodeGraphRunner(
                 self.model, self.backend, self.device, capture_sizes(self.config.max_num_seqs),
-                -(-self.max_model_len // self.config.block_size), num_blocks, self.config.block_size,
+                -(-self.max_model_len // self.config.block_size), self.config.block_size,
                 self.hidden_size, self.dtype)
             self.graphs.capture()
         return pool

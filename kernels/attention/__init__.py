@@ -1,7 +1,8 @@
 """Paged attention: `get_attention_backend` picks FlashInfer on CUDA when installed and the shape suits it,
 else the portable Triton kernel on CUDA, else the torch reference (CPU).
 
-Every backend has `plan(meta, graph_state=None)` (once per step, the result goes in `meta.plan`),
+Every backend has `plan(meta)` (once per step, the result goes in `meta.plan`; None for decode steps
+of graphable backends, so a CUDA-graph replay needs no re-planning),
 `attend(q, kv_cache, meta, scale)` (the layer has already written this step's K/V, see
 kernels/attn_input.py) and `forward(q, k, v, kv_cache, meta, scale)` (stores k, v at
 `meta.slot_mapping`, then attends; the kernel tests' entry point)."""

@@ -85,7 +85,7 @@ class FlashInferBackend:
         return "flashinfer-fp8+xqa-decode" if self.xqa is not None else "flashinfer+triton-decode"
 
     # ---- planning ------------------------------------------------------------------------------
-    def plan(self, meta: AttentionMetadata, graph_state=None) -> MixedPlan | None:
+    def plan(self, meta: AttentionMetadata) -> MixedPlan | None:
         """FlashInfer's prefill plan for a step with prefill chunks; None for a decode step."""
         assert self.shape is not None, "FlashInferBackend.configure() was not called"
         if meta.is_decode:
@@ -108,9 +108,6 @@ class FlashInferBackend:
         self._planned = torch.cuda.Event()
         self._planned.record()
         return MixedPlan(self.prefill, nd)
-
-    def make_graph_state(self, batch_size: int, max_pages: int) -> None:
-        return None
 
     # ---- forward -------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

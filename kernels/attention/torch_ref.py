@@ -73,7 +73,7 @@ class TorchAttentionBackend:
     def __init__(self, k_scale: float = 1.0, v_scale: float = 1.0):
         self.k_scale, self.v_scale = k_scale, v_scale
 
-    def plan(self, meta: AttentionMetadata, graph_state=None) -> None:
+    def plan(self, meta: AttentionMetadata) -> None:
         return None
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -19,10 +19,7 @@ class TritonAttentionBackend:
     def configure(self, **_) -> None:
         pass
 
-    def plan(self, meta: AttentionMetadata, graph_state=None) -> None:
-        return None
-
-    def make_graph_state(self, batch_size: int, max_pages: int) -> None:
+    def plan(self, meta: AttentionMetadata) -> None:
         return None
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
