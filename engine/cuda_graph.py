@@ -71,7 +71,6 @@ class DecodeGraphRunner:
         self.model, self.backend, self.device = model, backend, device
         self.sizes = sizes
         self.block_size = block_size
-        self.max_pages_per_seq = max_pages_per_seq
         self.width = max_pages_per_seq if backend.needs_block_tables else 1
         top = sizes[-1]
         # static inputs shared by all graphs (each graph reads the first `size` rows)

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import flashinfer
     from engine.bench.throughput import copy_bandwidth_gbs
+    from kernels.attention.metadata import AttentionMetadata
+    from kernels.attention.torch_ref import paged_attention
     from kernels.attention.xqa_decode import XqaDecode, xqa_fp8_supported
     from kernels.triton.decode_attention import decode_attention
     H, KVH, D, BS = 16, 8, 128, 16
@@ -76,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             wrapper.plan(t(indptr), t(indices), t((lens - (pages - 1) * BS).astype(np.int32)), H, KVH, D, BS,
                          sm_scale=D ** -0.5, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
             seq_lens, block_tables = t(lens).to(dev), t(tables).to(dev)
-            ref = reference(q, cache, lens, tables, BS)
+            meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64, device=dev),
+                                     cu_seqlens_q=torch.arange(B + 1, dtype=torch.int32, device=dev),
+                                     seq_lens=seq_lens, block_tables=block_tables, max_seqlen_q=1,
+                                     max_seqlen_k=int(lens.max()), block_size=BS, is_decode=True)
+            ref = paged_attention(q.float(), cache, meta, D ** -0.5)  # fp32 over the (dequantised) pages
             kernels = {"FlashInfer": lambda: wrapper.run(q, cache),
                        "Triton": lambda: decode_attention(q, cache, seq_lens, block_tables, D ** -0.5)}
             if xqa_fp8_supported(dev, q.dtype, kv_dtype, BS, D):
@@ -101,20 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     for kv, B, n, cells in rows:
         print(f"| {kv} | {B} | {n} | " + " | ".join(cells.get(k, "") for k in names) + " |")
     return 0
-
-
-def reference(q: torch.Tensor, cache: torch.Tensor, lens: np.ndarray, tables: np.ndarray, bs: int) -> torch.Tensor:
-    """fp32 decode attention over the dequantised pages, one sequence at a time."""
-    B, H, D = q.shape
-    kvh = cache.shape[3]
-    out = torch.empty(B, H, D, device=q.device)
-    for b in range(B):
-        n = int(lens[b])
-        kv = cache[torch.from_numpy(tables[b, :(n + bs - 1) // bs]).to(q.device).long()].float()
-        k, v = kv[:, 0].reshape(-1, kvh, D)[:n], kv[:, 1].reshape(-1, kvh, D)[:n]
-        s = torch.einsum("hgd,nhd->hgn", q[b].float().view(kvh, H // kvh, D), k) * D ** -0.5
-        out[b] = torch.einsum("hgn,nhd->hgd", s.softmax(-1), v).reshape(H, D)
-    return out
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 greedy-token agreement over a long generation (share of identical tokens, first divergence) and the
 error of the chosen tokens' log-probabilities while both runs still agree (a logit-error measure).
 Each FP8 attention choice is one row: auto (FP8 math on Hopper: q and probabilities rounded to E4M3)
-and exact (q in the model dtype). `python3 -m engine.bench.kv_accuracy [--model FOLDER]` (default: Qwen3-0.6B shape, random
-weights)."""
+and exact (q in the model dtype). `python3 -m engine.bench.kv_accuracy [--model FOLDER]` (default:
+Qwen3-0.6B shape, random weights)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 
-def greedy_runs(path: Path, prompts, n: int, kv: str, fp8_attention: str = "auto") -> list[tuple[list[int], list[float]]]:
+def greedy_runs(path: Path, prompts, n: int, kv: str,
+                fp8_attention: str = "auto") -> tuple[str, list[tuple[list[int], list[float]]]]:
+    """(the attention backend's name, each prompt's greedy tokens and their logprobs)."""
     from engine.config import EngineConfig
     from engine.core import EngineCore
     from engine.sampling_params import SamplingParams

@@ -11,7 +11,7 @@ BENCHMARKS = {
     "serve": "online load against a running server: TTFT / ITL / E2E percentiles and throughput",
     "pd": "1 prefill + 1 decode engine behind the PD router vs one hybrid engine: TTFT / ITL at a few rates",
     "transfer": "KV-block pull GB/s over DLSlime between two processes (Qwen3-0.6B blocks)",
-    "attention": "decode attention kernels alone (FlashInfer vs Triton, bf16 and FP8 pages), GB/s per batch size",
+    "attention": "decode attention kernels alone (FlashInfer, Triton, XQA on FP8 pages), GB/s and error per batch size",
 }
 
 

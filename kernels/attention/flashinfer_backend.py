@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from kernels.attention.metadata import AttentionMetadata
+from kernels.attention.torch_ref import FP8_MAX
 from kernels.attention.xqa_decode import XQA_PAGE_SIZES, XqaDecode, xqa_fp8_supported
 
 WORKSPACE_BYTES = 256 << 20
 FP8_ATTENTION = ("auto", "fp8", "exact")
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
 @dataclass
