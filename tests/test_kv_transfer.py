@@ -76,11 +76,13 @@ def test_staged_pull_waits_for_slots_then_lands():
         info = source.endpoint_info()
         assert info["staged"] and info["num_blocks"] == 48 and info["pool_blocks"] == 64
         # 2 x 20 blocks through a 32-slot staging area: the second waits for slots. `a` first gets
-        # past the connection's identity probe and takes its 20 slots (a poll that issues reads
-        # returns PULLING at least once), so `b` finds the area full.
+        # past the connection's identity probe and takes its 20 slots: the poll that issues its reads
+        # leaves it PULLING, and only a later poll can land it and free them. start_pull polls once
+        # itself (on a fast machine the probe is already answered there), so poll only while PENDING.
         a = sink.start_pull(info, staged.remote_ids[:20], list(range(20)), timeout_s=10)
         deadline = time.monotonic() + 10
-        while a.poll() is TransferState.PENDING:
+        while a.state is TransferState.PENDING:
+            a.poll()
             assert time.monotonic() < deadline, "the first pull never started"
             time.sleep(0.0002)
         assert a.state is TransferState.PULLING
