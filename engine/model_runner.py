@@ -191,6 +191,9 @@ class ModelRunner:
                                 and getattr(self.backend, "supports_cuda_graph", False))
         self.graphs: DecodeGraphRunner | None = None
         self.last_step = StepStats()
+        # benchmarks set a list here to get (start, end) CUDA events of every launched step: the gaps
+        # between one step's end and the next one's start are the time the GPU waited for the host
+        self.timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     # ---- KV pool -----------------------------------------------------------------------------
     def kv_budget_blocks(self) -> int:
@@ -341,13 +344,24 @@ class ModelRunner:
     def launch(self, batch: list[ScheduledSeq], stop_ids_of, prev: LaunchedStep | None = None) -> LaunchedStep | None:
         """Queues one forward over the batch and the sampling of the sequences that complete their
         tokens; returns without waiting for the device (None: nothing sampled)."""
+        start = self._timeline_event()
         x = prepare_host(batch, self.config.block_size, self.backend.needs_block_tables)
         sampling = [s.seq for s in batch if s.samples]
         hidden, rows = self.forward(x, prev)
-        if not sampling:
+        step = None
+        if sampling:
+            logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
+            step = LaunchedStep(sampling, sample(logits, self.sampling_metadata(sampling, stop_ids_of, prev)))
+        if start is not None:
+            self.timeline.append((start, self._timeline_event()))
+        return step
+
+    def _timeline_event(self) -> torch.cuda.Event | None:
+        if self.timeline is None or self.device.type != "cuda":
             return None
-        logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
-        return LaunchedStep(sampling, sample(logits, self.sampling_metadata(sampling, stop_ids_of, prev)))
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     @torch.inference_mode()
     def prefill_logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:

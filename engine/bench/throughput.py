@@ -94,9 +94,14 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     generate([([1] * 64, 16), ([2] * 37, 9), ([3] * 101, 5)])
     steps: list[tuple[float, int, int]] = []
     torch.cuda.synchronize()
+    runner.timeline = []
     t = time.perf_counter()
     out_tokens = generate(workload, record=steps)
     wall = time.perf_counter() - t
+    torch.cuda.synchronize()
+    # time the GPU waited for the host: gaps between a step's last queued work and the next step's first
+    idle_ms = sum(max(0.0, end.elapsed_time(start)) for (_, end), (start, _) in zip(runner.timeline, runner.timeline[1:]))
+    runner.timeline = None
     in_tokens = sum(len(p) for p, _ in workload)
     dec_time = sum(s[0] for s in steps)
     tpot_steps: list[tuple[float, int, int]] = []
@@ -107,6 +112,7 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
                   decode_share=dec_time / wall, mean_decode_ms=1e3 * dec_time / max(len(steps), 1),
                   mean_decode_batch=statistics.fmean(s[1] for s in steps) if steps else 0,
                   decode_gbs=sum(s[2] for s in steps) / max(dec_time, 1e-9) / 1e9,
+                  decode_bytes=sum(s[2] for s in steps), gpu_idle_s=idle_ms / 1e3,
                   tpot_ms=1e3 * statistics.median(s[0] for s in tpot_steps[1:]),
                   kv_blocks=core.block_manager.num_blocks, preemptions=core.scheduler.num_preemptions)
     del core, runner
@@ -195,17 +201,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(n for _, n in workload)} tokens (lengths uniform {args.min_len}..{args.max_input_len}/"
           f"{args.max_output_len}, seed {args.seed}), temperature 0.6, ignore_eos, one warm-up batch of 3 small requests")
     print(f"engine: {common}")
-    print("\n| run | backend | output tok/s | total tok/s | wall s | decode steps | mean decode step ms "
-          "(mean batch) | decode GB/s (% of copy bw) | batch-1 TPOT ms | start-up s (graph capture s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("roofline: output tokens / (bytes the decode steps must read: weights + KV attended over, at the "
+          "copy bandwidth); GPU idle: time the GPU waited for the host between steps")
+    print("\n| run | backend | output tok/s | roofline tok/s (% reached) | total tok/s | wall s (GPU idle s) | "
+          "decode steps | mean decode step ms (mean batch) | decode GB/s (% of copy bw) | batch-1 TPOT ms | "
+          "start-up s (graph capture s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['backend']} | {r['out_tps']:.0f} | {r['total_tps']:.0f} | {r['wall_s']:.1f} | "
+        roof = r['output_tokens'] / (r['decode_bytes'] / (bandwidth * 1e9))
+        print(f"| {name} | {r['backend']} | {r['out_tps']:.0f} | {roof:.0f} ({100 * r['out_tps'] / roof:.1f}%) | "
+              f"{r['total_tps']:.0f} | {r['wall_s']:.2f} ({r['gpu_idle_s']:.2f}) | "
               f"{r['decode_steps']} | {r['mean_decode_ms']:.2f} ({r['mean_decode_batch']:.0f}) | "
               f"{r['decode_gbs']:.0f} ({100 * r['decode_gbs'] / bandwidth:.0f}%) | {r['tpot_ms']:.2f} | "
               f"{r['startup_s']:.1f} ({r['graph_capture_s']:.1f}) |")
     if hf:
         print(f"| transformers {versions.get('transformers', '')} (first {hf['requests']} requests, one batch, "
-              f"greedy) | sdpa | {hf['out_tps']:.0f} | {hf['total_tps']:.0f} | {hf['wall_s']:.1f} | | | | | |")
+              f"greedy) | sdpa | {hf['out_tps']:.0f} | | {hf['total_tps']:.0f} | {hf['wall_s']:.1f} | | | | | |")
     return 0
 
 
