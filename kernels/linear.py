@@ -1,0 +1,37 @@
+"""Linear layers, y = x @ w^T + b. Decode batches of a few rows on a GPU go to our skinny split-K
+GEMM (kernels/triton/skinny_gemm.py); everything else to torch (cuBLAS on a GPU).
+
+On an H200, for 28 layers of Qwen3-0.6B in one CUDA graph, cuBLAS takes 12.7 us for o_proj at one
+row (0.33 TB/s) and 6.7 us for down_proj; the skinny GEMM takes 5.0 and 5.7 us. From about 64 rows
+cuBLAS is faster on every projection, so only small batches are routed here."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.triton import use_triton
+
+SKINNY_MAX_ROWS = 16
+_BN, _BK, _TARGET_PROGRAMS = 64, 128, 64
+
+
+def skinny_split(m: int, n: int, k: int, dtype: torch.dtype) -> int | None:
+    """How many ways the skinny GEMM splits K for an [m, k] x [n, k]^T product (None: use torch).
+    Enough programs to keep the memory system busy: N/64 column tiles times the split reach ~64."""
+    if not (0 < m <= SKINNY_MAX_ROWS) or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if n % _BN or k % _BK:
+        return None
+    split = 1
+    while n // _BN * split * 2 <= _TARGET_PROGRAMS and split < 4 and k % (2 * split * _BK) == 0:
+        split *= 2
+    return split
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.dim() == 2 and use_triton(x) and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1:
+        split = skinny_split(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
+        if split is not None:
+            from kernels.triton.skinny_gemm import skinny_gemm
+            return skinny_gemm(x, weight, bias, split)
+    return F.linear(x, weight, bias)
