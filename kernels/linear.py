@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from kernels.triton import use_triton
 
-SKINNY_MAX_ROWS = 16
+SKINNY_MAX_ROWS = 16  # also the kernel's row tile
+# the kernel's output-column tile and K step, and the program count that kept the H200's memory busy
 _BN, _BK, _TARGET_PROGRAMS = 64, 128, 64
 
 
@@ -33,5 +34,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         split = skinny_split(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
         if split is not None:
             from kernels.triton.skinny_gemm import skinny_gemm
-            return skinny_gemm(x, weight, bias, split)
+            return skinny_gemm(x, weight, bias, split, BN=_BN, BK=_BK, BM=SKINNY_MAX_ROWS)
     return F.linear(x, weight, bias)

@@ -243,7 +243,7 @@ def test_fused_attention_input(qk_norm, kv_dtype):
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (2048, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_skinny_gemm(n, k, dtype):
-    """The split-K skinny GEMM against an fp32 product, for every batch size it is routed (1..16), with
+    """The split-K skinny GEMM against a float64 product, for every batch size it is routed (1..16), with
     and without bias; its counters are back at zero after each launch, so repeated launches and CUDA
     graph replays on new inputs stay right."""
     from kernels.linear import linear, skinny_split

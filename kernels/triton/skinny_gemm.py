@@ -1,4 +1,5 @@
-"""Skinny GEMM for decode batches: y[M, N] = x[M, K] @ w[N, K]^T with M <= 256 rows.
+"""Skinny GEMM for decode batches: y[M, N] = x[M, K] @ w[N, K]^T for a few rows (kernels/linear.py
+routes M <= 16 here).
 
 cuBLAS reads the weights of the N=1024 projections (o_proj, down_proj) at under 1 TB/s for such
 batches: too few output tiles to keep the GPU's memory pipes busy. Here every program streams one
@@ -67,14 +68,14 @@ class SkinnyGemmWorkspace:
 
 @functools.cache
 def workspace(device: torch.device) -> SkinnyGemmWorkspace:
-    # allocated at the first decode step, which runs eagerly before any CUDA graph is captured
+    # allocated by the first small decode forward: the eager warm-up that precedes each graph capture
     return SkinnyGemmWorkspace(device)
 
 
-def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, S: int, BN: int = 64,
-                BK: int = 128, BM: int = 16, ws: SkinnyGemmWorkspace | None = None, num_warps: int = 4,
-                num_stages: int = 4) -> torch.Tensor:
-    """x [M, K] @ w[N, K]^T (+ bias) with K split S ways; N % BN == 0 and K % (S * BK) == 0."""
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, S: int, BN: int, BK: int, BM: int,
+                ws: SkinnyGemmWorkspace | None = None, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T (+ bias) with K split S ways, in [BN, BM] tiles of y^T stepping BK along K;
+    N % BN == 0 and K % (S * BK) == 0."""
     M, K = x.shape
     N = w.shape[0]
     assert N % BN == 0 and K % (S * BK) == 0 and x.stride(1) == 1 and w.stride(1) == 1
