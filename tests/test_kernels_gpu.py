@@ -205,21 +205,22 @@ def test_gumbel_sampling_reads_bf16_logits():
 
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_fused_attention_input(qk_norm, kv_dtype):
+@pytest.mark.parametrize("T", [70, 1100])  # two programs per token, and one (above SPLIT_MAX_TOKENS)
+def test_fused_attention_input(qk_norm, kv_dtype, T):
     """q/k norm + rope + KV write in one launch == the unfused kernels one by one (and the torch refs)."""
     from kernels.attention.torch_ref import store_kv as ref_store
     from kernels.norm import rms_norm, rms_norm_ref
     from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin_cache
     from kernels.triton.attn_input import attention_input
     from kernels.triton.kv_store import store_kv
-    T, H, KVH, D = 70, 16, 8, 128
+    H, KVH, D, NB = 16, 8, 128, 80
     inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=DEV).float() / D))
     cache = rope_cos_sin_cache(inv, 4096)
     qkv = torch.randn(T, (H + 2 * KVH) * D, device=DEV, dtype=torch.bfloat16)
     pos = torch.randint(0, 4096, (T,), device=DEV)
     wq, wk = (torch.rand(D, device=DEV, dtype=torch.bfloat16) + 0.5 for _ in range(2))
-    pool = torch.zeros(40, 2, 2, 16, KVH, D, device=DEV).to(kv_dtype)
-    slots = torch.randperm(40 * 16, device=DEV)[:T]
+    pool = torch.zeros(NB, 2, 2, 16, KVH, D, device=DEV).to(kv_dtype)
+    slots = torch.randperm(NB * 16, device=DEV)[:T]
     slots[::9] = -1
     a, b, c = pool.clone(), pool.clone(), pool.clone()
     q = attention_input(qkv, pos, cache, a[:, 1], slots, H, KVH, D, wq if qk_norm else None,
@@ -235,9 +236,19 @@ def test_fused_attention_input(qk_norm, kv_dtype):
     q2, k2 = apply_rope_ref(ref_norm(q_, wq), ref_norm(k_, wk), pos, cache)
     ref_store(k2, v_, c[:, 1], slots, 0.5, 0.25)
     assert rel_err(q, q2) < 2e-2 and rel_err(a.float(), c.float()) < 2e-2
-    untouched = torch.ones(40 * 16, dtype=torch.bool, device=DEV)
+    untouched = torch.ones(NB * 16, dtype=torch.bool, device=DEV)
     untouched[slots[slots >= 0]] = False
-    assert (a[:, 1].transpose(1, 2).reshape(40 * 16, 2, -1)[untouched].float() == 0).all()
+    assert (a[:, 1].transpose(1, 2).reshape(NB * 16, 2, -1)[untouched].float() == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saturate_fp8(dtype):
+    """One-pass saturating E4M3 cast == torch's clamp then cast, bit for bit (incl. values past 448)."""
+    from kernels.triton.elementwise import saturate_fp8
+    x = (torch.randn(3001, 16, 128, device=DEV) * 300).to(dtype)[1:]  # odd length, offset start
+    out = saturate_fp8(x)
+    assert out.dtype == torch.float8_e4m3fn and out.shape == x.shape
+    assert torch.equal(out.view(torch.uint8), x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (2048, 1024)])

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+SPLIT_MAX_TOKENS = 1024  # up to here each token gets two programs (decode steps, small chunks)
+
 
 @triton.jit
 def _norm_rope(x_ptr, w_ptr, heads, h_ok, d, cos, sin, eps, HALF: tl.constexpr, QK_NORM: tl.constexpr):
@@ -32,39 +34,42 @@ def _norm_rope(x_ptr, w_ptr, heads, h_ok, d, cos, sin, eps, HALF: tl.constexpr, 
 def _attn_input_kernel(qkv_ptr, q_out_ptr, cache_ptr, slot_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, eps,
                        k_scale_inv, v_scale_inv, stride_t, stride_cb, stride_ckv, stride_co, block_size,
                        H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_KVH: tl.constexpr, QK_NORM: tl.constexpr, QUANT: tl.constexpr):
-    t = tl.program_id(0)
+                       BLOCK_KVH: tl.constexpr, QK_NORM: tl.constexpr, QUANT: tl.constexpr, PARTS: tl.constexpr):
+    # PARTS programs per token: with 2, one does q and the other k/v (see attention_input)
+    t, part = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
     cos = tl.load(cs_ptr + pos * 2 * HALF + d)
     sin = tl.load(cs_ptr + pos * 2 * HALF + HALF + d)
     row = qkv_ptr + t.to(tl.int64) * stride_t
-    hq = tl.arange(0, BLOCK_H)
-    q_ok = hq < H
-    q1, q2 = _norm_rope(row, qw_ptr, hq, q_ok, d, cos, sin, eps, HALF, QK_NORM)
-    out = q_out_ptr + t.to(tl.int64) * H * 2 * HALF + hq[:, None] * 2 * HALF + d[None, :]
-    tl.store(out, q1, mask=q_ok[:, None])
-    tl.store(out + HALF, q2, mask=q_ok[:, None])
-    slot = tl.load(slot_ptr + t)
-    if slot >= 0:  # -1: a padded row, writes no KV
-        hk = tl.arange(0, BLOCK_KVH)
-        k_ok = hk < KVH
-        k1, k2 = _norm_rope(row + H * 2 * HALF, kw_ptr, hk, k_ok, d, cos, sin, eps, HALF, QK_NORM)
-        vrow = row + (H + KVH) * 2 * HALF + hk[:, None] * 2 * HALF + d[None, :]
-        v1 = tl.load(vrow, mask=k_ok[:, None], other=0.0)
-        v2 = tl.load(vrow + HALF, mask=k_ok[:, None], other=0.0)
-        blk, off = slot // block_size, slot % block_size
-        dst = cache_ptr + blk.to(tl.int64) * stride_cb + off * stride_co + hk[:, None] * 2 * HALF + d[None, :]
-        if QUANT:
-            k1 = tl.clamp(k1.to(tl.float32) * k_scale_inv, -448.0, 448.0)
-            k2 = tl.clamp(k2.to(tl.float32) * k_scale_inv, -448.0, 448.0)
-            v1 = tl.clamp(v1.to(tl.float32) * v_scale_inv, -448.0, 448.0)
-            v2 = tl.clamp(v2.to(tl.float32) * v_scale_inv, -448.0, 448.0)
-        ty = cache_ptr.dtype.element_ty
-        tl.store(dst, k1.to(ty), mask=k_ok[:, None])
-        tl.store(dst + HALF, k2.to(ty), mask=k_ok[:, None])
-        tl.store(dst + stride_ckv, v1.to(ty), mask=k_ok[:, None])
-        tl.store(dst + stride_ckv + HALF, v2.to(ty), mask=k_ok[:, None])
+    if part == 0:
+        hq = tl.arange(0, BLOCK_H)
+        q_ok = hq < H
+        q1, q2 = _norm_rope(row, qw_ptr, hq, q_ok, d, cos, sin, eps, HALF, QK_NORM)
+        out = q_out_ptr + t.to(tl.int64) * H * 2 * HALF + hq[:, None] * 2 * HALF + d[None, :]
+        tl.store(out, q1, mask=q_ok[:, None])
+        tl.store(out + HALF, q2, mask=q_ok[:, None])
+    if part == PARTS - 1:
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:  # -1: a padded row, writes no KV
+            hk = tl.arange(0, BLOCK_KVH)
+            k_ok = hk < KVH
+            k1, k2 = _norm_rope(row + H * 2 * HALF, kw_ptr, hk, k_ok, d, cos, sin, eps, HALF, QK_NORM)
+            vrow = row + (H + KVH) * 2 * HALF + hk[:, None] * 2 * HALF + d[None, :]
+            v1 = tl.load(vrow, mask=k_ok[:, None], other=0.0)
+            v2 = tl.load(vrow + HALF, mask=k_ok[:, None], other=0.0)
+            blk, off = slot // block_size, slot % block_size
+            dst = cache_ptr + blk.to(tl.int64) * stride_cb + off * stride_co + hk[:, None] * 2 * HALF + d[None, :]
+            if QUANT:
+                k1 = tl.clamp(k1.to(tl.float32) * k_scale_inv, -448.0, 448.0)
+                k2 = tl.clamp(k2.to(tl.float32) * k_scale_inv, -448.0, 448.0)
+                v1 = tl.clamp(v1.to(tl.float32) * v_scale_inv, -448.0, 448.0)
+                v2 = tl.clamp(v2.to(tl.float32) * v_scale_inv, -448.0, 448.0)
+            ty = cache_ptr.dtype.element_ty
+            tl.store(dst, k1.to(ty), mask=k_ok[:, None])
+            tl.store(dst + HALF, k2.to(ty), mask=k_ok[:, None])
+            tl.store(dst + stride_ckv, v1.to(ty), mask=k_ok[:, None])
+            tl.store(dst + stride_ckv + HALF, v2.to(ty), mask=k_ok[:, None])
 
 
 def attention_input(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
@@ -78,10 +83,15 @@ def attention_input(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: t
     if T == 0:
         return q
     qk_norm = q_norm is not None
-    _attn_input_kernel[(T,)](
+    # Decode-sized steps are latency-bound: two programs per token (q; k and v) halve each program's
+    # serial chain (H200, Qwen3-0.6B shape: 2.84 -> 2.35 us at 128 tokens). Large prefills are
+    # bandwidth-bound, and there one program per token, loading cos/sin once, is faster (72.8 against
+    # 78.2 us at 16k tokens).
+    parts = 2 if T <= SPLIT_MAX_TOKENS else 1
+    _attn_input_kernel[(T, parts)](
         qkv, q, kv_cache, slot_mapping, positions, cos_sin_cache, q_norm if qk_norm else qkv,
         k_norm if qk_norm else qkv, eps, 1.0 / k_scale, 1.0 / v_scale, qkv.stride(0), kv_cache.stride(0),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.shape[2], H=num_heads, KVH=num_kv_heads, HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KVH=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm,
-        QUANT=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4)
+        QUANT=kv_cache.dtype == torch.float8_e4m3fn, PARTS=parts, num_warps=4)
     return q
