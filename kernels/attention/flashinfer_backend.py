@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from kernels.attention.metadata import AttentionMetadata
-from kernels.attention.torch_ref import FP8_MAX
 from kernels.attention.xqa_decode import XQA_PAGE_SIZES, XqaDecode, xqa_fp8_supported
 
 WORKSPACE_BYTES = 256 << 20
@@ -122,7 +121,8 @@ class FlashInferBackend:
                                                                               v_scale=self.v_scale)
         q_prefill = q[nd:]
         if self.xqa is not None:  # FP8 math: FA3 takes an E4M3 q (saturated, as XQA rounds its q)
-            q_prefill = q_prefill.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            from kernels.triton.elementwise import saturate_fp8
+            q_prefill = saturate_fp8(q_prefill)
         meta.plan.prefill.run(q_prefill, kv_cache, out=out[nd:], **scales)
         return out
 

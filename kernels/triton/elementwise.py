@@ -117,3 +117,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, out, N, x2.stride(0), BLOCK=BLOCK,
                                                                   num_warps=4)
     return out.view(*x.shape[:-1], N)
+
+
+@triton.jit
+def _saturate_fp8_kernel(x_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, tl.clamp(x, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def saturate_fp8(x: torch.Tensor) -> torch.Tensor:
+    """x.clamp(-448, 448).to(float8_e4m3fn) in one pass: torch's cast has no saturating mode, and
+    clamp-then-cast read and wrote the prefill's q twice (FP8 math, kernels/attention/flashinfer_backend.py)."""
+    from kernels.attention.torch_ref import FP8_MAX
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    if x.numel():
+        BLOCK = 2048
+        _saturate_fp8_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, x.numel(), FP8_MAX=FP8_MAX, BLOCK=BLOCK,
+                                                              num_warps=4)
+    return out
