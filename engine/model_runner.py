@@ -19,6 +19,7 @@ from engine.loader import checkpoint_dtype, load_model
 from engine.models import model_class
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from engine.scheduler import ScheduledSeq
+from engine.warmup import warm_up_gemms
 from kernels.attention import AttentionMetadata, PagedHostMeta, get_attention_backend
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,10 @@ class ModelRunner:
                 -(-self.max_model_len // self.config.block_size), self.config.block_size,
                 self.hidden_size, self.dtype)
             self.graphs.capture()
+        if self.device.type == "cuda":  # lazy kernel loading stalls the device mid-step (engine/warmup.py)
+            seconds = warm_up_gemms(self.model, self.hidden_size, self.dtype, self.device, self.config.max_num_seqs,
+                                    self.config.max_num_batched_tokens)
+            log.info("warmed up the GEMM kernels in %.2fs", seconds)
         return pool
 
     # ---- one step ----------------------------------------------------------------------------
@@ -334,7 +339,7 @@ class ModelRunner:
                                      fill)
             if hidden is not None:
                 self.last_step.graph = True
-                return hidden, None if all_rows else torch.from_numpy(x.logits_idx).to(self.device)
+                return hidden, None if all_rows else _to_device([x.logits_idx], np.int64, self.device)[0]
         ids, pos, meta, logits_idx = self._device_inputs(x)
         fill(ids)
         meta.plan = self.backend.plan(meta)
