@@ -149,6 +149,15 @@ def run_transformers(config: dict, workload) -> dict:
                 total_tps=(useful + sum(len(p) for p, _ in workload)) / wall, requests=len(workload))
 
 
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new (spawned) Python process; returns its result. Each run gets a fresh CUDA
+    context and allocator, as a served engine would: in one process, an FP8 run after a bf16 run
+    measured 30.4k-37.2k output tok/s on an H200 where FP8 runs alone measured 37.8k every time."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slipstream bench throughput", description=__doc__)
     ap.add_argument("--runs", default="bf16,fp8", help=f"comma list of {', '.join(RUNS)}")
@@ -189,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                   enable_prefix_caching=True)
     results = {}
     for name in args.runs.split(","):
-        results[name] = run_engine(path, workload, {**common, **RUNS[name]}, args.tpot_tokens)
+        results[name] = in_fresh_process(run_engine, path, workload, {**common, **RUNS[name]}, args.tpot_tokens)
         print(f"[{name}] {json.dumps(results[name])}", flush=True)
-    hf = run_transformers(config, workload[:args.hf_requests]) if args.hf_requests else None
+    hf = in_fresh_process(run_transformers, config, workload[:args.hf_requests]) if args.hf_requests else None
 
     print("\n## conditions")
     print(f"device: {torch.cuda.get_device_name()} ; measured D2D copy bandwidth {bandwidth:.0f} GB/s (read+write)")
