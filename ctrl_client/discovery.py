@@ -17,6 +17,7 @@ import msgspec
 import redis.asyncio
 import redis.exceptions
 
+from ctrl_client.aio import wait_within
 from ctrl_client.client import CtrlClient
 from ctrl_client.errors import CtrlError
 from ctrl_client.schema import EngineEntity
@@ -143,7 +144,7 @@ class EngineWatcher:
     async def _poll_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+                await wait_within(self._wake.wait(), self.poll_interval_s)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()  # before listing, so an event arriving meanwhile triggers another round

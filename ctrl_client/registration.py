@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from ctrl_client.aio import wait_within
 from ctrl_client.client import CtrlClient
 from ctrl_client.errors import CtrlError, CtrlUnavailable, EntityNotFound
 from ctrl_client.schema import EngineEntity
@@ -68,7 +69,7 @@ class Registration:
             remaining = deadline - loop.time()
             try:
                 # Bounded so that a black-holed address cannot outlast the configured wait.
-                await asyncio.wait_for(self.client.register(self.entity), max(remaining, 0.05))
+                await wait_within(self.client.register(self.entity), max(remaining, 0.05))
                 break
             except (CtrlError, asyncio.TimeoutError) as e:
                 if isinstance(e, CtrlError) and e.status is not None and 400 <= e.status < 500:
@@ -98,7 +99,7 @@ class Registration:
             pass
         self._task = None
         try:
-            await asyncio.wait_for(self.client.unregister(self.entity_id), self.stop_timeout_s)
+            await wait_within(self.client.unregister(self.entity_id), self.stop_timeout_s)
         except (CtrlError, asyncio.TimeoutError) as e:
             logger.warning("could not unregister %s (it expires within 60 s): %s", self.entity_id, str(e) or "timeout")
             return False

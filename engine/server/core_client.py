@@ -15,6 +15,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from ctrl_client.aio import wait_within
 from engine.errors import EngineError, UnavailableError
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
@@ -109,7 +110,7 @@ class CoreClient:
         self.calls[call_id] = fut
         try:
             await self.sock.send(self.encoder.encode(make(call_id)))
-            return await asyncio.wait_for(fut, timeout)
+            return await wait_within(fut, timeout)
         finally:
             self.calls.pop(call_id, None)
 
