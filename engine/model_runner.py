@@ -149,6 +149,35 @@ def fill_pending(input_ids: torch.Tensor, dst: np.ndarray, src: np.ndarray, prev
     input_ids.index_copy_(0, idx[0], prev.token_ids.index_select(0, idx[1]).to(input_ids.dtype))
 
 
+def _penalty_inputs(seqs, vocab_size: int, device: torch.device, prev: LaunchedStep | None):
+    """Repetition / presence / frequency penalties of the rows, each prompt's token mask and each
+    output's token counts [B, V]. The (row, token) pairs are built on the host in one pass and go to
+    the device in one pinned copy: no per-row copies or launches. A token still in flight counts too
+    (read from the previous step's samples on the device)."""
+    B, chain = len(seqs), itertools.chain.from_iterable
+    params = [s.params for s in seqs]
+    weights = np.array([[p.repetition_penalty for p in params], [p.presence_penalty for p in params],
+                        [p.frequency_penalty for p in params]], np.float32)
+    n_prompt = np.fromiter((s.num_prompt_tokens for s in seqs), np.int64, B)
+    n_out = np.fromiter((len(s.token_ids) - s.num_prompt_tokens for s in seqs), np.int64, B)
+    flight = np.array([(r, s.pending_row) for r, s in enumerate(seqs) if s.num_pending_tokens], np.int64).reshape(-1, 2)
+    (w,) = _to_device([weights], np.float32, device)
+    prompt_rows, prompt_ids, out_rows, out_ids, flight_rows, flight_src = _to_device([
+        np.repeat(np.arange(B), n_prompt),
+        np.fromiter(chain(s.token_ids[:s.num_prompt_tokens] for s in seqs), np.int64, int(n_prompt.sum())),
+        np.repeat(np.arange(B), n_out),
+        np.fromiter(chain(s.token_ids[s.num_prompt_tokens:] for s in seqs), np.int64, int(n_out.sum())),
+        flight[:, 0], flight[:, 1]], np.int64, device)
+    prompt_mask = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+    prompt_mask[prompt_rows, prompt_ids] = True
+    counts = torch.zeros(B, vocab_size, dtype=torch.int32, device=device)
+    counts.index_put_((out_rows, out_ids), torch.ones_like(out_rows, dtype=torch.int32), accumulate=True)
+    if len(flight):
+        counts.index_put_((flight_rows, prev.token_ids[flight_src]), torch.ones_like(flight_rows, dtype=torch.int32),
+                          accumulate=True)
+    return w[0], w[1], w[2], prompt_mask, counts
+
+
 def _to_device(arrays: list[np.ndarray], dtype, device: torch.device) -> list[torch.Tensor]:
     """One host->device copy (pinned, asynchronous on CUDA) for several flat arrays of one dtype. Each
     array starts 16-byte aligned in the flat buffer: Triton specialises kernels on pointer alignment,
@@ -296,25 +325,9 @@ class ModelRunner:
             need_top_k=any(0 < p.top_k < V for p in params),
             need_top_p=any(p.top_p < 1.0 for p in params),
             need_min_p=any(p.min_p > 0.0 for p in params))
-        f32 = dict(dtype=torch.float32, device=dev)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
-            m.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], **f32)
-            m.presence_penalty = torch.tensor([p.presence_penalty for p in params], **f32)
-            m.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], **f32)
-            prompt_mask = torch.zeros(len(seqs), V, dtype=torch.bool, device=dev)
-            counts = torch.zeros(len(seqs), V, dtype=torch.int32, device=dev)
-            for r, s in enumerate(seqs):
-                prompt_mask[r, torch.tensor(s.token_ids[:s.num_prompt_tokens], device=dev)] = True
-                out = s.output_token_ids
-                if out:
-                    counts[r].index_add_(0, torch.tensor(out, device=dev),
-                                         torch.ones(len(out), dtype=torch.int32, device=dev))
-            in_flight = [(r, s.pending_row) for r, s in enumerate(seqs) if s.num_pending_tokens]
-            if in_flight:  # the output token still in flight counts too (read on the device)
-                rows, src = torch.tensor(in_flight, device=dev).T
-                counts.index_put_((rows, prev.token_ids[src]), torch.ones_like(rows, dtype=torch.int32),
-                                  accumulate=True)
-            m.prompt_mask, m.output_counts = prompt_mask, counts
+            m.repetition_penalty, m.presence_penalty, m.frequency_penalty, m.prompt_mask, m.output_counts = \
+                _penalty_inputs(seqs, V, dev, prev)
         rows, toks = [], []
         for r, s in enumerate(seqs):
             if s.next_output_index < s.params.min_tokens:
@@ -322,7 +335,7 @@ class ModelRunner:
                 rows.extend([r] * len(ids))
                 toks.extend(ids)
         if rows:
-            m.min_tokens_mask = (torch.tensor(rows, device=dev), torch.tensor(toks, device=dev))
+            m.min_tokens_mask = tuple(_to_device([np.array(rows, np.int64), np.array(toks, np.int64)], np.int64, dev))
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         m.max_num_logprobs = max(wanted) if wanted else None
         return m
