@@ -7,7 +7,6 @@ measured copy bandwidth (weights + KV read per step)."""
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import statistics
@@ -106,19 +105,15 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     dec_time = sum(s[0] for s in steps)
     tpot_steps: list[tuple[float, int, int]] = []
     generate([([7] * 128, tpot_tokens)], record=tpot_steps)
-    result = dict(startup_s=startup, graph_capture_s=runner.graphs.capture_seconds if runner.graphs else 0.0,
-                  backend=runner.backend.name, wall_s=wall, output_tokens=out_tokens, out_tps=out_tokens / wall,
-                  total_tps=(out_tokens + in_tokens) / wall, decode_steps=len(steps),
-                  decode_share=dec_time / wall, mean_decode_ms=1e3 * dec_time / max(len(steps), 1),
-                  mean_decode_batch=statistics.fmean(s[1] for s in steps) if steps else 0,
-                  decode_gbs=sum(s[2] for s in steps) / max(dec_time, 1e-9) / 1e9,
-                  decode_bytes=sum(s[2] for s in steps), gpu_idle_s=idle_ms / 1e3,
-                  tpot_ms=1e3 * statistics.median(s[0] for s in tpot_steps[1:]),
-                  kv_blocks=core.block_manager.num_blocks, preemptions=core.scheduler.num_preemptions)
-    del core, runner
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
+    return dict(startup_s=startup, graph_capture_s=runner.graphs.capture_seconds if runner.graphs else 0.0,
+                backend=runner.backend.name, wall_s=wall, output_tokens=out_tokens, out_tps=out_tokens / wall,
+                total_tps=(out_tokens + in_tokens) / wall, decode_steps=len(steps),
+                decode_share=dec_time / wall, mean_decode_ms=1e3 * dec_time / max(len(steps), 1),
+                mean_decode_batch=statistics.fmean(s[1] for s in steps) if steps else 0,
+                decode_gbs=sum(s[2] for s in steps) / max(dec_time, 1e-9) / 1e9,
+                decode_bytes=sum(s[2] for s in steps), gpu_idle_s=idle_ms / 1e3,
+                tpot_ms=1e3 * statistics.median(s[0] for s in tpot_steps[1:]),
+                kv_blocks=core.block_manager.num_blocks, preemptions=core.scheduler.num_preemptions)
 
 
 def run_transformers(config: dict, workload) -> dict:
@@ -142,9 +137,6 @@ def run_transformers(config: dict, workload) -> dict:
     torch.cuda.synchronize()
     wall = time.perf_counter() - t
     useful = sum(n for _, n in workload)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return dict(wall_s=wall, output_tokens=useful, out_tps=useful / wall,
                 total_tps=(useful + sum(len(p) for p, _ in workload)) / wall, requests=len(workload))
 
