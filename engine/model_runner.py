@@ -159,14 +159,14 @@ def _penalty_inputs(seqs, vocab_size: int, device: torch.device, prev: LaunchedS
     weights = np.array([[p.repetition_penalty for p in params], [p.presence_penalty for p in params],
                         [p.frequency_penalty for p in params]], np.float32)
     n_prompt = np.fromiter((s.num_prompt_tokens for s in seqs), np.int64, B)
-    n_out = np.fromiter((len(s.token_ids) - s.num_prompt_tokens for s in seqs), np.int64, B)
+    n_out = np.fromiter((s.num_output_tokens for s in seqs), np.int64, B)
     flight = np.array([(r, s.pending_row) for r, s in enumerate(seqs) if s.num_pending_tokens], np.int64).reshape(-1, 2)
     (w,) = _to_device([weights], np.float32, device)
     prompt_rows, prompt_ids, out_rows, out_ids, flight_rows, flight_src = _to_device([
         np.repeat(np.arange(B), n_prompt),
         np.fromiter(chain(s.token_ids[:s.num_prompt_tokens] for s in seqs), np.int64, int(n_prompt.sum())),
         np.repeat(np.arange(B), n_out),
-        np.fromiter(chain(s.token_ids[s.num_prompt_tokens:] for s in seqs), np.int64, int(n_out.sum())),
+        np.fromiter(chain(s.output_token_ids for s in seqs), np.int64, int(n_out.sum())),
         flight[:, 0], flight[:, 1]], np.int64, device)
     prompt_mask = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
     prompt_mask[prompt_rows, prompt_ids] = True
