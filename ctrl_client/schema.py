@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 import msgspec
 
-Role = Literal["hybrid", "prefill", "decode", "encoder"]
+EngineRole = Literal["hybrid", "prefill", "decode"]  # what an engine core serves
+Role = Literal[EngineRole, "encoder"]
 
 # Addresses a peer cannot connect to; an engine bound to one must advertise a real address.
 UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})

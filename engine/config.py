@@ -6,9 +6,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ctrl_client.schema import EngineRole
 from engine.errors import InvalidRequestError
-
-Role = Literal["hybrid", "prefill", "decode"]
 
 
 def literal_choices(cls) -> dict[str, tuple[str, ...]]:
@@ -56,9 +55,16 @@ class EngineConfig:
         "auto", "attention over FP8 KV pages (flashinfer backend): fp8 rounds q and the softmax "
                 "probabilities to E4M3 and runs FP8 tensor cores (XQA decode, FlashAttention-3 prefill; "
                 "Hopper), exact keeps q in the model dtype; auto: fp8 where it runs")
-    tensor_parallel_size: int = opt(1, "GPUs per engine for tensor parallelism")
+    tensor_parallel_size: int = opt(1, "ranks (GPUs) per engine: attention heads, MLP and vocab split across them")
+    distributed_executor_backend: Literal["auto", "uni", "mp", "ray"] = opt(
+        "auto", "how ranks run: uni (one process), mp (one process per GPU on this node), ray (Ray actors "
+                "across the nodes of a Ray cluster); auto: uni at tensor_parallel_size 1, else mp")
+    ray_address: str | None = opt(None, "Ray cluster to join with the ray backend (host:port of its head); "
+                                        "none: this node's cluster, or a local one")
+    distributed_timeout_s: float = opt(
+        120.0, "a collective or a worker call that takes longer fails (a dead or hung rank stops the engine)")
     seed: int = opt(0, "engine seed: draws the sampling seeds of requests that bring none")
-    role: Role = opt("hybrid", "hybrid, or one half of a prefill/decode pair")
+    role: EngineRole = opt("hybrid", "hybrid, or one half of a prefill/decode pair")
     kv_transfer_host: str = opt("127.0.0.1", "address the DLSlime KV endpoint binds and advertises")
     kv_park_timeout_s: float = opt(60.0, "prefill: reclaim KV that no decode engine pulled or freed in time")
     kv_pull_timeout_s: float = opt(30.0, "decode: fail a KV pull that has not finished in time")
@@ -75,8 +81,10 @@ class EngineConfig:
         check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "must be >= 1")
         check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
               "must be > 0")
-        # Tensor parallelism needs the multi-rank runner (torch.distributed); one rank per engine today.
-        check(self.tensor_parallel_size == 1, "tensor_parallel_size", "> 1 is not supported yet (use 1)")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(self.distributed_executor_backend != "uni" or self.tensor_parallel_size == 1,
+              "distributed_executor_backend", "uni runs one rank: use mp or ray with tensor_parallel_size > 1")
+        check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")
         for name, choices in literal_choices(type(self)).items():
             check(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")
 

@@ -12,13 +12,9 @@ from engine.errors import InvalidRequestError
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
 
 PromptType = str | list[int] | dict
-
-
-def load_tokenizer(path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 class LLM:
@@ -112,3 +108,7 @@ class LLM:
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.engine.abort(self.processor.abort(rid))
+
+    def shutdown(self) -> None:
+        """Stops the engine's other ranks (tensor parallelism) and its KV endpoints."""
+        self.engine.shutdown()

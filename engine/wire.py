@@ -148,3 +148,53 @@ class ErrorReply(msgspec.Struct, kw_only=True, tag="error", omit_defaults=True):
 
 
 CoreOutbound = Union[EngineCoreOutputs, RequestsRejected, EngineInfo, UtilityResult, ErrorReply]
+
+
+# ---- engine core (rank 0) <-> its other model workers, over one ZMQ ROUTER/DEALER pair ----------
+# Rank 0 sends every worker the same message; a step needs no reply (rank 0's samples are the truth, and
+# the other ranks get them by broadcast on the device), a call is answered by every worker. `freed` carries
+# the block tables rank 0 dropped since its last message, so the workers' copies never go stale.
+
+class WorkerStep(msgspec.Struct, tag="step", array_like=True):
+    """One step as deltas: per row a handle, the blocks appended to its table since the last step (the whole
+    table for a handle the workers have not seen), and the step's numbers as raw little-endian arrays
+    (engine/worker/input_batch.py StepBatch: int64 num_computed, num_new, pending_rows, token_ids; bool samples)."""
+
+    freed: list[int]
+    handles: list[int]
+    new_blocks: list[list[int]]
+    num_computed: bytes
+    num_new: bytes
+    pending_rows: bytes
+    samples: bytes
+    token_ids: bytes
+
+
+class WorkerCall(msgspec.Struct, tag="call", array_like=True):
+    """A Worker method (dotted names reach its parts, e.g. `pd.poll`) run on every worker; each replies."""
+
+    call_id: int
+    method: str
+    args: list[Any]
+    freed: list[int] = []
+
+
+WorkerInbound = Union[WorkerStep, WorkerCall]
+
+
+class WorkerReady(msgspec.Struct, tag="ready", array_like=True):
+    """Sent once connected (before joining the process group), and again with `loaded` once the model is in."""
+
+    rank: int
+    pid: int
+    loaded: bool
+
+
+class WorkerReply(msgspec.Struct, tag="reply", array_like=True, omit_defaults=True):
+    call_id: int
+    rank: int
+    result: Any = None
+    error: str | None = None
+
+
+WorkerOutbound = Union[WorkerReady, WorkerReply]

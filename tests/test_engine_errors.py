@@ -90,12 +90,19 @@ def test_unknown_architecture(tmp_path, tiny_models):
     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
     (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(no_such_option=1), "no_such_option"),
-    (dict(tensor_parallel_size=2), "tensor_parallel_size"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size"),
+    (dict(tensor_parallel_size=2, distributed_executor_backend="uni"), "distributed_executor_backend"),
 ])
 def test_bad_engine_options(tiny_models, options, param):
     with pytest.raises(InvalidRequestError) as e:
         LLM(str(tiny_models["llama"]), device="cpu", **options)
     assert e.value.param == param
+
+
+def test_tensor_parallel_size_must_split_the_heads(tiny_models):
+    with pytest.raises(UnsupportedModelError) as e:  # 4 query heads, 2 KV heads: 3 ranks cannot split them
+        LLM(str(tiny_models["llama"]), device="cpu", tensor_parallel_size=3)
+    assert e.value.param == "tensor_parallel_size" and "num_attention_heads 4" in e.value.message
 
 
 def test_missing_model_folder(tmp_path):

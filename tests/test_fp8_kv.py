@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.kv_cache import KVCacheSpec, kv_cache_dtype
+from engine.kv.spec import KVCacheSpec, kv_cache_dtype
 from engine.sampling_params import SamplingParams
 from kernels.attention import AttentionMetadata, TorchAttentionBackend
 from kernels.attention.torch_ref import quantize_kv
@@ -17,7 +17,7 @@ FP8 = torch.float8_e4m3fn
 def test_kv_cache_dtype_and_pool_bytes():
     assert kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert kv_cache_dtype("fp8", torch.bfloat16) == FP8 == kv_cache_dtype("fp8_e4m3", torch.float32)
-    bf16, fp8 = KVCacheSpec(28, 8, 128, 16, torch.bfloat16), KVCacheSpec(28, 8, 128, 16, FP8)
+    bf16, fp8 = KVCacheSpec(28, 8, 128, 16, "bfloat16"), KVCacheSpec(28, 8, 128, 16, "float8_e4m3fn")
     assert bf16.bytes_per_token == 114688 and fp8.bytes_per_token == 57344
 
 
@@ -49,7 +49,7 @@ def test_fp8_attention_close_to_full_precision():
     fp8_cache = quantize_kv(ref_cache, FP8, 0.5)
     ref_cache = fp8_cache.float() * 0.5  # same context values in both caches: only new tokens differ
     q, k, v = torch.randn(18, 4, 32), torch.randn(18, 2, 32), torch.randn(18, 2, 32)
-    out = TorchAttentionBackend(0.5, 0.5).forward(q, k, v, fp8_cache, meta, 32 ** -0.5)
+    out = TorchAttentionBackend().forward(q, k, v, fp8_cache, meta, 32 ** -0.5, k_scale=0.5, v_scale=0.5)
     expected = TorchAttentionBackend().forward(q, k, v, ref_cache, meta, 32 ** -0.5)
     err = float((out - expected).norm() / expected.norm())
     assert err < 3e-2, err

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cuda_graph import DecodeInputs, bucket_for, capture_sizes, pad_decode_inputs
-from engine.model_runner import prepare_host
+from engine.worker.cuda_graph import DecodeInputs, bucket_for, capture_sizes, pad_decode_inputs
+from engine.worker.input_batch import StepBatch, prepare_host
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq
-from engine.sequence import Sequence
+from engine.core.scheduler import ScheduledSeq
+from engine.core.sequence import Sequence
 from kernels.attention import PagedHostMeta
 
 GPU = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
@@ -68,7 +68,7 @@ def _random_batch(rng, bs):
 def test_prepare_host_matches_per_token_loop(seed):
     rng, bs = random.Random(seed), 16
     batch = _random_batch(rng, bs)
-    x = prepare_host(batch, bs, with_block_tables=True)
+    x = prepare_host(StepBatch.from_scheduled(batch), [s.seq.block_table for s in batch], bs, with_block_tables=True)
     ids, pos, slots, logits_idx, n = [], [], [], [], 0
     for s in batch:
         st = s.seq.num_computed_tokens

@@ -100,13 +100,13 @@ def random_batch(q_lens, ctx_lens, block_size=16, num_blocks=256, kvh=8, d=128, 
     return pool, meta
 
 
-def _backend(name, kv_dtype, dtype, k_scale=1.0, v_scale=1.0):
+def _backend(name, kv_dtype, dtype):
     """`name`: triton, or flashinfer-<fp8_attention>."""
-    from kernels.attention import get_attention_backend
+    from kernels.attention import AttentionShape, get_attention_backend
     name, _, fp8 = name.partition("-")
-    b = get_attention_backend(name, torch.device(DEV), k_scale=k_scale, v_scale=v_scale, fp8_attention=fp8 or "auto")
-    if hasattr(b, "configure"):
-        b.configure(num_heads=16, num_kv_heads=8, head_dim=128, scale=128 ** -0.5, q_dtype=dtype, kv_dtype=kv_dtype)
+    b = get_attention_backend(name, torch.device(DEV), fp8_attention=fp8 or "auto")
+    b.configure(AttentionShape(num_heads=16, num_kv_heads=8, head_dim=128, scale=128 ** -0.5, q_dtype=dtype,
+                               kv_dtype=kv_dtype))
     return b
 
 
@@ -132,11 +132,11 @@ def test_attention_backend_matches_reference(backend, case, kv):
     qkv = torch.randn(T, 4096, device=DEV, dtype=dtype)
     k, v = qkv[:, 2048:3072].view(T, 8, 128), qkv[:, 3072:].view(T, 8, 128)
     scales = (0.5, 0.25) if kv == "fp8" else (1.0, 1.0)
-    fast, ref = _backend(backend, kv_dtype, dtype, *scales), TorchAttentionBackend(*scales)
+    fast, ref = _backend(backend, kv_dtype, dtype), TorchAttentionBackend()
     a, b = pool.clone(), pool.clone()
     meta.plan = fast.plan(meta)
-    out = fast.forward(q, k, v, a[:, 1], meta, 128 ** -0.5)
-    expected = ref.forward(q.float(), k, v, b[:, 1], meta, 128 ** -0.5)
+    out = fast.forward(q, k, v, a[:, 1], meta, 128 ** -0.5, *scales)
+    expected = ref.forward(q.float(), k, v, b[:, 1], meta, 128 ** -0.5, *scales)
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), "KV store differs"
     # FP8 math rounds q and the softmax probabilities to E4M3 (2^-4 relative): ~3e-2
     assert rel_err(out, expected) < (5e-2 if backend == "flashinfer-fp8" else 2e-2)
@@ -154,7 +154,7 @@ def test_triton_attention_float32_exact():
 
 
 def test_gumbel_sampling_matches_torch_path():
-    from engine.sampler import SamplingMetadata, sample
+    from engine.sampling.sampler import SamplingMetadata, sample
     B, V = 64, 151936
     logits = torch.randn(B, V, device=DEV) * 3
     temp = torch.full((B,), 0.6, device=DEV)
@@ -193,7 +193,7 @@ def test_triton_decode_attention(kv, splits):
 
 def test_gumbel_sampling_reads_bf16_logits():
     """The fused path widens bf16 logits in registers: the same draw as from their float32 copy."""
-    from engine.sampler import SamplingMetadata, sample
+    from engine.sampling.sampler import SamplingMetadata, sample
     B, V = 16, 151936
     logits = (torch.randn(B, V, device=DEV) * 3).bfloat16()
     m = SamplingMetadata(temperature=torch.full((B,), 0.7, device=DEV), top_k=torch.full((B,), V, device=DEV),

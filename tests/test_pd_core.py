@@ -7,6 +7,7 @@ import random
 import pytest
 
 from engine.errors import InvalidRequestError
+from engine.kv.spec import KVCacheSpec
 from engine.pd import migration as mig
 from engine.sampling_params import SamplingParams
 from engine.wire import EngineCoreRequest
@@ -110,16 +111,20 @@ def test_corrupted_or_forged_migration_is_rejected(pair):
     good = out.kv_transfer_params["migration"]
     m = mig.decode(good)
     bad_geometry = mig.encode(mig.Migration(**{**{f: getattr(m, f) for f in m.__struct_fields__},
-                                              "geometry": mig.KVGeometry(1, 1, 1, 4, "float32")}))
+                                              "kv_spec": KVCacheSpec(1, 1, 1, 4, "float32")}))
+    other_tp = mig.encode(mig.Migration(**{**{f: getattr(m, f) for f in m.__struct_fields__},
+                                          "transfer": m.transfer * 2, "block_ids": m.block_ids * 2}))
     out_of_range = mig.encode(mig.Migration(**{**{f: getattr(m, f) for f in m.__struct_fields__},
-                                              "block_ids": [10 ** 6, 10 ** 6 + 1]}))
+                                              "block_ids": [[10 ** 6, 10 ** 6 + 1]]}))
     flipped = good[:20] + ("A" if good[20] != "A" else "B") + good[21:]
     free_before = decode.block_manager.num_free_blocks
-    for payload in ("", "not base64!", flipped, good[:-8], bad_geometry, 42):
+    for payload in ("", "not base64!", flipped, good[:-8], bad_geometry, other_tp, 42):
         with pytest.raises(InvalidRequestError) as e:
             decode.add_request(EngineCoreRequest(request_id="bad", prompt_token_ids=[], params=SamplingParams(),
                                                  kv_transfer_params={"migration": payload}))
         assert e.value.param == "kv_transfer_params"
+        if payload is other_tp:  # a different tensor-parallel size is named, not re-sharded
+            assert "tensor_parallel_size 2" in e.value.message
     # well-formed but pointing outside the source pool: the pull is refused before any byte moves
     decode.add_request(EngineCoreRequest(request_id="oob", prompt_token_ids=[], params=SamplingParams(),
                                          kv_transfer_params={"migration": out_of_range}))

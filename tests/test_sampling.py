@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.sampler import SamplingMetadata, apply_penalties, sample
+from engine.sampling.sampler import SamplingMetadata, apply_penalties, sample
 from engine.sampling_params import SamplingParams
 from tests.hf_oracle import hf_model
 

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             kernels = {"FlashInfer": lambda: wrapper.run(q, cache),
                        "Triton": lambda: decode_attention(q, cache, seq_lens, block_tables, D ** -0.5)}
             if xqa_fp8_supported(dev, q.dtype, kv_dtype, BS, D):
-                xqa, out = XqaDecode(dev, KVH, D, BS, D ** -0.5), torch.empty_like(q)
-                kernels["XQA"] = lambda: xqa(q, cache, seq_lens, block_tables, out)
+                xqa, out = XqaDecode(dev, KVH, D, BS), torch.empty_like(q)
+                kernels["XQA"] = lambda: xqa(q, cache, seq_lens, block_tables, out, D ** -0.5)
             kv_bytes = int(lens.sum()) * KVH * D * 2 * pool.element_size()
             cells = {}
             for name, fn in kernels.items():

@@ -58,3 +58,23 @@ def config_from_args(cls: type, ns: argparse.Namespace, **overrides: Any):
     values = {k: v for k, v in vars(ns).items() if k in names}
     values.update(overrides)
     return cls(**values)
+
+
+def config_argv(cls: type, config) -> list[str]:
+    """The flags that rebuild `config` through engine.cli.args (non-default fields only)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cls):
+        value = getattr(config, f.name)
+        if value == f.default or value is None or f.metadata.get("cli") is False:
+            continue
+        if f.metadata.get("positional"):
+            argv.insert(0, str(value))
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag, "true" if value else "false"]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

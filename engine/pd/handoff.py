@@ -1,9 +1,13 @@
 """KVHandoff: the prefill and decode halves of a migration inside one engine core.
 
-Prefill side: a request that asked for `do_remote_decode` is *parked* after its first sampled
-token: its blocks stay allocated (keyed by an int `seq_id`) until the router frees them, or until
-a timeout reclaims them. Decode side: a request carrying a `migration` gets fresh blocks, pulls the
-source's blocks into them over DLSlime, then joins the running batch as if it had prefilled here.
+Prefill side: a request that asked for `do_remote_decode` is *parked* after its first sampled token: its
+blocks stay allocated (keyed by an int `seq_id`) until the router frees them, or until a timeout reclaims
+them. Decode side: a request carrying a `migration` gets fresh blocks, pulls the source's blocks into them
+over DLSlime, then joins the running batch as if it had prefilled here.
+
+The bytes move rank to rank: every tensor-parallel rank stages, serves and pulls its own shard of the pool
+(engine/pd/rank_kv.py), reached through the executor. A pull is done when every rank's part is done, failed
+when any part failed, and its blocks are freed only once no rank can still write into them.
 """
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
+from engine.core.block_manager import BlockManager
+from engine.core.sequence import Sequence
 from engine.errors import InvalidRequestError
+from engine.kv.spec import KVCacheSpec
 from engine.pd import migration as mig
-from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -25,61 +30,63 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Parked:
     seq: Sequence
-    staged: object  # the agent's StagedBlocks (pool blocks or pinned staging slots)
     deadline: float
 
 
 @dataclass
 class _Pull:
+    key: int
     seq: Sequence
     migration: mig.Migration
-    transfer: object = None  # PullTransfer once blocks are allocated and the pull started
+    started: bool = False  # blocks allocated and every rank told to pull
     cancelled: bool = False  # aborted while reads were in flight: free once they settle
+    # rank -> (state, error, safe to free) once that rank's part ended
+    results: dict[int, tuple[str, str | None, bool]] = field(default_factory=dict)
 
 
 class KVHandoff:
-    def __init__(self, block_manager: BlockManager, pool, geometry: mig.KVGeometry, host: str,
-                 park_timeout_s: float, pull_timeout_s: float, staging_bytes: int = 2 << 30,
-                 engine_id: str | None = None):
+    def __init__(self, block_manager: BlockManager, executor, kv_spec: KVCacheSpec, park_timeout_s: float,
+                 pull_timeout_s: float, engine_id: str | None = None):
         self.block_manager = block_manager
-        self.pool = pool
-        self.geometry = geometry
-        self.host = host
+        self.executor = executor
+        self.world_size = executor.world_size
+        self.kv_spec = kv_spec
         self.park_timeout_s = park_timeout_s
         self.pull_timeout_s = pull_timeout_s
-        self.staging_bytes = staging_bytes
         self.engine_id = engine_id or uuid.uuid4().hex
-        self._agent = None
-        self._seq_ids = itertools.count(1)
+        self._endpoints: list[dict] | None = None
+        self._keys = itertools.count(1)
         self.parked: dict[int, _Parked] = {}
         self.pulls: deque[_Pull] = deque()  # in admission order; head may wait for free blocks
         self.active_sources: set[tuple[str, int]] = set()  # (source engine, seq_id) being pulled
         self.num_reclaimed = 0
+        self._used = False  # any rank's transfer agent exists
+
+    def _rpc(self, method: str, *args) -> list:
+        self._used = True
+        return self.executor.collective_rpc(f"pd.{method}", *args)
 
     @property
-    def agent(self):
-        """The DLSlime endpoint serving/pulling this pool, created on first use."""
-        if self._agent is None:
-            from engine.pd.transfer import KVTransferAgent
-            # the PyPI dlslime has no CUDA: a GPU pool is served through a pinned host area
-            block_bytes = self.pool[0].numel() * self.pool.element_size()
-            staging = min(self.pool.shape[0], max(1, self.staging_bytes // block_bytes)) if self.pool.is_cuda else 0
-            self._agent = KVTransferAgent(self.pool, host=self.host, staging_blocks=staging)
-        return self._agent
+    def endpoints(self) -> list[dict]:
+        """Every rank's DLSlime endpoint info (their agents start on first use)."""
+        if self._endpoints is None:
+            self._endpoints = self._rpc("endpoint_info")
+        return self._endpoints
 
     # ---- prefill side ------------------------------------------------------------------------
     def park(self, seq: Sequence, model: str) -> dict:
         """Keeps the prompt's blocks for a decode engine; returns DLRouter's kv_transfer_params."""
-        seq_id = next(self._seq_ids)
-        nblocks = self.block_manager.blocks_needed(seq.num_prompt_tokens)
-        block_ids = seq.block_table[:nblocks]
-        staged = self.agent.stage_out(block_ids)
-        if staged is None:
+        seq_id = next(self._keys)
+        block_ids = seq.block_table[:self.block_manager.blocks_needed(seq.num_prompt_tokens)]
+        endpoints = self.endpoints
+        remote = self._rpc("stage_out", seq_id, block_ids)
+        if any(ids is None for ids in remote):
+            self._rpc("release", seq_id)
             raise RuntimeError("KV staging area full")
-        self.parked[seq_id] = _Parked(seq, staged, time.monotonic() + self.park_timeout_s)
-        m = mig.Migration(version=mig.VERSION, engine_id=self.engine_id, seq_id=seq_id,
-                          transfer=self.agent.endpoint_info(), geometry=self.geometry,
-                          block_ids=list(staged.remote_ids), prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+        self.parked[seq_id] = _Parked(seq, time.monotonic() + self.park_timeout_s)
+        m = mig.Migration(version=mig.VERSION, engine_id=self.engine_id, seq_id=seq_id, transfer=endpoints,
+                          kv_spec=self.kv_spec, block_ids=remote,
+                          prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                           first_token=seq.token_ids[seq.num_prompt_tokens], params=seq.params,
                           sampling_seed=seq.sampling_seed, model=model)
         return {"migration": mig.encode(m), "first_token": m.first_token, "seq_id": seq_id}
@@ -90,12 +97,12 @@ class KVHandoff:
         for seq_id in seq_ids:
             parked = self.parked.pop(seq_id, None) if isinstance(seq_id, int) else None
             if parked is not None:
-                self._release(parked)
+                self._release(seq_id, parked)
                 freed += 1
         return freed
 
-    def _release(self, parked: _Parked) -> None:
-        self.agent.release(parked.staged)
+    def _release(self, seq_id: int, parked: _Parked) -> None:
+        self._rpc("release", seq_id)
         self.block_manager.free(parked.seq)
 
     def reclaim_expired(self, now: float | None = None) -> int:
@@ -103,15 +110,20 @@ class KVHandoff:
         expired = [k for k, p in self.parked.items() if p.deadline <= now]
         for k in expired:
             log.warning("reclaiming KV of seq_id %d: not freed within %.0fs", k, self.park_timeout_s)
-            self._release(self.parked.pop(k))
+            self._release(k, self.parked.pop(k))
         self.num_reclaimed += len(expired)
         return len(expired)
 
     # ---- decode side -------------------------------------------------------------------------
     def parse(self, kv_transfer_params: dict) -> mig.Migration:
         m = mig.decode(kv_transfer_params.get("migration"))
-        if m.geometry != self.geometry:
-            raise InvalidRequestError(f"migration KV layout {m.geometry} does not match this engine's {self.geometry}",
+        if m.tensor_parallel_size != self.world_size:
+            raise InvalidRequestError(
+                f"the migration comes from an engine with tensor_parallel_size {m.tensor_parallel_size}; this "
+                f"engine has {self.world_size}, and KV is not re-sharded: pair engines of the same size",
+                param="kv_transfer_params")
+        if m.kv_spec != self.kv_spec:
+            raise InvalidRequestError(f"migration KV layout {m.kv_spec} does not match this engine's {self.kv_spec}",
                                       param="kv_transfer_params")
         if (m.engine_id, m.seq_id) in self.active_sources:
             raise InvalidRequestError(f"seq_id {m.seq_id} of engine {m.engine_id} is already being pulled",
@@ -120,47 +132,51 @@ class KVHandoff:
 
     def admit(self, seq: Sequence, m: mig.Migration) -> None:
         self.active_sources.add((m.engine_id, m.seq_id))
-        self.pulls.append(_Pull(seq, m))
+        self.pulls.append(_Pull(next(self._keys), seq, m))
 
     def poll(self) -> tuple[list[Sequence], list[tuple[Sequence, str]]]:
         """Starts pulls that now have blocks, advances running ones.
         Returns (sequences whose KV has landed, (sequence, error) of failed ones)."""
-        from engine.pd.transfer import TERMINAL, TransferError, TransferState
-        ready, failed = [], []
         waiting_for_blocks = False
-        for pull in list(self.pulls):
-            seq = pull.seq
-            if pull.transfer is None:
-                n = len(pull.migration.block_ids)
-                if waiting_for_blocks or n > self.block_manager.num_free_blocks:
-                    waiting_for_blocks = True  # admit in order: later pulls wait too
-                    continue
-                seq.block_table = self.block_manager.allocate_blocks(n)
-                try:
-                    pull.transfer = self.agent.start_pull(pull.migration.transfer, pull.migration.block_ids,
-                                                          seq.block_table, timeout_s=self.pull_timeout_s)
-                except (TransferError, KeyError, TypeError, ValueError) as e:
-                    self._finish_pull(pull, safe=True)
-                    failed.append((seq, f"KV transfer rejected: {e}"))
-                    continue
-            state = pull.transfer.poll()
-            if state not in TERMINAL:
+        for pull in self.pulls:
+            if pull.started:
                 continue
-            if state is TransferState.DONE and not pull.cancelled:
+            n = len(pull.migration.block_ids[0])
+            if waiting_for_blocks or n > self.block_manager.num_free_blocks:
+                waiting_for_blocks = True  # admit in order: later pulls wait too
+                continue
+            pull.seq.block_table = self.block_manager.allocate_blocks(n)
+            self._rpc("start_pull", pull.key, pull.migration.transfer, pull.migration.block_ids,
+                      pull.seq.block_table, self.pull_timeout_s)
+            pull.started = True
+        started = {p.key: p for p in self.pulls if p.started}
+        if not started:
+            return [], []
+        for rank, ended in enumerate(self._rpc("poll", list(started))):
+            for key, state, error, safe in ended:
+                started[key].results[rank] = (state, error, safe)
+        ready, failed = [], []
+        for pull in list(started.values()):
+            if len(pull.results) < self.world_size:
+                continue
+            seq = pull.seq
+            states = [r[0] for r in pull.results.values()]
+            if all(s == "done" for s in states) and not pull.cancelled:
                 self._finish_pull(pull, safe=True, keep_blocks=True)
                 seq.num_computed_tokens = seq.num_prompt_tokens
                 ready.append(seq)
-            else:
-                self._finish_pull(pull, safe=pull.transfer.safe_to_free)
-                if not pull.cancelled:
-                    failed.append((seq, f"KV transfer {state.value}: {pull.transfer.error}"))
+                continue
+            self._finish_pull(pull, safe=all(r[2] for r in pull.results.values()))
+            if not pull.cancelled:
+                state, error, _ = next(r for r in pull.results.values() if r[0] != "done")
+                failed.append((seq, f"KV transfer {state}: {error}"))
         return ready, failed
 
     def cancel(self, seq: Sequence) -> bool:
         """The request was aborted: drop its pull (blocks are freed once no read can land in them)."""
         for pull in self.pulls:
             if pull.seq is seq:
-                if pull.transfer is None:
+                if not pull.started:
                     self._finish_pull(pull, safe=True)
                 else:
                     pull.cancelled = True
@@ -179,12 +195,14 @@ class KVHandoff:
                       pull.seq.seq_id)
 
     def metrics(self) -> dict:
-        """Pull counters for the engine's stats (zero until the first transfer)."""
-        if self._agent is None:
+        """Pull counters summed over the ranks (zero until the first transfer)."""
+        if not self._used:
             return {"kv_transfers": 0, "kv_transfers_failed": 0, "kv_transfer_bytes": 0, "kv_transfer_ms": 0.0}
-        m = self._agent.metrics()
-        return {"kv_transfers": m.transfers + m.failed + m.timed_out, "kv_transfers_failed": m.failed + m.timed_out,
-                "kv_transfer_bytes": m.bytes, "kv_transfer_ms": m.ms}
+        per_rank = self._rpc("metrics")
+        # a pull counts once (rank 0's count); bytes add up over the ranks; time is the slowest rank's
+        return {"kv_transfers": int(per_rank[0][0]), "kv_transfers_failed": int(per_rank[0][1]),
+                "kv_transfer_bytes": int(sum(m[2] for m in per_rank)),
+                "kv_transfer_ms": float(max(m[3] for m in per_rank))}
 
     @property
     def busy(self) -> bool:
@@ -192,6 +210,6 @@ class KVHandoff:
 
     def close(self) -> None:
         for k in list(self.parked):
-            self._release(self.parked.pop(k))
-        if self._agent is not None:
-            self._agent.close()
+            self._release(k, self.parked.pop(k))
+        if self._used:
+            self._rpc("close")

@@ -1,5 +1,6 @@
-"""The migration descriptor: everything a decode engine needs to continue a request that a prefill
-engine started (source engine, its transfer endpoint, block ids, prompt and first token, sampling).
+"""The migration descriptor: everything a decode engine needs to continue a request that a prefill engine
+started: the source engine, each of its ranks' transfer endpoint and block ids, its KV-cache spec, the
+prompt and first token, and the sampling parameters.
 
 DLRouter passes only the opaque `migration` string to the decode node, so it is self-contained:
 msgpack, a CRC32 against corruption, base64 for JSON.
@@ -14,33 +15,28 @@ from typing import Any
 import msgspec
 
 from engine.errors import InvalidRequestError
+from engine.kv.spec import KVCacheSpec
 from engine.sampling_params import SamplingParams
 
-VERSION = 1
-
-
-class KVGeometry(msgspec.Struct, frozen=True, array_like=True):
-    """What must match between the two pools for a block to mean the same bytes."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: str
+VERSION = 2
 
 
 class Migration(msgspec.Struct, kw_only=True):
     version: int
     engine_id: str  # the source (prefill) engine
     seq_id: int  # its handle for the parked KV (what /pd/free takes)
-    transfer: dict[str, Any]  # the source's KVTransferAgent.endpoint_info()
-    geometry: KVGeometry
-    block_ids: list[int]  # source blocks holding the prompt's KV, in order
+    transfer: list[dict[str, Any]]  # per tensor-parallel rank: its KVTransferAgent.endpoint_info()
+    kv_spec: KVCacheSpec  # one rank's pool layout (every rank's is the same)
+    block_ids: list[list[int]]  # per rank: the source blocks holding the prompt's KV, in order
     prompt_token_ids: list[int]
     first_token: int
     params: SamplingParams
     sampling_seed: int
     model: str = ""
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return len(self.transfer)
 
 
 def encode(m: Migration) -> str:
@@ -67,8 +63,12 @@ def decode(text: Any) -> Migration:
         raise bad(str(e)) from None
     if m.version != VERSION:
         raise bad(f"version {m.version} (this engine reads {VERSION})")
-    if not m.prompt_token_ids or len(m.block_ids) != -(-len(m.prompt_token_ids) // m.geometry.block_size):
-        raise bad("block count does not cover the prompt")
-    if any(b < 0 for b in m.block_ids) or len(set(m.block_ids)) != len(m.block_ids):
-        raise bad("block ids must be distinct and non-negative")
+    if not m.transfer or len(m.block_ids) != len(m.transfer):
+        raise bad("one transfer endpoint and one block list per rank expected")
+    blocks = -(-len(m.prompt_token_ids) // m.kv_spec.block_size) if m.kv_spec.block_size > 0 else -1
+    for ids in m.block_ids:
+        if not m.prompt_token_ids or len(ids) != blocks:
+            raise bad("block count does not cover the prompt")
+        if any(b < 0 for b in ids) or len(set(ids)) != len(ids):
+            raise bad("block ids must be distinct and non-negative")
     return m

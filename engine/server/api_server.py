@@ -46,7 +46,7 @@ class FrontState:
     # ---- startup -------------------------------------------------------------------------------
     async def start(self, model_arg: str, tokenizer_arg: str | None) -> None:
         """Waits for the core's first engine-info reply, loads the tokenizer, and opens for requests."""
-        from engine.llm import load_tokenizer
+        from engine.tokenizer import load_tokenizer
         # a local checkpoint's tokenizer loads while the core loads the weights
         early_source = tokenizer_arg or (model_arg if model_arg and os.path.isdir(model_arg) else None)
         early = asyncio.create_task(asyncio.to_thread(load_tokenizer, early_source)) if early_source else None

@@ -17,6 +17,7 @@ import uuid
 
 from aiohttp import web
 
+from engine.cli.args import config_argv
 from engine.config import EngineConfig
 from engine.errors import EngineError, UnavailableError
 from engine.server.api_server import FrontState, build_app
@@ -27,26 +28,6 @@ from engine.server.registration import register_front, unregister_front
 
 log = logging.getLogger(__name__)
 CORE_STOP_TIMEOUT_S = 15.0
-
-
-def config_argv(cls: type, config) -> list[str]:
-    """The flags that rebuild `config` through engine.cli.args (non-default fields only)."""
-    argv: list[str] = []
-    for f in dataclasses.fields(cls):
-        value = getattr(config, f.name)
-        if value == f.default or value is None or f.metadata.get("cli") is False:
-            continue
-        if f.metadata.get("positional"):
-            argv.insert(0, str(value))
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag, "true" if value else "false"]
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
 
 
 def private_ipc_address() -> str:

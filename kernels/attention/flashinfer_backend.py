@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.attention.base import AttentionBackend, AttentionShape
 from kernels.attention.metadata import AttentionMetadata
 from kernels.attention.xqa_decode import XQA_PAGE_SIZES, XqaDecode, xqa_fp8_supported
 
@@ -46,36 +47,34 @@ class MixedPlan:
     num_decode_rows: int
 
 
-class FlashInferBackend:
+class FlashInferBackend(AttentionBackend):
     supports_cuda_graph = True
     needs_block_tables = True  # the Triton decode kernel reads them
 
-    def __init__(self, device: torch.device, k_scale: float = 1.0, v_scale: float = 1.0, fp8_attention: str = "auto"):
+    def __init__(self, device: torch.device, fp8_attention: str = "auto"):
+        super().__init__()
         if fp8_attention not in FP8_ATTENTION:
             raise ValueError(f"unknown fp8_attention {fp8_attention!r}: choose {', '.join(FP8_ATTENTION)}")
         self.device = device
-        self.k_scale, self.v_scale = k_scale, v_scale
         self.fp8_attention = fp8_attention
         self.xqa: XqaDecode | None = None  # set by configure() when FP8 math decodes
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = None  # configure() builds it: the FA3 FP8 or the auto-chosen kernel
-        self.shape: dict | None = None
+        self.plan_dtypes: dict | None = None
         self._planned: torch.cuda.Event | None = None
 
-    def configure(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                  q_dtype: torch.dtype, kv_dtype: torch.dtype, block_size: int = 16) -> None:
-        """The model's attention shape; plans need it before the first layer runs, and it picks the
-        kernels (FP8 math or exact)."""
+    def configure(self, shape: AttentionShape) -> None:
+        """Picks the kernels (FP8 math or exact) for the model's attention shape; plans need it."""
         import flashinfer
-        fp8_ok = xqa_fp8_supported(self.device, q_dtype, kv_dtype, block_size, head_dim)
+        super().configure(shape)
+        fp8_ok = xqa_fp8_supported(self.device, shape.q_dtype, shape.kv_dtype, shape.block_size, shape.head_dim)
         if self.fp8_attention == "fp8" and not fp8_ok:
             raise ValueError("fp8_attention fp8 needs a Hopper GPU (SM90), FP8 KV pages, a bf16/fp16 model, "
                              f"block_size in {XQA_PAGE_SIZES} and head_dim a multiple of 16 up to 256")
         fp8_math = fp8_ok and self.fp8_attention != "exact"
-        self.shape = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale,
-                          q_dtype=FP8 if fp8_math else q_dtype, o_dtype=q_dtype, kv_dtype=kv_dtype)
-        self.xqa = (XqaDecode(self.device, num_kv_heads, head_dim, block_size, scale, self.k_scale, self.v_scale)
-                    if fp8_math else None)
+        self.plan_dtypes = dict(q_data_type=FP8 if fp8_math else shape.q_dtype, kv_data_type=shape.kv_dtype,
+                                o_data_type=shape.q_dtype)
+        self.xqa = XqaDecode(self.device, shape.num_kv_heads, shape.head_dim, shape.block_size) if fp8_math else None
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend="fa3" if fp8_math else "auto")
 
@@ -86,7 +85,7 @@ class FlashInferBackend:
     # ---- planning ------------------------------------------------------------------------------
     def plan(self, meta: AttentionMetadata) -> MixedPlan | None:
         """FlashInfer's prefill plan for a step with prefill chunks; None for a decode step."""
-        assert self.shape is not None, "FlashInferBackend.configure() was not called"
+        assert self.prefill is not None, "FlashInferBackend.configure() was not called"
         if meta.is_decode:
             return None
         # FlashInfer stages every plan through one pinned host buffer and an async copy: with async
@@ -100,43 +99,38 @@ class FlashInferBackend:
         page0 = h.kv_indptr[nd]
         self.prefill.plan(_t(h.qo_indptr[nd:] - h.qo_indptr[nd]), _t(h.kv_indptr[nd:] - page0),
                           _t(h.kv_indices[page0:]), _t(h.kv_last_page_len[nd:]),
-                          s["num_heads"], s["num_kv_heads"], s["head_dim"], meta.block_size, causal=True,
-                          sm_scale=s["scale"], q_data_type=s["q_dtype"], kv_data_type=s["kv_dtype"],
-                          o_data_type=s["o_dtype"],
-                          seq_lens=_t(h.seq_lens[nd:]), max_token_per_sequence=meta.max_seqlen_q)
+                          s.num_heads, s.num_kv_heads, s.head_dim, meta.block_size, causal=True,
+                          sm_scale=s.scale, **self.plan_dtypes, seq_lens=_t(h.seq_lens[nd:]),
+                          max_token_per_sequence=meta.max_seqlen_q)
         self._planned = torch.cuda.Event()
         self._planned.record()
         return MixedPlan(self.prefill, nd)
 
     # ---- forward -------------------------------------------------------------------------------
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         if q.stride(-2) != q.shape[-1] or q.stride(-1) != 1:
             q = q.contiguous()
+        scales = (scale, k_scale, v_scale)
         if meta.is_decode:
-            return self._decode(q, kv_cache, meta.seq_lens, meta.block_tables, scale, torch.empty_like(q))
+            return self._decode(q, kv_cache, meta.seq_lens, meta.block_tables, scales, torch.empty_like(q))
         nd, out = meta.plan.num_decode_rows, torch.empty_like(q)
         if nd:
-            self._decode(q[:nd], kv_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scale, out[:nd])
-        scales = {} if self.k_scale == 1.0 and self.v_scale == 1.0 else dict(k_scale=self.k_scale,
-                                                                              v_scale=self.v_scale)
+            self._decode(q[:nd], kv_cache, meta.seq_lens[:nd], meta.block_tables[:nd], scales, out[:nd])
+        kv_scales = {} if k_scale == 1.0 and v_scale == 1.0 else dict(k_scale=k_scale, v_scale=v_scale)
         q_prefill = q[nd:]
         if self.xqa is not None:  # FP8 math: FA3 takes an E4M3 q (saturated, as XQA rounds its q)
             from kernels.triton.elementwise import saturate_fp8
             q_prefill = saturate_fp8(q_prefill)
-        meta.plan.prefill.run(q_prefill, kv_cache, out=out[nd:], **scales)
+        meta.plan.prefill.run(q_prefill, kv_cache, out=out[nd:], **kv_scales)
         return out
 
-    def _decode(self, q, kv_cache, seq_lens, block_tables, scale, out) -> torch.Tensor:
+    def _decode(self, q, kv_cache, seq_lens, block_tables, scales, out) -> torch.Tensor:
+        scale, k_scale, v_scale = scales
         if self.xqa is not None:
-            return self.xqa(q, kv_cache, seq_lens, block_tables, out)
+            return self.xqa(q, kv_cache, seq_lens, block_tables, out, scale, k_scale, v_scale)
         from kernels.triton.decode_attention import decode_attention
-        return decode_attention(q, kv_cache, seq_lens, block_tables, scale, self.k_scale, self.v_scale, out=out)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        from kernels.triton.kv_store import store_kv
-        store_kv(k, v, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        return self.attend(q, kv_cache, meta, scale)
+        return decode_attention(q, kv_cache, seq_lens, block_tables, scale, k_scale, v_scale, out=out)
 
 
 def _t(a: np.ndarray) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.attention.base import AttentionBackend
 from kernels.attention.metadata import AttentionMetadata
 
 FP8_MAX = 448.0
@@ -63,23 +64,17 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     return out.transpose(1, 2)[seq_of_token, row]
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(AttentionBackend):
     """The reference backend: no per-step plan, works on every device (not CUDA-graph safe)."""
 
     name = "torch"
-    supports_cuda_graph = False
-    needs_block_tables = True
-
-    def __init__(self, k_scale: float = 1.0, v_scale: float = 1.0):
-        self.k_scale, self.v_scale = k_scale, v_scale
 
     def plan(self, meta: AttentionMetadata) -> None:
         return None
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return paged_attention(q, kv_cache, meta, scale, self.k_scale, self.v_scale)
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        return paged_attention(q, kv_cache, meta, scale, k_scale, v_scale)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        return self.attend(q, kv_cache, meta, scale)
+    def store_kv(self, k, v, kv_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
+        store_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)

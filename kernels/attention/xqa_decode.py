@@ -44,32 +44,30 @@ def xqa_fp8_supported(device: torch.device, q_dtype: torch.dtype | None, kv_dtyp
 
 
 class XqaDecode:
-    """One-token-per-sequence attention over the paged pool: `__call__(q, kv_cache, seq_lens,
-    block_tables, out)`; the softmax `scale` and per-tensor k/v scales are fixed at construction."""
+    """One-token-per-sequence attention over the paged pool: `__call__(q, kv_cache, seq_lens, block_tables,
+    out, scale, k_scale, v_scale)`."""
 
-    def __init__(self, device: torch.device, num_kv_heads: int, head_dim: int, block_size: int, scale: float,
-                 k_scale: float = 1.0, v_scale: float = 1.0):
+    def __init__(self, device: torch.device, num_kv_heads: int, head_dim: int, block_size: int):
         from flashinfer.utils import get_device_sm_count
-        self.num_kv_heads, self.block_size = num_kv_heads, block_size
+        self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
         self.sm_count = get_device_sm_count(device)
-        # XQA computes q.k * q_scale * kv_scale / sqrt(head_dim) and (p.v) * kv_scale: kv_scale is the V
-        # scale, and q_scale carries the K scale relative to it and the model's softmax scale
-        self.kv_scale = v_scale
-        self.q_scale = scale * head_dim ** 0.5 * k_scale / v_scale
         # semaphores must start at zero (the last CTA of a multi-block group resets its own)
         self.semaphores = torch.zeros(SEMAPHORE_BYTES, dtype=torch.uint8, device=device)
         self.scratch = torch.empty(SCRATCH_BYTES, dtype=torch.uint8, device=device)
 
     def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
+                 out: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         """q, out [B, heads, D] dense; kv_cache [blocks, 2, block_size, kv_heads, D]; seq_lens [B] int32;
         block_tables [B, pages] int32 with dense rows."""
         from flashinfer.xqa import xqa
         B, H, D = q.shape
         if B == 0:
             return out
+        # XQA computes q.k * q_scale * kv_scale / sqrt(head_dim) and (p.v) * kv_scale: kv_scale is the V
+        # scale, and q_scale carries the K scale relative to it and the model's softmax scale
+        q_scale = scale * self.head_dim ** 0.5 * k_scale / v_scale
         xqa(q.contiguous().view(B, 1, H, D), kv_cache[:, 0], kv_cache[:, 1], block_tables.contiguous(),
             seq_lens.view(torch.uint32).view(B, 1), out.view(B, 1, H, D), self.scratch, self.semaphores,
-            self.num_kv_heads, self.block_size, q_scale=self.q_scale, kv_scale=self.kv_scale,
+            self.num_kv_heads, self.block_size, q_scale=q_scale, kv_scale=v_scale,
             sm_count=split_sm_count(self.sm_count, B * self.num_kv_heads))
         return out

@@ -1,6 +1,6 @@
 """Sampling with no host sync, in one pass over the logits (in column chunks, then a small merge):
 per row, argmax of logit/T + Gumbel noise derived from the same (seed, step, token id) hash as
-engine.sampler.random_uniform (the row's key is hashed in the kernel too). Reads the logits in the
+engine.sampling.sampler.random_uniform (the row's key is hashed in the kernel too). Reads the logits in the
 model's dtype, widening in registers. Used for rows without top-k / top-p / min-p filters; a row's
 draw depends on its own seed and step only."""
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _gumbel_argmax_kernel(logits_ptr, seeds_ptr, steps_ptr, temp_ptr, part_val_p
     # one program per (row, CHUNK columns): a row alone is one SM streaming 300 KB, so at batch 128 the
     # single-pass kernel ran at a sixth of the bandwidth; the per-chunk maxima are merged below
     r, chunk = tl.program_id(0), tl.program_id(1)
-    # engine.sampler.row_hash in uint32 arithmetic (wrapping multiplies)
+    # engine.sampling.sampler.row_hash in uint32 arithmetic (wrapping multiplies)
     seed = tl.load(seeds_ptr + r)
     lo, hi = (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     step = (tl.load(steps_ptr + r) & 0xFFFFFFFF).to(tl.uint32)
@@ -81,7 +81,7 @@ CHUNK = 8192  # columns per program: 19 programs per row for Qwen's 151,936-toke
 
 def gumbel_sample(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                   temperature: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] (any float dtype); seeds, steps [B] int64 (see engine.sampler.row_hash);
+    """logits [B, V] (any float dtype); seeds, steps [B] int64 (see engine.sampling.sampler.row_hash);
     temperature [B] float32 (<= 0: greedy). Returns token ids [B] int64."""
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.int64, device=logits.device)

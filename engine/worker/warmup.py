@@ -15,7 +15,8 @@ import time
 import torch
 from torch import nn
 
-from engine.layers.linear import Linear
+from engine.layers.linear import LinearBase
+from kernels.linear import linear
 
 
 def projection_row_counts(max_tokens: int) -> list[int]:
@@ -40,13 +41,13 @@ def warm_up_gemms(model: nn.Module, hidden_size: int, dtype: torch.dtype, device
     del hidden
     shapes = {}
     for m in model.modules():
-        # the decoder's projections (an untied lm_head is a plain nn.Linear, and it is warmed above)
-        if isinstance(m, Linear):
-            shapes.setdefault((m.in_features, m.out_features, m.bias is not None, m.weight.dtype), m)
+        # the decoder's projections by their (shard's) shape; the GEMM alone, so no rank waits on a collective
+        if isinstance(m, LinearBase):
+            shapes.setdefault((*m.weight.shape, m.bias is not None, m.weight.dtype), m)
     for proj in shapes.values():
-        x = torch.zeros(max_num_batched_tokens, proj.in_features, dtype=proj.weight.dtype, device=device)
+        x = torch.zeros(max_num_batched_tokens, proj.weight.shape[1], dtype=proj.weight.dtype, device=device)
         for rows in projection_row_counts(max_num_batched_tokens):
-            proj(x[:rows])
+            linear(x[:rows], proj.weight, proj.bias)
         del x
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -6,8 +6,9 @@ count drops to zero stays cached until it is reused for something else (LRU orde
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
-from engine.sequence import Sequence
+from engine.core.sequence import Sequence
 
 
 class Block:
@@ -25,8 +26,11 @@ def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 on_free: Callable[[str], None] | None = None):
         self.num_blocks = num_blocks
+        # told the id of every sequence whose table is dropped (multi-rank engines forget their copies)
+        self.on_free = on_free
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -143,6 +147,8 @@ class BlockManager:
                 self.free_blocks[block_id] = None
 
     def free(self, seq: Sequence) -> None:
+        if self.on_free is not None:
+            self.on_free(seq.seq_id)
         self.free_blocks_by_id(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0

@@ -1,4 +1,4 @@
-"""EngineCore: the step loop of one engine (scheduler + block manager + model runner).
+"""EngineCore: the step loop of one engine (scheduler + block manager + the executor's ranks).
 
 `add_request` validates and queues; `step` schedules, runs one forward pass, appends sampled
 tokens, applies the stop rules that need no text (EOS, stop token ids, lengths) and returns
@@ -11,18 +11,17 @@ import random
 import time
 from pathlib import Path
 
-from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.errors import (InvalidRequestError, ModelNotFoundError, PromptTooLongError,
-                           UnsupportedModelError)
+from engine.core.block_manager import BlockManager
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
+from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError
+from engine.executor.base import make_executor
 from engine.gguf import resolve_model_path
-from engine.loader import load_hf_config
-from engine.model_runner import LaunchedStep, ModelRunner
+from engine.models.config import check_tensor_parallel, load_model_config
 from engine.pd.handoff import KVHandoff
-from engine.pd.migration import KVGeometry
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
 from engine.wire import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
+from engine.worker.model_runner import LaunchedStep
 
 log = logging.getLogger(__name__)
 
@@ -40,58 +39,56 @@ def resolve_model(model: str, progress: bool) -> Path:
         raise UnsupportedModelError(str(e), param="model") from None
 
 
-def eos_token_ids(path: Path, hf_config) -> set[int]:
-    ids = set()
-    for source in (_generation_config(path), hf_config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if value is not None:
-            ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return ids
-
-
-def _generation_config(path: Path):
-    if not (path / "generation_config.json").is_file():
-        return None
-    from transformers import GenerationConfig
-    return GenerationConfig.from_pretrained(str(path))
-
-
 class EngineCore:
-    def __init__(self, config: EngineConfig, progress: bool = False):
+    def __init__(self, config: EngineConfig, progress: bool = False, on_worker_failure=None):
         self.config = config
         t0 = time.perf_counter()
         self.model_path = resolve_model(config.model, progress)
-        hf_config = load_hf_config(self.model_path)
-        self.hf_config = hf_config
-        limit = getattr(hf_config, "max_position_embeddings", None) or 4096
+        self.model_config = load_model_config(self.model_path)
+        limit = self.model_config.max_position_embeddings
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:
             raise UnsupportedModelError(f"max_model_len {self.max_model_len} exceeds the model's {limit} positions",
                                         param="max_model_len")
-        self.runner = ModelRunner(config, hf_config, self.model_path, self.max_model_len, progress)
-        num_blocks = self.runner.kv_budget_blocks()
-        needed = -(-self.max_model_len // config.block_size)
-        if num_blocks < needed:
-            raise UnsupportedModelError(
-                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
-                f"max_model_len={self.max_model_len} sequence needs ({needed}); raise the KV budget or lower "
-                f"max_model_len", param="max_model_len")
-        self.runner.allocate_kv_pool(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        check_tensor_parallel(self.model_config, config.tensor_parallel_size)
+        self.executor = make_executor(config, self.model_path, self.max_model_len, progress, on_worker_failure)
+        try:
+            num_blocks = min(self.executor.collective_rpc("determine_num_blocks"))
+            needed = -(-self.max_model_len // config.block_size)
+            if num_blocks < needed:
+                raise UnsupportedModelError(
+                    f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                    f"max_model_len={self.max_model_len} sequence needs ({needed}); raise the KV budget or lower "
+                    f"max_model_len", param="max_model_len")
+            self.executor.collective_rpc("allocate_kv_pool", num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        multi_rank = self.executor.world_size > 1
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          on_free=self.executor.on_free if multi_rank else None)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        spec = self.runner.kv_spec
-        self.kv_geometry = KVGeometry(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size,
-                                      str(spec.dtype).removeprefix("torch."))
-        self.handoff = KVHandoff(self.block_manager, self.runner.kv_pool, self.kv_geometry, config.kv_transfer_host,
-                                 config.kv_park_timeout_s, config.kv_pull_timeout_s, config.kv_staging_bytes)
+        self.kv_spec = self.runner.kv_spec
+        self.handoff = KVHandoff(self.block_manager, self.executor, self.kv_spec, config.kv_park_timeout_s,
+                                 config.kv_pull_timeout_s)
         self.seqs: dict[str, Sequence] = {}
-        self.eos_token_ids = eos_token_ids(self.model_path, hf_config)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
         self._seed_rng = random.Random(config.seed)
         self.num_generated_tokens = 0
         self._in_flight: LaunchedStep | None = None  # the launched step not yet read back
-        log.info("engine ready: %s, %d KV blocks x %d tokens, %.1fs", self.model_path.name, num_blocks,
-                 config.block_size, time.perf_counter() - t0)
+        log.info("engine ready: %s, %d ranks, %d KV blocks x %d tokens, %.1fs", self.model_path.name,
+                 self.executor.world_size, num_blocks, config.block_size, time.perf_counter() - t0)
+
+    @property
+    def runner(self):
+        """Rank 0's model runner (its model, backend and pool; benchmarks and tests read it)."""
+        return self.executor.driver.runner
+
+    def shutdown(self) -> None:
+        """Frees parked KV, stops the transfer endpoints and the other ranks' workers."""
+        self.handoff.close()
+        self.executor.shutdown()
 
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, request: EngineCoreRequest) -> None:
@@ -104,7 +101,7 @@ class EngineCore:
             raise PromptTooLongError(
                 f"prompt has {len(ids)} tokens; this model's maximum context length is {self.max_model_len} "
                 f"tokens, and at least one must remain for the output", param="prompt")
-        vocab = self.runner.vocab_size
+        vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if request.params.n != 1:
@@ -188,7 +185,7 @@ class EngineCore:
         return outputs
 
     def _launch(self, scheduled) -> LaunchedStep | None:
-        step = self.runner.launch(scheduled, self.stop_ids, self._in_flight)
+        step = self.executor.launch(scheduled, self.stop_ids, self._in_flight)
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             if not s.samples:  # a prefill chunk: its full blocks are reusable already

@@ -1,0 +1,67 @@
+"""Executor: how the engine core drives its ranks. Rank 0's Worker (`driver`) always runs in the engine-core
+process and is called directly; `uni` has only it. `mp` and `ray` (engine/executor/distributed.py) add
+workers in other processes, reached over a channel with one small message per step."""
+from __future__ import annotations
+
+import abc
+
+from engine.worker.input_batch import StepBatch
+from engine.worker.model_runner import LaunchedStep
+from engine.worker.worker import Worker
+
+
+def call(obj, dotted: str, args) -> object:
+    from engine.executor.worker_main import resolve_method
+    return resolve_method(obj, dotted)(*args)
+
+
+class Executor(abc.ABC):
+    world_size = 1
+    driver: Worker
+
+    @abc.abstractmethod
+    def collective_rpc(self, method: str, *args) -> list:
+        """Runs `method` (a Worker method; dotted names reach its parts, e.g. `pd.poll`) on every rank;
+        the results in rank order."""
+
+    def launch(self, scheduled, stop_ids_of, prev: LaunchedStep | None) -> LaunchedStep | None:
+        """Queues one step on every rank; rank 0's LaunchedStep (None: nothing sampled)."""
+        batch = StepBatch.from_scheduled(scheduled)
+        self._send_step(batch, scheduled)
+        return self.driver.runner.launch(batch, [s.seq.block_table for s in scheduled], prev,
+                                         [s.seq for s in scheduled if s.samples], stop_ids_of)
+
+    def _send_step(self, batch: StepBatch, scheduled) -> None:
+        """Hands the step to the other ranks before rank 0 runs it."""
+
+    def on_free(self, seq_id: str) -> None:
+        """The block manager released a sequence's blocks (its table is gone on every rank)."""
+
+    def shutdown(self) -> None:
+        self.driver.close()
+
+
+class UniExecutor(Executor):
+    """One process, one rank: today's path, with no copies or messages."""
+
+    def __init__(self, config, model_path, max_model_len: int, progress: bool = False):
+        self.driver = Worker(config, model_path, max_model_len, rank=0, world_size=1, rendezvous=None,
+                             progress=progress)
+
+    def collective_rpc(self, method: str, *args) -> list:
+        return [call(self.driver, method, args)]
+
+
+def make_executor(config, model_path, max_model_len: int, progress: bool = False, on_worker_failure=None) -> Executor:
+    """`on_worker_failure(reason)` runs (on a monitor thread) when a worker process dies; an engine-core
+    server passes one that exits, since rank 0 may be blocked in a collective with the dead rank."""
+    backend = config.distributed_executor_backend
+    if backend == "auto":
+        backend = "uni" if config.tensor_parallel_size == 1 else "mp"
+    if backend == "uni":
+        return UniExecutor(config, model_path, max_model_len, progress)
+    if backend == "mp":
+        from engine.executor.multiproc import MultiprocExecutor
+        return MultiprocExecutor(config, model_path, max_model_len, progress, on_worker_failure)
+    from engine.executor.ray_executor import RayExecutor
+    return RayExecutor(config, model_path, max_model_len, progress, on_worker_failure)

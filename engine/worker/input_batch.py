@@ -1,0 +1,98 @@
+"""Host batching: a scheduled step as `StepBatch` (the per-row numbers every rank needs; rank 0 builds it from
+the scheduler's output and sends it to the other ranks) and the step's model inputs built from it with
+vectorised numpy (`prepare_host`), with no per-token Python loops."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.worker.host_copy import to_device
+from kernels.attention import PagedHostMeta
+
+
+@dataclass
+class StepBatch:
+    """One step's rows in batch order. A row feeds `num_new` tokens from position `num_computed` on;
+    `token_ids` are all rows' fed tokens back to back, 0 where a token is still in flight (the row's
+    `pending_row`: its index in the previous step's samples, filled on the device; -1: none)."""
+
+    num_computed: np.ndarray  # [B] int64
+    num_new: np.ndarray  # [B] int64
+    pending_rows: np.ndarray  # [B] int64
+    samples: np.ndarray  # [B] bool: the row's logits are sampled
+    token_ids: np.ndarray  # [T] int64
+
+    @classmethod
+    def from_scheduled(cls, batch) -> "StepBatch":
+        """From the scheduler's ScheduledSeqs (rank 0)."""
+        B = len(batch)
+        n_new = np.fromiter((s.num_new_tokens for s in batch), np.int64, B)
+        start = np.fromiter((s.seq.num_computed_tokens for s in batch), np.int64, B)
+        pending = np.fromiter((s.seq.pending_row if s.seq.num_pending_tokens else -1 for s in batch), np.int64, B)
+        T = int(n_new.sum())
+        # a sequence with a token in flight feeds exactly that token last: a placeholder here
+        if T == B:
+            ids = np.fromiter((0 if s.seq.num_pending_tokens else s.seq.token_ids[st]
+                               for s, st in zip(batch, start.tolist())), np.int64, B)
+        else:
+            ids = np.fromiter(itertools.chain.from_iterable(
+                s.seq.token_ids[st:st + n - 1] + [0] if s.seq.num_pending_tokens else s.seq.token_ids[st:st + n]
+                for s, st, n in zip(batch, start.tolist(), n_new.tolist())), np.int64, T)
+        return cls(start, n_new, pending, np.fromiter((s.samples for s in batch), bool, B), ids)
+
+
+@dataclass
+class StepInputs:
+    """Host arrays of one step's model inputs."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    logits_idx: np.ndarray  # [S] int64: rows whose logits are sampled
+    host: PagedHostMeta
+    block_tables: np.ndarray | None  # [B, pages] int32 (only for backends that read them)
+    max_seqlen_q: int
+    is_decode: bool
+    # tokens still in flight (async scheduling): input_ids[pending_dst] = previous step's
+    # sampled tokens[pending_src], filled on the device
+    pending_dst: np.ndarray  # [P] int64
+    pending_src: np.ndarray  # [P] int64
+
+
+def prepare_host(b: StepBatch, block_tables: list[list[int]], block_size: int, with_block_tables: bool) -> StepInputs:
+    bs, B = block_size, len(b.num_new)
+    n_new, start = b.num_new, b.num_computed
+    end = start + n_new
+    cu_q = np.zeros(B + 1, np.int64)
+    np.cumsum(n_new, out=cu_q[1:])
+    T = int(cu_q[-1])
+    is_decode = T == B
+    pending = b.pending_rows >= 0
+    positions = start if is_decode else np.arange(T, dtype=np.int64) + np.repeat(start - cu_q[:-1], n_new)
+    pages = (end + bs - 1) // bs
+    kv_indptr = np.zeros(B + 1, np.int64)
+    np.cumsum(pages, out=kv_indptr[1:])
+    kv_indices = np.fromiter(itertools.chain.from_iterable(
+        table[:p] for table, p in zip(block_tables, pages.tolist())), np.int32, int(kv_indptr[-1]))
+    token_base = kv_indptr[:-1] if is_decode else np.repeat(kv_indptr[:-1], n_new)
+    slot_mapping = kv_indices[token_base + positions // bs].astype(np.int64) * bs + positions % bs
+    host = PagedHostMeta(cu_q.astype(np.int32), kv_indptr.astype(np.int32), kv_indices,
+                         (end - (pages - 1) * bs).astype(np.int32), end.astype(np.int32))
+    tables = None
+    if with_block_tables:
+        tables = np.zeros((B, int(pages.max())), np.int32)
+        tables[np.arange(tables.shape[1])[None, :] < pages[:, None]] = kv_indices
+    return StepInputs(b.token_ids, positions, slot_mapping, cu_q[1:][b.samples] - 1, host, tables,
+                      int(n_new.max()), is_decode, cu_q[1:][pending] - 1, b.pending_rows[pending])
+
+
+def fill_pending(input_ids: torch.Tensor, dst: np.ndarray, src: np.ndarray, prev_tokens: torch.Tensor | None) -> None:
+    """input_ids[dst] = prev_tokens[src], on the device: tokens sampled by a step still in flight."""
+    if len(dst) == 0:
+        return
+    assert prev_tokens is not None, "a sequence has a token in flight but no step is in flight"
+    (idx,) = to_device([np.stack([dst, src])], np.int64, input_ids.device)
+    input_ids.index_copy_(0, idx[0], prev_tokens.index_select(0, idx[1]).to(input_ids.dtype))

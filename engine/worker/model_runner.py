@@ -1,0 +1,185 @@
+"""ModelRunner: one rank's model shard, its attention backend, its view of the KV pool and the decode CUDA
+graphs; turns a StepBatch into a forward pass and (rank 0) samples. Every rank runs the same forward; the
+logits are gathered on rank 0, whose samples are broadcast back so that every rank can feed tokens that are
+still in flight to the next step on its own device."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.distributed.parallel import ParallelContext
+from engine.kv.pool import allocate_pool
+from engine.kv.spec import KVCacheSpec, dtype_name, kv_cache_dtype
+from engine.models.config import ModelConfig
+from engine.models.registry import model_class
+from engine.models.weights import load_model
+from engine.sampling.metadata import sampling_metadata
+from engine.sampling.sampler import SamplerOutput, sample
+from engine.worker.cuda_graph import DecodeGraphRunner, DecodeInputs, capture_sizes
+from engine.worker.host_copy import to_device
+from engine.worker.input_batch import StepBatch, StepInputs, fill_pending, prepare_host
+from engine.worker.warmup import warm_up_gemms
+from kernels.attention import AttentionMetadata, AttentionShape, get_attention_backend
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    dtype = model_config.dtype
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.float32  # fp16 matmuls are slow or missing on CPUs
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+@dataclass
+class StepStats:
+    """What the last step computed (benchmarks turn it into bytes moved per decode step)."""
+
+    is_decode: bool = False
+    num_seqs: int = 0
+    num_tokens: int = 0
+    kv_tokens: int = 0  # KV entries attended over, summed over the batch
+    graph: bool = False
+
+
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device. `token_ids` (on the device) feed the next
+    step's tokens in flight. On rank 0 they are also copied to pinned host memory behind the step; `fetch`
+    waits for that copy only, so the host can schedule and launch the next step meanwhile."""
+
+    def __init__(self, seqs: list, out: SamplerOutput, to_host: bool = True):
+        self.seqs = seqs  # the sampled sequences, in row order (rank 0)
+        self.token_ids = out.token_ids
+        on_gpu = out.token_ids.is_cuda
+        self._host = out
+        self._copied = None
+        if to_host and on_gpu:
+            self._host = SamplerOutput(*(t.to("cpu", non_blocking=True) if t is not None else t
+                                         for t in (out.token_ids, out.logprobs, out.ranks, out.top_ids,
+                                                   out.top_logprobs)))
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def fetch(self) -> SamplerOutput:
+        """The host copy of the samples (waits until the device has produced them)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        return self._host
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path | None,
+                 max_model_len: int, parallel: ParallelContext, device: torch.device, progress: bool = False):
+        self.config = config
+        self.max_model_len = max_model_len
+        self.parallel = parallel
+        self.device = device
+        self.dtype = resolve_dtype(config.dtype, model_config, device)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.vocab_size = model_config.vocab_size
+        self.hidden_size = model_config.hidden_size
+        self.backend = get_attention_backend(config.attention_backend, device, dtype=self.dtype,
+                                             head_dim=model_config.head_dim, fp8_attention=config.fp8_attention)
+        self.model = load_model(model_class(model_config), model_config, parallel, model_path, self.backend,
+                                self.dtype, device, max_model_len, progress)
+        attn = self.model.attention_layers()
+        self.backend.configure(AttentionShape(attn[0].num_heads, attn[0].num_kv_heads, attn[0].head_dim,
+                                              attn[0].scale, self.dtype, self.kv_dtype, config.block_size))
+        self.kv_spec = KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, config.block_size,
+                                   dtype_name(self.kv_dtype))
+        self.kv_pool: torch.Tensor | None = None
+        self.use_cuda_graphs = (device.type == "cuda" and not config.enforce_eager
+                                and self.backend.supports_cuda_graph)
+        self.graphs: DecodeGraphRunner | None = None
+        self.last_step = StepStats()
+
+    def weights_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    # ---- KV pool -----------------------------------------------------------------------------
+    def bind_kv_pool(self, pool: torch.Tensor | None) -> None:
+        self.kv_pool = pool
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.kv_cache = pool[:, i] if pool is not None else None
+
+    def allocate_kv_pool(self, num_blocks: int) -> torch.Tensor:
+        """The pool, then (CUDA) the decode graphs over it and the GEMM warm-up."""
+        pool = allocate_pool(self.kv_spec, num_blocks, self.device)
+        self.bind_kv_pool(pool)
+        if self.use_cuda_graphs:
+            self.graphs = DecodeGraphRunner(
+                self.model, self.backend, self.device, capture_sizes(self.config.max_num_seqs),
+                -(-self.max_model_len // self.config.block_size), self.config.block_size,
+                self.hidden_size, self.dtype)
+            self.graphs.capture()
+        if self.device.type == "cuda":  # lazy kernel loading stalls the device mid-step (worker/warmup.py)
+            seconds = warm_up_gemms(self.model, self.hidden_size, self.dtype, self.device, self.config.max_num_seqs,
+                                    self.config.max_num_batched_tokens)
+            log.info("warmed up the GEMM kernels in %.2fs", seconds)
+        return pool
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _device_inputs(self, x: StepInputs):
+        dev, h = self.device, x.host
+        ids, pos, slots, logits_idx = to_device([x.input_ids, x.positions, x.slot_mapping, x.logits_idx],
+                                                np.int64, dev)
+        tables = x.block_tables if x.block_tables is not None else np.zeros((len(h.seq_lens), 0), np.int32)
+        cu_q, seq_lens, tables_d = to_device([h.qo_indptr, h.seq_lens, tables], np.int32, dev)
+        meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu_q, seq_lens=seq_lens, block_tables=tables_d,
+                                 max_seqlen_q=x.max_seqlen_q, max_seqlen_k=int(h.seq_lens.max()),
+                                 block_size=self.config.block_size, is_decode=x.is_decode, host=h)
+        return ids, pos, meta, logits_idx
+
+    def forward(self, x: StepInputs, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of the step (a graph replay for decode batches that fit a bucket) and the
+        device indices of the rows to sample (None: all rows). `prev_tokens` are the samples of the step
+        in flight, which feed this one's pending tokens."""
+        all_rows = len(x.logits_idx) == len(x.input_ids)
+        self.last_step = StepStats(x.is_decode, len(x.host.seq_lens), len(x.input_ids), int(x.host.seq_lens.sum()))
+        fill = lambda ids: fill_pending(ids, x.pending_dst, x.pending_src, prev_tokens)
+        if self.graphs is not None and x.is_decode:
+            hidden = self.graphs.run(DecodeInputs(x.input_ids, x.positions, x.slot_mapping, x.host, x.block_tables),
+                                     fill)
+            if hidden is not None:
+                self.last_step.graph = True
+                return hidden, None if all_rows else to_device([x.logits_idx], np.int64, self.device)[0]
+        ids, pos, meta, logits_idx = self._device_inputs(x)
+        fill(ids)
+        meta.plan = self.backend.plan(meta)
+        return self.model(ids, pos, meta), None if all_rows else logits_idx
+
+    @torch.inference_mode()
+    def launch(self, batch: StepBatch, block_tables: list[list[int]], prev: LaunchedStep | None = None,
+               seqs: list | None = None, stop_ids_of=None) -> LaunchedStep | None:
+        """Queues one forward over the batch and the sampling of the rows that complete their tokens; returns
+        without waiting for the device (None: nothing sampled). Rank 0 passes the sampled sequences (`seqs`,
+        in row order) and samples; the other ranks get rank 0's tokens."""
+        x = prepare_host(batch, block_tables, self.config.block_size, self.backend.needs_block_tables)
+        prev_tokens = prev.token_ids if prev is not None else None
+        hidden, rows = self.forward(x, prev_tokens)
+        if len(x.logits_idx) == 0:
+            return None
+        logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
+        if logits is not None:  # rank 0
+            out = sample(logits, sampling_metadata(seqs, stop_ids_of, self.vocab_size, self.device, prev_tokens))
+        else:
+            out = SamplerOutput(torch.empty(len(x.logits_idx), dtype=torch.int64, device=self.device))
+        self.parallel.broadcast_from_first(out.token_ids)
+        return LaunchedStep(seqs or [], out, to_host=self.parallel.is_first)
+
+    @torch.inference_mode()
+    def prefill_logits(self, scheduled) -> torch.Tensor:
+        """Logits of every fed token of the scheduler's batch (tests compare them with the reference)."""
+        x = prepare_host(StepBatch.from_scheduled(scheduled), [s.seq.block_table for s in scheduled],
+                         self.config.block_size, self.backend.needs_block_tables)
+        input_ids, positions, meta, _ = self._device_inputs(x)
+        meta.plan = self.backend.plan(meta)
+        return self.model.compute_logits(self.model(input_ids, positions, meta)).float()

@@ -1,0 +1,89 @@
+"""Worker: one rank of an engine. It joins the engine's process group, holds the rank's device, model shard and
+KV pool (ModelRunner), serves and pulls the rank's KV shard for hand-offs (RankKV), and, on ranks > 0, keeps
+the block tables that rank 0 sends as deltas. Rank 0's worker lives in the engine-core process and is called
+directly; the others live in worker processes (engine/executor/) and are driven by messages."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.distributed.parallel import init_parallel
+from engine.errors import UnsupportedModelError
+from engine.models.config import load_model_config
+from engine.pd.rank_kv import RankKV
+from engine.wire import WorkerStep
+from engine.worker.input_batch import StepBatch
+from engine.worker.kv_budget import kv_budget_blocks
+from engine.worker.model_runner import LaunchedStep, ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str, index: int = 0) -> torch.device:
+    """The device of a rank: `index` is the CUDA device it takes on its node."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedModelError("device 'cuda' requested but CUDA is not available", param="device")
+        if index >= torch.cuda.device_count():
+            raise UnsupportedModelError(f"rank needs CUDA device {index}, but only {torch.cuda.device_count()} "
+                                        "are visible", param="tensor_parallel_size")
+        return torch.device("cuda", index)
+    return torch.device(name)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int, rank: int, world_size: int,
+                 rendezvous: str | None, device_index: int | None = None, progress: bool = False):
+        self.rank, self.world_size = rank, world_size
+        model_config = load_model_config(model_path)
+        self.device = resolve_device(config.device, rank if device_index is None else device_index)
+        self.parallel = init_parallel(rank, world_size, rendezvous, self.device, config.distributed_timeout_s)
+        self.runner = ModelRunner(config, model_config, model_path, max_model_len, self.parallel, self.device,
+                                  progress and rank == 0)
+        self.pd = RankKV(rank, config.kv_transfer_host, config.kv_staging_bytes)
+        self.tables: dict[int, list[int]] = {}  # ranks > 0: rank 0's block tables, by handle
+        self._prev: LaunchedStep | None = None  # ranks > 0: the last step that sampled
+
+    # ---- called on every rank through the executor ------------------------------------------
+    def determine_num_blocks(self) -> int:
+        return kv_budget_blocks(self.runner)
+
+    def allocate_kv_pool(self, num_blocks: int) -> None:
+        self.pd.bind(self.runner.allocate_kv_pool(num_blocks))
+
+    def num_block_tables(self) -> int:
+        """Block tables this rank holds for rank 0 (0 once every sequence has been freed)."""
+        return len(self.tables)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    # ---- ranks > 0 ---------------------------------------------------------------------------
+    def drop_tables(self, handles: list[int]) -> None:
+        for h in handles:
+            self.tables.pop(h, None)
+
+    def execute_step(self, msg: WorkerStep) -> None:
+        """The same forward as rank 0's, from the step's deltas."""
+        tables = []
+        for handle, new in zip(msg.handles, msg.new_blocks):
+            table = self.tables.setdefault(handle, [])
+            table.extend(new)
+            tables.append(table)
+        batch = StepBatch(num_computed=np.frombuffer(msg.num_computed, np.int64),
+                          num_new=np.frombuffer(msg.num_new, np.int64),
+                          pending_rows=np.frombuffer(msg.pending_rows, np.int64),
+                          samples=np.frombuffer(msg.samples, np.bool_),
+                          token_ids=np.frombuffer(msg.token_ids, np.int64))
+        self._prev = self.runner.launch(batch, tables, self._prev)
+
+    def close(self) -> None:
+        self.pd.close()
+        self.parallel.close()
