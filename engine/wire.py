@@ -132,6 +132,8 @@ class EngineInfo(msgspec.Struct, kw_only=True, tag="engine_info"):
     vocab_size: int
     draining: bool
     stats: EngineStats
+    world_size: int = 1  # ranks of the engine (tensor parallelism)
+    rank_pids: list[int] = []  # the process of each rank, rank 0 (the core) first
 
 
 class UtilityResult(msgspec.Struct, kw_only=True, tag="result", omit_defaults=True):

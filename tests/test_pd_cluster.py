@@ -107,6 +107,33 @@ def test_1p1d_then_2p1d_equal_hybrid(cluster, reference_llm):
     assert_pools_full(cluster)
 
 
+def test_1p1d_with_tensor_parallel_2_equals_hybrid(cluster, reference_llm):
+    """Both sides at tensor_parallel_size 2: each rank's KV shard moves rank to rank (its own DLSlime
+    endpoint, advertised in the migration). A decode engine of another size refuses the migration (400)."""
+    prefill = cluster.engine("prefill", "--tensor-parallel-size", "2")
+    decode = cluster.engine("decode", "--tensor-parallel-size", "2")
+    router = cluster.start_router()
+    router.wait_engines(2)
+    reqs = workload(16, seed=2)
+    for b in reqs:
+        b["model"] = model_name(prefill)
+    assert run_all(router.url, reqs) == expected_texts(reference_llm, reqs)
+    assert decode.engine_info()["stats"]["kv_transfer_bytes"] > 0
+    assert_pools_full(cluster)
+
+    other = cluster.engine("decode")  # one rank
+    body = {"model": model_name(prefill), "prompt": [5, 6, 7, 8, 9], "max_tokens": 4, "stream": False,
+            "kv_transfer_params": {"do_remote_decode": True}}
+    status, answer = post(url(prefill, "/v1/completions"), body)
+    assert status == 200, answer
+    body["kv_transfer_params"] = {"migration": answer["kv_transfer_params"]["migration"]}
+    status, err = post(url(other, "/v1/completions"), body)
+    assert status == 400 and err["error"]["param"] == "kv_transfer_params", err
+    assert "tensor_parallel_size 2" in err["error"]["message"]
+    post(url(prefill, "/pd/free"), {"seq_ids": [answer["kv_transfer_params"]["seq_id"]]})
+    assert_pools_full(cluster)
+
+
 def test_prefill_protocol_as_dlrouter_drives_it(cluster):
     prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
     model = model_name(prefill)

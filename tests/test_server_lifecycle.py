@@ -139,5 +139,46 @@ def test_killed_core_makes_the_front_answer_503_fast(server_factory, tiny_llama)
     assert json.loads(raw)["error"]["type"] == "service_unavailable"
     assert stream.done.wait(10)  # the in-flight stream ends with an error event, it does not hang
     assert "error" in json.loads(stream.events[-2]) and stream.events[-1] == "[DONE]"
-    assert server.proc.poll() is None  # the front stays up, answering 503
-    assert server.stop() == 0
+    # it answers 503 for --core-failure-exit-s, then exits 1 so that a supervisor restarts the engine
+    assert server.proc.wait(30) == 1
+    assert "the engine core process exited" in server.log_tail()
+
+
+def test_killed_worker_rank_stops_the_engine(server_factory, tiny_llama):
+    """kill -9 of rank 1 of a tensor_parallel_size 2 engine: 503 within 5 s, the in-flight stream ends with
+    an error, the core exits naming the rank, and the front exits non-zero; no hang."""
+    server = server_factory("--tensor-parallel-size", "2")
+    info = server.engine_info()
+    assert info["world_size"] == 2 and len(info["rank_pids"]) == 2 and info["rank_pids"][0] == server.core_pid
+    worker = info["rank_pids"][1]
+    stream = BackgroundStream(server, str(tiny_llama), max_tokens=480)
+    assert stream.first.wait(30)
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: server.health(timeout=1.0) == 503, 5, "/health to fail")
+    assert stream.done.wait(10)
+    assert "error" in json.loads(stream.events[-2]) and stream.events[-1] == "[DONE]"
+    assert server.proc.wait(30) == 1
+    wait_for(lambda: not pid_alive(server.core_pid), 5, "the core to exit")
+    log = server.log_tail(20000)
+    assert "worker rank 1" in log and "killed by signal 9" in log
+
+
+def test_hung_worker_rank_times_out_and_stops_the_engine(server_factory, tiny_llama):
+    """A rank that stops answering (SIGSTOP): the front answers 503 once the core misses its heartbeats, the
+    core's collective times out after --distributed-timeout-s, and both processes exit non-zero."""
+    server = server_factory("--tensor-parallel-size", "2", "--distributed-timeout-s", "4",
+                            "--heartbeat-interval", "0.5", "--heartbeat-timeout", "2")
+    worker = server.engine_info()["rank_pids"][1]
+    stream = BackgroundStream(server, str(tiny_llama), max_tokens=480)
+    assert stream.first.wait(30)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        wait_for(lambda: server.health(timeout=1.0) == 503, 6, "/health to fail")
+        assert stream.done.wait(10)
+        assert "error" in json.loads(stream.events[-2]) and stream.events[-1] == "[DONE]"
+        assert server.proc.wait(30) == 1
+        wait_for(lambda: not pid_alive(server.core_pid), 5, "the core to exit")
+        assert "the engine core failed" in server.log_tail(20000)
+    finally:
+        if pid_alive(worker):
+            os.kill(worker, signal.SIGKILL)

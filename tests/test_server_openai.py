@@ -10,7 +10,21 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 
+from tests.support.server import start_server
+
 PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def tiny_server(request, tiny_server, tiny_llama, tmp_path_factory):
+    """Every test here runs against one rank and against `--tensor-parallel-size 2` (a worker process)."""
+    if request.param == 1:
+        yield tiny_server
+        return
+    server = start_server(tiny_llama, tmp_path_factory.mktemp("server-tp2"), "--tensor-parallel-size", "2")
+    assert server.engine_info()["world_size"] == 2
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

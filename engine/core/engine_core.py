@@ -18,7 +18,7 @@ from engine.core.sequence import Sequence
 from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError, UnsupportedModelError
 from engine.executor.base import make_executor
 from engine.gguf import resolve_model_path
-from engine.models.config import check_tensor_parallel, load_model_config
+from engine.models.config import check_tensor_parallel, context_limit, load_model_config
 from engine.pd.handoff import KVHandoff
 from engine.wire import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
 from engine.worker.model_runner import LaunchedStep
@@ -45,7 +45,7 @@ class EngineCore:
         t0 = time.perf_counter()
         self.model_path = resolve_model(config.model, progress)
         self.model_config = load_model_config(self.model_path)
-        limit = self.model_config.max_position_embeddings
+        limit = context_limit(self.model_config)
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:
             raise UnsupportedModelError(f"max_model_len {self.max_model_len} exceeds the model's {limit} positions",

@@ -4,6 +4,7 @@ workers in other processes, reached over a channel with one small message per st
 from __future__ import annotations
 
 import abc
+import os
 
 from engine.worker.input_batch import StepBatch
 from engine.worker.model_runner import LaunchedStep
@@ -33,6 +34,15 @@ class Executor(abc.ABC):
 
     def _send_step(self, batch: StepBatch, scheduled) -> None:
         """Hands the step to the other ranks before rank 0 runs it."""
+
+    def worker_failure(self, wait_s: float = 0.0) -> str | None:
+        """Why a worker rank is gone (waiting up to `wait_s` for the monitor to tell), or None: an error
+        raised by a collective is often the first sign of a rank that died."""
+        return None
+
+    def rank_pids(self) -> list[int]:
+        """The process of every rank, rank 0 first."""
+        return [os.getpid()]
 
     def on_free(self, seq_id: str) -> None:
         """The block manager released a sequence's blocks (its table is gone on every rank)."""

@@ -11,6 +11,7 @@ import itertools
 import logging
 import socket
 import threading
+import time
 from typing import Callable
 
 from engine.executor.base import Executor, call
@@ -125,11 +126,20 @@ class DistributedExecutor(Executor):
         if self.on_worker_failure is not None:
             self.on_worker_failure(reason)
 
+    def worker_failure(self, wait_s: float = 0.0) -> str | None:
+        deadline = time.monotonic() + wait_s
+        while self.dead_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.dead_reason
+
     def check_alive(self) -> None:
         if self.dead_reason is not None:
             raise WorkerLost(self.dead_reason)
 
     # ---- driving ---------------------------------------------------------------------------------
+    def rank_pids(self) -> list[int]:
+        return [*super().rank_pids(), *(self.channel.pids[r] for r in range(1, self.world_size))]
+
     def on_free(self, seq_id: str) -> None:
         self.sync.release(seq_id)
 

@@ -35,11 +35,13 @@ class _Holder:
 
 class RayExecutor(DistributedExecutor):
     def driver_host(self) -> str:
+        """This node's address as the cluster knows it (its `node:<ip>` resource pins rank 0's bundle)."""
         import ray
         if not ray.is_initialized():
             ray.init(address=self.config.ray_address, log_to_driver=True, include_dashboard=False,
                      configure_logging=False)
-        return ray.util.get_node_ip_address()
+        node_id = ray.get_runtime_context().get_node_id()
+        return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
 
     def channel_address(self, host: str) -> str:
         return f"tcp://{host}:*"

@@ -114,6 +114,17 @@ class ModelConfig:
             hf=text)
 
 
+def context_limit(config: ModelConfig) -> int:
+    """The longest context the checkpoint supports: its positions, stretched by linear, dynamic or YaRN rope
+    scaling (Llama-3's scaling is already counted in max_position_embeddings)."""
+    rope = config.rope
+    if rope.type in ("linear", "dynamic"):
+        return int(config.max_position_embeddings * rope.factor)
+    if rope.type == "yarn":
+        return int((rope.original_max_position_embeddings or config.max_position_embeddings) * rope.factor)
+    return config.max_position_embeddings
+
+
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     """The shapes that tensor parallelism splits must split evenly (KV heads may be replicated instead)."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads

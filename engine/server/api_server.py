@@ -1,149 +1,24 @@
-"""The API front's aiohttp app: routes, auth, OpenAI-shaped errors, and the front's view of its
-engine core (starting / ready / draining; alive via process liveness and heartbeats).
-
-`/health` reads that view and never waits on the core, so it answers at once under any load.
-"""
+"""The API front's aiohttp app: routes, auth and OpenAI-shaped errors over the front's state
+(engine/server/front_state.py) and the OpenAI handlers (engine/server/openai_serving.py)."""
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-import os
-import subprocess
 import time
 
 import msgspec
 from aiohttp import web
 
-from engine.errors import AuthenticationError, EngineError, InvalidRequestError, UnavailableError, error_body
-from engine.server.config import ServerConfig
-from engine.server.core_client import CoreClient
-from engine.server.metrics import Metrics
-from engine.server.openai_serving import OpenAIServing, json_response
-from engine.wire import EngineInfo
+from engine.errors import AuthenticationError, EngineError, InvalidRequestError, UnavailableError
+from engine.server.front_state import FrontState
+from engine.server.openai_serving import OpenAIServing
+from engine.server.responses import error_response, http_error, json_response
 
 log = logging.getLogger(__name__)
-LIVENESS_POLL_S = 0.2
-
-
-class FrontState:
-    """What the front knows: its config, the core client, the tokenizer and the core's health."""
-
-    def __init__(self, config: ServerConfig, client: CoreClient, metrics: Metrics,
-                 core_process: subprocess.Popen | None = None):
-        self.config = config
-        self.client = client
-        self.metrics = metrics
-        self.core_process = core_process
-        self.phase = "starting"  # starting | ready | draining
-        self.info: EngineInfo | None = None
-        self.tokenizer = None
-        self.served_model_name = ""
-        self.model_names: set[str] = set()
-        self.last_heartbeat = 0.0
-        self._tasks: list[asyncio.Task] = []
-
-    # ---- startup -------------------------------------------------------------------------------
-    async def start(self, model_arg: str, tokenizer_arg: str | None) -> None:
-        """Waits for the core's first engine-info reply, loads the tokenizer, and opens for requests."""
-        from engine.tokenizer import load_tokenizer
-        # a local checkpoint's tokenizer loads while the core loads the weights
-        early_source = tokenizer_arg or (model_arg if model_arg and os.path.isdir(model_arg) else None)
-        early = asyncio.create_task(asyncio.to_thread(load_tokenizer, early_source)) if early_source else None
-        try:
-            await self._wait_for_core(time.monotonic() + self.config.engine_start_timeout)
-            if early is not None:
-                self.tokenizer = await early
-        except BaseException:
-            if early is not None:
-                early.cancel()
-                await asyncio.gather(early, return_exceptions=True)
-            raise
-        if self.tokenizer is None:
-            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.info.model_path)
-        self.client.start(self.tokenizer)
-        path = self.info.model_path.rstrip("/")
-        self.served_model_name = self.config.served_model_name or model_arg or path
-        self.metrics.model_name = self.served_model_name
-        self.model_names = {self.served_model_name, path, os.path.basename(path), *([model_arg] if model_arg else [])}
-        self.last_heartbeat = time.monotonic()
-        self.metrics.update_stats(self.info.stats)
-        self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._liveness_loop())]
-        self.phase = "ready"
-        log.info("event=front_ready model=%s max_model_len=%d", self.served_model_name, self.info.max_model_len)
-
-    async def _wait_for_core(self, deadline: float) -> None:
-        while True:
-            self._check_process()
-            if self.client.dead_reason:
-                raise UnavailableError(f"the engine core failed to start: {self.client.dead_reason}")
-            try:
-                self.info = await self.client.engine_info(timeout=0.5)
-                return
-            except asyncio.TimeoutError:
-                if time.monotonic() > deadline:
-                    raise UnavailableError("the engine core did not start in time") from None
-
-    async def stop_tasks(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    # ---- core health ---------------------------------------------------------------------------
-    def _check_process(self) -> None:
-        if self.core_process is not None and self.core_process.poll() is not None:
-            self.client.mark_dead(f"the engine core process exited (code {self.core_process.returncode})")
-
-    async def _liveness_loop(self) -> None:
-        while True:
-            self._check_process()
-            await asyncio.sleep(LIVENESS_POLL_S)
-
-    async def _heartbeat_loop(self) -> None:
-        while self.client.dead_reason is None:
-            try:
-                info = await self.client.engine_info(timeout=self.config.heartbeat_timeout)
-                self.last_heartbeat = time.monotonic()
-                self.metrics.update_stats(info.stats)
-            except (asyncio.TimeoutError, EngineError):
-                log.warning("event=heartbeat_missed in_flight=%d", self.client.num_in_flight)
-                if time.monotonic() - self.last_heartbeat > self.config.heartbeat_timeout:
-                    # a core that stopped answering holds requests that will never finish: fail them
-                    # (new ones get 503 until heartbeats come back)
-                    await self.client.abort_all(UnavailableError("the engine core is not responding"))
-            await asyncio.sleep(self.config.heartbeat_interval)
-
-    def unavailable_reason(self) -> str | None:
-        """Why the front cannot take requests now, or None."""
-        self._check_process()
-        if self.client.dead_reason is not None:
-            return self.client.dead_reason
-        if self.phase == "starting":
-            return "the server is starting; the engine core is loading"
-        if self.phase == "draining":
-            return "the server is shutting down"
-        if time.monotonic() - self.last_heartbeat > self.config.heartbeat_timeout:
-            return "the engine core is not responding"
-        return None
-
-    def check_admitting(self) -> None:
-        reason = self.unavailable_reason()
-        if reason is not None:
-            raise UnavailableError(reason)
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
-def _error_response(e: EngineError) -> web.Response:
-    return json_response(error_body(e), status=e.status)
-
-
-def _http_error(e: web.HTTPException) -> web.Response:
-    kind = "not_found_error" if e.status == 404 else "invalid_request_error"
-    err = EngineError(e.reason if e.status != 413 else f"request body too large: {e.text}")
-    err.type, err.status = kind, e.status
-    return _error_response(err)
-
-
 def build_app(state: FrontState) -> web.Application:
     serving = OpenAIServing(state)
     api_key = state.config.api_key.encode() if state.config.api_key else None
@@ -158,22 +33,22 @@ def build_app(state: FrontState) -> web.Application:
             return await handler(request)
         except EngineError as e:
             state.metrics.rejected(e.status)
-            return _error_response(e)
+            return error_response(e)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             state.metrics.rejected(e.status)
-            return _http_error(e)
+            return http_error(e)
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception as e:
             log.exception("event=handler_failed path=%s", request.path)
-            return _error_response(EngineError(f"internal error: {type(e).__name__}"))
+            return error_response(EngineError(f"internal error: {type(e).__name__}"))
 
     async def health(_request):
         reason = state.unavailable_reason()
         if reason is not None:
-            return _error_response(UnavailableError(reason))
+            return error_response(UnavailableError(reason))
         return json_response({"status": "ok"})
 
     async def models(_request):

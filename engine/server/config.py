@@ -37,6 +37,9 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
     heartbeat_interval: float = opt(1.0, "seconds between engine-info round trips to the core")
     heartbeat_timeout: float = opt(10.0, "the core counts as unresponsive (503) after this long without a reply")
     max_request_bytes: int = opt(16 << 20, "largest HTTP request body (larger: 413)")
+    core_failure_exit_s: float = opt(
+        5.0, "when the engine core dies (a dead worker rank takes it down too): unregister at once, answer 503 "
+             "this long, then exit 1 so that a supervisor restarts the engine")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,4 +49,5 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
                "must exceed heartbeat_interval")
         check_field(self.engine_start_timeout > 0, "engine_start_timeout", "must be > 0")
         check_field(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
+        check_field(self.core_failure_exit_s >= 0, "core_failure_exit_s", "must be >= 0")
         check_field(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")

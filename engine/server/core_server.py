@@ -7,6 +7,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 
@@ -179,7 +180,8 @@ class EngineCoreServer:
         return EngineInfo(call_id=call_id, engine_id=self.engine_id, pid=os.getpid(), role=e.config.role,
                           model_path=str(e.model_path), max_model_len=e.max_model_len,
                           block_size=e.config.block_size, vocab_size=e.runner.vocab_size,
-                          draining=self.draining, stats=engine_stats(e))
+                          draining=self.draining, stats=engine_stats(e), world_size=e.executor.world_size,
+                          rank_pids=e.executor.rank_pids())
 
     # ---- outbox --------------------------------------------------------------------------------
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
@@ -222,14 +224,32 @@ class EngineCoreServer:
             self.owners.pop(rid, None)
 
 
+def exit_on_failure(reason: str) -> None:
+    """A worker rank died or hung: rank 0 may be blocked in a collective with it, so the process ends here,
+    at once (its front sees the core exit, answers 503 and exits too; worker processes die with us)."""
+    log.critical("event=engine_failed %s", reason)
+    print(f"error: {reason}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
+
+
 def run_engine_core(engine_config, core_config: CoreServerConfig, parent_pid: int | None = None) -> int:
     """Process entry: load the engine, serve until SIGTERM/SIGINT (then drain) and return 0."""
     if parent_pid is not None:
         die_with_parent()
-    engine = EngineCore(engine_config)
+    engine = EngineCore(engine_config, on_worker_failure=exit_on_failure)
     server = EngineCoreServer(engine, core_config, parent_pid)
     signal.signal(signal.SIGTERM, server.request_drain)
     signal.signal(signal.SIGINT, server.request_drain)
-    server.run()
+    try:
+        server.run()
+    except Exception as e:
+        log.exception("event=core_loop_failed")
+        # a collective that failed because a rank died: name the rank, not the socket error; one that timed
+        # out (a hung rank) says so itself
+        first = (str(e).splitlines() or [""])[0]
+        exit_on_failure(engine.executor.worker_failure(wait_s=2.0)
+                        or f"the engine core failed: {type(e).__name__}: {first}")
+    engine.shutdown()
     log.info("event=core_exit")
     return 0

@@ -17,10 +17,12 @@ import uuid
 
 from aiohttp import web
 
+from ctrl_client.aio import wait_within
 from engine.cli.args import config_argv
 from engine.config import EngineConfig
 from engine.errors import EngineError, UnavailableError
-from engine.server.api_server import FrontState, build_app
+from engine.server.api_server import build_app
+from engine.server.front_state import FrontState
 from engine.server.config import CoreServerConfig, ServerConfig
 from engine.server.core_client import CoreClient
 from engine.server.metrics import Metrics
@@ -128,9 +130,22 @@ async def _run_until_stopped(state: FrontState, engine_config: EngineConfig, sto
         return 1
     host, port = state.config.host, state.config.port
     print(f"slipstream: serving {state.served_model_name!r} at http://{host}:{port}", file=sys.stderr, flush=True)
-    await stopping
+    died = asyncio.create_task(state.core_died.wait())
+    await asyncio.wait([stopping, died], return_when=asyncio.FIRST_COMPLETED)
     await unregister_front(registration)  # routers stop sending before we drain
-    return 0
+    if not died.done():
+        died.cancel()
+        return 0
+    stopping.cancel()
+    # the core is gone (a dead worker rank takes it down too): in-flight requests have their errors and
+    # new ones get 503 for a moment, then the front exits so that a supervisor restarts the engine
+    grace = state.config.core_failure_exit_s
+    print(f"error: {state.client.dead_reason}; exiting in {grace:g} s", file=sys.stderr, flush=True)
+    try:
+        await wait_within(stop.wait(), grace)
+    except asyncio.TimeoutError:
+        pass
+    return 1
 
 
 async def _drain(state: FrontState, timeout: float) -> None:

@@ -6,9 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-import msgspec
 from aiohttp import web
 
 from engine.errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, error_body
@@ -16,15 +14,8 @@ from engine.output_processor import child_id
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from engine.server import openai_protocol as proto
-
-if TYPE_CHECKING:
-    from engine.server.api_server import FrontState
-
-_json = msgspec.json.Encoder()
-
-
-def json_response(payload, status: int = 200) -> web.Response:
-    return web.Response(body=_json.encode(payload), status=status, content_type="application/json")
+from engine.server.front_state import FrontState
+from engine.server.responses import json_encoder, json_response
 
 
 @dataclass
@@ -44,7 +35,7 @@ class Job:
 
 
 class OpenAIServing:
-    def __init__(self, state: "FrontState"):
+    def __init__(self, state: FrontState):
         self.state = state
 
     # ---- parsing -------------------------------------------------------------------------------
@@ -193,7 +184,7 @@ class OpenAIServing:
                 "created": job.created, "model": job.model, "choices": choices}
         if usage is not None:
             body["usage"] = usage
-        return b"data: " + _json.encode(body) + b"\n\n"
+        return b"data: " + json_encoder.encode(body) + b"\n\n"
 
     def _stream_choice(self, job: Job, index: int, text: str, c: CompletionOutput, lp, finished: bool) -> dict:
         reason = c.finish_reason if finished else None
@@ -245,7 +236,7 @@ class OpenAIServing:
             if job.include_usage:
                 await resp.write(self._chunk(job, [], usage=self._usage(job)))
         except EngineError as e:  # headers are out: the error travels as an event
-            await resp.write(b"data: " + _json.encode(error_body(e)) + b"\n\n")
+            await resp.write(b"data: " + json_encoder.encode(error_body(e)) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
