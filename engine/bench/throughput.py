@@ -38,7 +38,7 @@ def draw_workload(n: int, lo: int, hi_in: int, hi_out: int, seed: int = 0) -> li
 
 
 def write_random_checkpoint(folder: Path, config: dict) -> Path:
-    from engine.loader import RANDOM_WEIGHTS_MARKER
+    from engine.models.weights import RANDOM_WEIGHTS_MARKER
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     (folder / RANDOM_WEIGHTS_MARKER).write_text("random weights: shape-only checkpoint for benchmarks\n")
@@ -62,6 +62,12 @@ def copy_bandwidth_gbs() -> float:
     return 2 * (1 << 30) / statistics.median(times) / 1e9
 
 
+def stream_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     from engine.config import EngineConfig
     from engine.core import EngineCore
@@ -71,17 +77,20 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     core = EngineCore(EngineConfig(model=str(path), **options))
     startup = time.perf_counter() - t0
     runner = core.runner
-    weights = runner._weights_bytes()
+    weights = runner.weights_bytes()
     kv_token_bytes = runner.kv_spec.bytes_per_token
 
-    def generate(reqs, temperature=0.6, record=None):
+    def generate(reqs, temperature=0.6, record=None, timeline=None):
         for i, (ids, n) in enumerate(reqs):
             core.add_request(EngineCoreRequest(request_id=f"r{i}", prompt_token_ids=ids, params=SamplingParams(
                 max_tokens=n, temperature=temperature, ignore_eos=True)))
         tokens = 0
         while core.has_unfinished():
             s = time.perf_counter()
+            start = stream_event() if timeline is not None else None
             outs = core.step()
+            if start is not None:  # the step's device work sits between the two events
+                timeline.append((start, stream_event()))
             dt = time.perf_counter() - s
             tokens += sum(len(o.new_token_ids) for o in outs)
             st = runner.last_step
@@ -92,15 +101,14 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     # warm-up: one small batch of odd and even lengths (first-use kernel compiles stay out of the timing)
     generate([([1] * 64, 16), ([2] * 37, 9), ([3] * 101, 5)])
     steps: list[tuple[float, int, int]] = []
+    timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     torch.cuda.synchronize()
-    runner.timeline = []
     t = time.perf_counter()
-    out_tokens = generate(workload, record=steps)
+    out_tokens = generate(workload, record=steps, timeline=timeline)
     wall = time.perf_counter() - t
     torch.cuda.synchronize()
     # time the GPU waited for the host: gaps between a step's last queued work and the next step's first
-    idle_ms = sum(max(0.0, end.elapsed_time(start)) for (_, end), (start, _) in zip(runner.timeline, runner.timeline[1:]))
-    runner.timeline = None
+    idle_ms = sum(max(0.0, end.elapsed_time(start)) for (_, end), (start, _) in zip(timeline, timeline[1:]))
     in_tokens = sum(len(p) for p, _ in workload)
     dec_time = sum(s[0] for s in steps)
     tpot_steps: list[tuple[float, int, int]] = []
