@@ -11,8 +11,16 @@ from engine.worker.model_runner import LaunchedStep
 from engine.worker.worker import Worker
 
 
+def resolve_method(obj, dotted: str):
+    """`pd.poll` -> obj.pd.poll; private names are not reachable."""
+    for name in dotted.split("."):
+        if not name or name.startswith("_"):
+            raise AttributeError(f"no callable {dotted!r}")
+        obj = getattr(obj, name)
+    return obj
+
+
 def call(obj, dotted: str, args) -> object:
-    from engine.executor.worker_main import resolve_method
     return resolve_method(obj, dotted)(*args)
 
 

@@ -9,14 +9,13 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from engine.cli.args import config_argv
 from engine.config import EngineConfig
 from engine.executor.distributed import SHUTDOWN_TIMEOUT_S, DistributedExecutor
+from engine.processes import private_ipc_address, remove_ipc_file, stop_process
 
 log = logging.getLogger(__name__)
 MONITOR_POLL_S = 0.1
@@ -32,7 +31,7 @@ class MultiprocExecutor(DistributedExecutor):
         return "127.0.0.1"
 
     def channel_address(self, host: str) -> str:
-        return f"ipc://{tempfile.gettempdir()}/slipstream-workers-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+        return private_ipc_address("workers")
 
     def start_workers(self, rendezvous: str, channel_address: str) -> None:
         env = dict(os.environ)
@@ -58,16 +57,6 @@ class MultiprocExecutor(DistributedExecutor):
         return None
 
     def stop_workers(self) -> None:
-        for p in getattr(self, "procs", []):
-            try:
-                p.wait(SHUTDOWN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.warning("event=worker_kill pid=%d", p.pid)
-                p.kill()
-                p.wait()
-        address = self.channel.address
-        if address.startswith("ipc://"):
-            try:
-                os.unlink(address[len("ipc://"):])
-            except OSError:
-                pass
+        for p in getattr(self, "procs", []):  # they were told to shut down: wait, then kill
+            stop_process(p, SHUTDOWN_TIMEOUT_S)
+        remove_ipc_file(self.channel.address)

@@ -17,19 +17,11 @@ log = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000  # idle wake-ups: is the parent (rank 0's process) still there?
 
 
-def resolve_method(obj, dotted: str):
-    """`pd.poll` -> obj.pd.poll; private names are not reachable."""
-    for name in dotted.split("."):
-        if not name or name.startswith("_"):
-            raise AttributeError(f"no callable {dotted!r}")
-        obj = getattr(obj, name)
-    return obj
-
-
 def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: int, world_size: int,
                rendezvous: str, channel_address: str, device_index: int | None = None,
                parent_pid: int | None = None) -> int:
     """Serves one rank until rank 0 sends `shutdown` (returns 0) or goes away (returns 1)."""
+    from engine.executor.base import call
     from engine.worker.worker import Worker
     channel = WorkerChannel(channel_address, rank)
     channel.send(WorkerReady(rank=rank, pid=os.getpid(), loaded=False))
@@ -58,7 +50,7 @@ def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: 
                     channel.send(WorkerReply(call_id=msg.call_id, rank=rank))
                     return 0
                 try:
-                    result = resolve_method(worker, msg.method)(*msg.args)
+                    result = call(worker, msg.method, msg.args)
                     channel.send(WorkerReply(call_id=msg.call_id, rank=rank, result=result))
                 except Exception as e:
                     log.warning("event=worker_call_failed rank=%d method=%s\n%s", rank, msg.method,
@@ -72,7 +64,6 @@ def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: 
 def main(argv: list[str] | None = None) -> int:
     """`python -m engine.executor.worker_main --rank R ... [engine flags]`: how `mp` starts a worker process."""
     import argparse
-    import ctypes
     import signal
 
     from engine.cli.args import add_config_args, config_from_args
@@ -83,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="WARNING")
     add_config_args(p, EngineConfig)
     args = p.parse_args(argv)
-    try:  # Linux: die with the engine core, even when it is killed
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    from engine.processes import die_with_parent
+    die_with_parent(signal.SIGKILL)  # with the engine core, even when it is killed
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.getppid() != args.parent_pid:  # the core died before the death signal was armed
         return 1

@@ -3,7 +3,6 @@ steps the engine in a busy loop while it has work and blocks on the socket when 
 is validated here (size, decoding, admission); the core trusts what passes."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -15,6 +14,7 @@ import msgspec
 import zmq
 
 from engine.core import EngineCore
+from engine.processes import die_with_parent
 from engine.errors import EngineError, OverloadedError, UnavailableError
 from engine.server.config import CoreServerConfig
 from engine.wire import (AbortRequests, AddRequests, CoreInbound, EngineCoreOutput, EngineCoreOutputs, EngineInfo,
@@ -35,14 +35,6 @@ def error_info(e: BaseException) -> ErrorInfo:
 
 def engine_stats(engine: EngineCore) -> EngineStats:
     return msgspec.convert(engine.stats(), EngineStats)
-
-
-def die_with_parent() -> None:
-    """Linux: SIGTERM this process when the parent that started it dies (no orphaned cores)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class EngineCoreServer:

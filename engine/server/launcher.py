@@ -11,9 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 
 from aiohttp import web
 
@@ -21,6 +19,7 @@ from ctrl_client.aio import wait_within
 from engine.cli.args import config_argv
 from engine.config import EngineConfig
 from engine.errors import EngineError, UnavailableError
+from engine.processes import private_ipc_address, remove_ipc_file, stop_process
 from engine.server.api_server import build_app
 from engine.server.front_state import FrontState
 from engine.server.config import CoreServerConfig, ServerConfig
@@ -32,18 +31,6 @@ log = logging.getLogger(__name__)
 CORE_STOP_TIMEOUT_S = 15.0
 
 
-def private_ipc_address() -> str:
-    return f"ipc://{tempfile.gettempdir()}/slipstream-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
-
-
-def remove_ipc_file(address: str) -> None:
-    if address.startswith("ipc://"):
-        try:
-            os.unlink(address[len("ipc://"):])
-        except OSError:
-            pass
-
-
 def spawn_core(engine_config: EngineConfig, core_config: CoreServerConfig) -> subprocess.Popen:
     """`slipstream engine ...` as a child in its own session (a terminal's Ctrl-C reaches the front,
     which stops the core); it dies with us (PR_SET_PDEATHSIG + parent-pid check)."""
@@ -53,17 +40,6 @@ def spawn_core(engine_config: EngineConfig, core_config: CoreServerConfig) -> su
             "--parent-pid", str(os.getpid())]
     log.info("event=spawn_core argv=%r", argv)
     return subprocess.Popen(argv, start_new_session=True)
-
-
-def stop_core(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(CORE_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            log.warning("event=core_kill pid=%d", proc.pid)
-            proc.kill()
-            proc.wait()
 
 
 def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int:
@@ -78,7 +54,7 @@ async def _serve(config: ServerConfig, engine_config: EngineConfig) -> int:
 
     proc, address = None, config.engine_address
     if address is None:
-        address = config.zmq_address or private_ipc_address()
+        address = config.zmq_address or private_ipc_address("core")
         core_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(CoreServerConfig)}
         proc = spawn_core(engine_config, CoreServerConfig(**{**core_fields, "zmq_address": address}))
     metrics = Metrics()
@@ -101,7 +77,7 @@ async def _serve(config: ServerConfig, engine_config: EngineConfig) -> int:
         await state.stop_tasks()
         await client.close()
         if proc is not None:
-            await asyncio.to_thread(stop_core, proc)
+            await asyncio.to_thread(stop_process, proc, CORE_STOP_TIMEOUT_S, signal.SIGTERM)
             remove_ipc_file(address)  # a killed core leaves it behind
     log.info("event=exit code=%d", code)
     return code
