@@ -86,7 +86,23 @@ class Registration:
             delay = min(delay * 2, self.backoff_max_s)
         self.up = True
         logger.info("registered %s with %s (scope %r)", self.entity_id, self.client.url, self.client.scope)
+        await self._retire_predecessors()
         self._task = asyncio.create_task(self._heartbeat_loop(), name=f"ctrl-heartbeat-{self.entity_id}")
+
+    async def _retire_predecessors(self) -> None:
+        """Unregisters older records of this address: an engine restarted on the same host and port replaces
+        its predecessor's record at once, instead of both being listed until the old one's TTL runs out.
+        Best effort: a failure here leaves the old record to expire."""
+        mine = self.entity.endpoint
+        try:
+            for raw in await self.client.list_entities(kind=self.entity.kind, entity_type=self.entity.entity_type):
+                endpoint = raw.get("endpoint") if isinstance(raw, dict) else None
+                if (isinstance(endpoint, dict) and raw.get("entity_id") != self.entity_id
+                        and endpoint.get("host") == mine.host and endpoint.get("port") == mine.port):
+                    await self.client.unregister(raw["entity_id"], self.entity.entity_type)
+                    logger.info("unregistered %s: the same address is now %s", raw["entity_id"], self.entity_id)
+        except CtrlError as e:
+            logger.info("could not look for older records of %s: %s", mine.url, e)
 
     async def stop(self) -> bool:
         """Stops heartbeating and unregisters; returns False (with one warning) if that failed."""

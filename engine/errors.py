@@ -8,10 +8,11 @@ class EngineError(Exception):
     type = "internal_error"
     status = 500
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after = retry_after  # seconds a client should wait before retrying (a Retry-After header)
 
 
 class InvalidRequestError(EngineError, ValueError):
@@ -61,3 +62,11 @@ class AuthenticationError(EngineError):
 def error_body(e: EngineError) -> dict:
     """The OpenAI error object every HTTP surface (front, router) answers with."""
     return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}}
+
+
+def error_headers(e: EngineError) -> dict[str, str]:
+    """Retry-After (whole seconds, at least 1) for errors a client should retry: overloaded (429) and
+    unavailable (503) ones carry it, 1 s unless the error says otherwise."""
+    if e.retry_after is None and e.status not in (429, 503):
+        return {}
+    return {"Retry-After": str(max(1, round(e.retry_after or 1)))}

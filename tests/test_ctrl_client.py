@@ -314,3 +314,19 @@ def test_registration_rides_out_a_ctrl_restart(ctrl_plane, ctrl_scope, caplog):
 
     asyncio.run(body())
     assert not any("re-registered" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_restarted_engine_replaces_its_predecessors_record(shared_ctrl_plane, ctrl_scope):
+    """`slipstream status` and routers see one record per address: registering again at the same host and
+    port retires the older record at once (before, both were listed until the old one's 60 s TTL)."""
+    async def body():
+        async with CtrlClient(shared_ctrl_plane.address, ctrl_scope) as client:
+            old, other = engine(port=8100), engine(port=8101)
+            await client.register(old)  # a predecessor that died without unregistering
+            await client.register(other)
+            async with Registration(client, engine(port=8100), heartbeat_interval_s=INTERVAL_S) as reg:
+                ids = {e["entity_id"] for e in await client.list_entities(kind="dlengine")}
+                assert ids == {reg.entity_id, other.entity_id}
+            await client.unregister(other.entity_id)
+
+    asyncio.run(body())

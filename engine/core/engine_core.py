@@ -156,9 +156,12 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
-    def has_timers(self) -> bool:
-        """Parked KV or pulls in flight: the loop must keep stepping (timeouts) even when idle."""
-        return self.handoff.busy
+    def seconds_until_work(self) -> float:
+        """0 when a step has something to do (sequences to schedule, a launched step to read back); else the
+        seconds until the KV hand-off's next timer (inf: none), which a server loop may sleep through."""
+        if self.scheduler.num_unfinished or self._in_flight is not None:
+            return 0.0
+        return self.handoff.seconds_until_work()
 
     # ---- one step ----------------------------------------------------------------------------
     def stop_ids(self, seq: Sequence) -> list[int]:

@@ -25,6 +25,8 @@ from engine.kv.spec import KVCacheSpec
 from engine.pd import migration as mig
 
 log = logging.getLogger(__name__)
+# a pull in flight is advanced this often (DLSlime's futures are polled, they signal nothing)
+PULL_POLL_S = 0.0005
 
 
 @dataclass
@@ -207,6 +209,14 @@ class KVHandoff:
     @property
     def busy(self) -> bool:
         return bool(self.parked or self.pulls)
+
+    def seconds_until_work(self) -> float:
+        """Pulls are polled every PULL_POLL_S; parked KV needs a step at its reclaim deadline; inf: nothing."""
+        if self.pulls:
+            return PULL_POLL_S
+        if self.parked:
+            return max(0.0, min(p.deadline for p in self.parked.values()) - time.monotonic())
+        return float("inf")
 
     def close(self) -> None:
         for k in list(self.parked):

@@ -19,6 +19,8 @@ from engine.kv.spec import KVCacheSpec
 from engine.sampling_params import SamplingParams
 
 VERSION = 2
+# a prompt of max_model_len tokens is a few MB at most; anything larger is refused before decoding
+MAX_MIGRATION_CHARS = 32 << 20
 
 
 class Migration(msgspec.Struct, kw_only=True):
@@ -51,6 +53,8 @@ def decode(text: Any) -> Migration:
 
     if not isinstance(text, str) or not text:
         raise bad("expected a non-empty string")
+    if len(text) > MAX_MIGRATION_CHARS:
+        raise bad(f"{len(text)} characters, more than {MAX_MIGRATION_CHARS}")
     try:
         raw = base64.b64decode(text.encode(), validate=True)
     except (binascii.Error, ValueError):

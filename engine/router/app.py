@@ -1,5 +1,6 @@
-"""The router's HTTP app: DLRouter's two-stage PD flow (prefill with do_remote_decode, then decode
-with the migration, then /pd/free), plain forwarding to hybrid engines, and engine discovery."""
+"""The router's HTTP app: routes, auth and OpenAI-shaped errors, and the background work that keeps its view of
+the engines current: discovery (the control plane's listing), load polls (/engine_info) and health probes of
+engines that are down or that discovery stopped listing. The request path itself is engine/router/proxy.py."""
 from __future__ import annotations
 
 import asyncio
@@ -7,24 +8,26 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from pathlib import PurePath
 
 import aiohttp
 from aiohttp import web
 
-from engine.errors import (AuthenticationError, BadGatewayError, EngineError, InvalidRequestError, ModelNotFoundError,
-                           UnavailableError, error_body)
+from engine.errors import (AuthenticationError, EngineError, InvalidRequestError, OverloadedError, error_body,
+                           error_headers)
 from engine.router.config import RouterConfig
 from engine.router.pool import ROLE_BY_NUMBER, EnginePool, Node
+from engine.router.proxy import UPSTREAM_ERRORS, Proxy, describe
 
 log = logging.getLogger(__name__)
-POOL, SESSION, CONFIG, STATS = web.AppKey("pool", EnginePool), web.AppKey("session", aiohttp.ClientSession), \
-    web.AppKey("config", RouterConfig), web.AppKey("stats", dict)
+POOL, SESSION, CONFIG, STATS, PROXY = (web.AppKey("pool", EnginePool), web.AppKey("session", aiohttp.ClientSession),
+                                       web.AppKey("config", RouterConfig), web.AppKey("stats", dict),
+                                       web.AppKey("proxy", Proxy))
+PROBE_TIMEOUT_S = 2.0
 
 
 def error(e: EngineError) -> web.Response:
-    return web.json_response(error_body(e), status=e.status)
+    return web.json_response(error_body(e), status=e.status, headers=error_headers(e))
 
 
 def node_from_entity(entity) -> Node:
@@ -34,10 +37,15 @@ def node_from_entity(entity) -> Node:
     return Node(url=entity.endpoint.url.rstrip("/"), role=md.role, models=models, source="ctrl")
 
 
+def engine_headers(config: RouterConfig) -> dict[str, str]:
+    return {"Authorization": f"Bearer {config.engine_api_key}"} if config.engine_api_key else {}
+
+
 # ---- request handlers --------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
+    """200 while the router runs; says which roles it can serve now (engines up and down per role)."""
     pool = request.app[POOL]
-    return web.json_response({"status": "ok", "engines": len(pool.nodes)})
+    return web.json_response({"status": "ok", "engines": len(pool.nodes), "roles": pool.summary()})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -51,6 +59,7 @@ async def metrics(request: web.Request) -> web.Response:
     lines = [f"slipstream_router_{k} {v}" for k, v in sorted(stats.items())]
     for n in pool.nodes.values():
         lines.append(f'slipstream_router_engine_inflight{{url="{n.url}",role="{n.role}"}} {n.inflight}')
+        lines.append(f'slipstream_router_engine_up{{url="{n.url}",role="{n.role}"}} {0 if n.down else 1}')
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
@@ -62,10 +71,11 @@ async def add_node(request: web.Request) -> web.Response:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError("url")
     except (ValueError, KeyError, TypeError, AttributeError):
-        return error(InvalidRequestError('expected {"url": "http://host:port", "status": {"role": 1|2|3}}'))
+        raise InvalidRequestError('expected {"url": "http://host:port", "status": {"role": 1|2|3}}') from None
     node = Node(url=url.rstrip("/"), role=role)
     try:  # as DLRouter does: ask the node what it serves (an unreachable node serves any model)
-        async with request.app[SESSION].get(node.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        async with request.app[SESSION].get(node.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5),
+                                            headers=engine_headers(request.app[CONFIG])) as resp:
             data = (await resp.json(content_type=None)).get("data", [])
         for m in data:
             node.models |= {m["id"], *([m["root"], PurePath(m["root"]).name] if m.get("root") else [])}
@@ -75,132 +85,41 @@ async def add_node(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "models": sorted(node.models)})
 
 
-def _authorised(request: web.Request) -> bool:
-    key = request.app[CONFIG].api_key
-    if key is None:
-        return True
-    given = request.headers.get("Authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
-
-
 async def completions(request: web.Request) -> web.StreamResponse:
-    if not _authorised(request):
-        return error(AuthenticationError("invalid API key"))
     try:
         body = await request.json()
         if not isinstance(body, dict):
             raise ValueError
     except (ValueError, json.JSONDecodeError):
-        return error(InvalidRequestError("request body must be a JSON object"))
-    pool, model, path = request.app[POOL], body.get("model"), request.path
-    request.app[STATS]["requests_total"] += 1
-    if pool.candidates("prefill", model) and pool.candidates("decode", model):
-        return await _two_stage(request, body, path)
-    node = pool.pick("hybrid", model)
-    if node is None:
-        missing = ModelNotFoundError if pool.nodes else UnavailableError
-        return error(missing(f"no engine serves model {model!r}", param="model"))
-    return await _forward(request, node, path, body)
-
-
-async def _post_json(app, node: Node, path: str, body: dict) -> tuple[int, dict]:
-    node.inflight += 1
+        raise InvalidRequestError("request body must be a JSON object") from None
+    stats, config = request.app[STATS], request.app[CONFIG]
+    stats["requests_total"] += 1
+    if stats["inflight"] >= config.max_inflight:
+        stats["rejected_total"] += 1
+        raise OverloadedError(f"more than {config.max_inflight} requests are in flight; retry later")
+    stats["inflight"] += 1
     try:
-        async with app[SESSION].post(node.url + path, json=body) as resp:
-            return resp.status, await resp.json(content_type=None)
+        return await request.app[PROXY].handle(request, body)
     finally:
-        node.inflight -= 1
+        stats["inflight"] -= 1
 
 
-async def _two_stage(request: web.Request, body: dict, path: str) -> web.StreamResponse:
-    app, pool, model = request.app, request.app[POOL], body.get("model")
-    stream = bool(body.get("stream"))
-    p_body = {k: v for k, v in body.items() if k != "stream_options"}
-    p_body.update(stream=False, kv_transfer_params={"do_remote_decode": True})
-    tried: set[str] = set()
-    for _ in range(2):  # one retry of the prefill stage on a dead engine
-        prefill = pool.pick("prefill", model, exclude=tried)
-        if prefill is None:
-            return error(UnavailableError("no prefill engine reachable"))
-        try:
-            status, answer = await _post_json(app, prefill, path, p_body)
-            break
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-            log.warning("prefill engine %s failed (%s); retrying elsewhere", prefill.url, e)
-            tried.add(prefill.url)
-            app[STATS]["prefill_retries_total"] += 1
-    else:
-        return error(UnavailableError("prefill engines failed"))
-    kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-    if status != 200 or not isinstance(kv, dict) or "migration" not in kv:
-        # an error, or the first token already ended the request: prefill's answer is the answer
-        if stream and status == 200:
-            return await _as_stream(request, answer)
-        return web.json_response(answer, status=status)
-    seq_id = kv.get("seq_id")
+@web.middleware
+async def errors_and_auth(request: web.Request, handler):
+    """API key (constant-time) on every route that serves or changes state; typed errors as OpenAI JSON."""
+    key = request.app[CONFIG].api_key
     try:
-        decode = pool.pick("decode", model)
-        if decode is None:
-            return error(UnavailableError("no decode engine reachable"))
-        d_body = {**body, "kv_transfer_params": {"migration": kv["migration"]}}
-        return await _forward(request, decode, path, d_body)
-    finally:
-        # on completion, error and client abort alike; the prefill side also reclaims on a timeout
-        asyncio.ensure_future(_free(app, prefill, seq_id))
+        if key is not None and (request.path.startswith("/v1/") or request.path == "/nodes/add"):
+            if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+                raise AuthenticationError("missing or invalid API key (Authorization: Bearer ...)")
+        return await handler(request)
+    except EngineError as e:
+        return error(e)
 
 
-async def _free(app, node: Node, seq_id) -> None:
-    try:
-        async with app[SESSION].post(node.url + "/pd/free", json={"seq_ids": [seq_id]}) as resp:
-            await resp.read()
-        app[STATS]["pd_free_total"] += 1
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        log.warning("POST %s/pd/free failed: %s (its KV is reclaimed on timeout)", node.url, e)
-
-
-async def _forward(request: web.Request, node: Node, path: str, body: dict) -> web.StreamResponse:
-    """Sends the request to one engine and relays its answer (a stream chunk by chunk)."""
-    app = request.app
-    node.inflight += 1
-    try:
-        async with app[SESSION].post(node.url + path, json=body) as resp:
-            if not resp.content_type.startswith("text/event-stream"):
-                return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
-            out = web.StreamResponse(status=resp.status, headers={"Content-Type": "text/event-stream",
-                                                                  "Cache-Control": "no-cache"})
-            await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)  # a client gone raises here and closes the engine's stream too
-            await out.write_eof()
-            return out
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-        node.failures += 1
-        return error(BadGatewayError(f"engine {node.url} failed: {e}"))
-    finally:
-        node.inflight -= 1
-
-
-async def _as_stream(request: web.Request, answer: dict) -> web.StreamResponse:
-    """A complete (non-streamed) answer re-sent as one SSE chunk, for a client that asked to stream."""
-    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await out.prepare(request)
-    chat = answer.get("object") == "chat.completion"
-    choices = []
-    for c in answer.get("choices", []):
-        delta = {"role": "assistant", "content": c.get("message", {}).get("content", "")} if chat else None
-        choices.append({"index": c.get("index", 0), "finish_reason": c.get("finish_reason"),
-                        **({"delta": delta} if chat else {"text": c.get("text", "")})})
-    chunk = {"id": answer.get("id", f"cmpl-{uuid.uuid4().hex}"), "created": answer.get("created", int(time.time())),
-             "model": answer.get("model"), "object": "chat.completion.chunk" if chat else "text_completion",
-             "choices": choices}
-    await out.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
-    await out.write_eof()
-    return out
-
-
-# ---- app ----------------------------------------------------------------------------------------
+# ---- keeping the view of the engines current ----------------------------------------------------
 async def _discover(app: web.Application) -> None:
-    """Keeps the pool equal to what the control plane lists (polling, refreshed early by events)."""
+    """Feeds the control plane's listing to the pool (polling, refreshed early by events)."""
     from ctrl_client import CtrlClient
     from ctrl_client.discovery import Discovery, EngineWatcher
     config = app[CONFIG]
@@ -222,26 +141,68 @@ async def _discover(app: web.Application) -> None:
 
 
 async def _poll_load(app: web.Application) -> None:
-    """Refreshes every engine's running count and KV usage from its /engine_info."""
-    timeout = aiohttp.ClientTimeout(total=2)
+    """Refreshes every engine's running count and KV usage from its /engine_info; an engine that does not
+    answer at all is marked down (found dead without waiting for a request to fail on it)."""
+    timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+    proxy, headers = app[PROXY], engine_headers(app[CONFIG])
 
     async def one(node: Node) -> None:
         try:
-            async with app[SESSION].get(node.url + "/engine_info", timeout=timeout) as resp:
+            async with app[SESSION].get(node.url + "/engine_info", timeout=timeout, headers=headers) as resp:
                 stats = (await resp.json(content_type=None))["stats"]
             node.running = stats["num_running"] + stats["num_waiting"]
             node.kv_usage = 1.0 - stats["num_free_blocks"] / max(1, stats["num_blocks"])
+        except aiohttp.ClientConnectionError as e:
+            proxy.engine_failed(node, describe(e))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
             pass  # not a Slipstream engine, or busy: the router's own in-flight count still balances
     while True:
-        await asyncio.gather(*(one(n) for n in list(app[POOL].nodes.values())))
+        await asyncio.gather(*(one(n) for n in list(app[POOL].nodes.values()) if not n.down))
         await asyncio.sleep(app[CONFIG].refresh_interval)
 
 
+async def _probe_health(app: web.Application, node: Node) -> bool:
+    try:
+        async with app[SESSION].get(node.url + "/health", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
+                                    headers=engine_headers(app[CONFIG])) as resp:
+            await resp.read()
+            return resp.status == 200
+    except UPSTREAM_ERRORS:
+        return False
+
+
+async def _probe(app: web.Application) -> None:
+    """Down engines get their /health probed with backoff and come back once it answers 200. Engines that
+    discovery stopped listing stay while their /health answers 200 (a Redis or control-plane restart lists
+    nothing for a while) and go when it fails or after `unlisted_timeout`."""
+    pool, config = app[POOL], app[CONFIG]
+
+    async def probe_down(node: Node) -> None:
+        if await _probe_health(app, node):
+            if pool.mark_up(node):
+                log.warning("engine %s (%s) is back up", node.url, node.role)
+        else:
+            pool.mark_down(node, node.down_reason or "health probe failed")
+
+    async def check_unlisted(node: Node) -> None:
+        gone = time.monotonic() - node.unlisted_since > config.unlisted_timeout
+        if gone or node.down or not await _probe_health(app, node):
+            pool.remove(node.url)
+            log.warning("engine %s (%s) dropped: no longer listed by the control plane%s", node.url, node.role,
+                        f" for {config.unlisted_timeout:g}s" if gone else " and not healthy")
+    while True:
+        await asyncio.gather(*(probe_down(n) for n in pool.due_for_probe()),
+                             *(check_unlisted(n) for n in pool.unlisted()))
+        await asyncio.sleep(config.probe_interval)
+
+
 async def _lifecycle(app: web.Application):
-    app[SESSION] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=app[CONFIG].request_timeout))
-    tasks = [asyncio.ensure_future(_poll_load(app))]
-    if app[CONFIG].ctrl_address:
+    config = app[CONFIG]
+    app[SESSION] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=config.request_timeout))
+    app[PROXY] = Proxy(app[POOL], app[SESSION], engine_headers(config), app[STATS],
+                       retry_after_s=max(1.0, config.refresh_interval))
+    tasks = [asyncio.ensure_future(_poll_load(app)), asyncio.ensure_future(_probe(app))]
+    if config.ctrl_address:
         tasks.append(asyncio.ensure_future(_discover(app)))
     yield
     for task in tasks:
@@ -251,9 +212,10 @@ async def _lifecycle(app: web.Application):
 
 
 def build_app(config: RouterConfig) -> web.Application:
-    app = web.Application(client_max_size=64 << 20)
+    app = web.Application(client_max_size=64 << 20, middlewares=[errors_and_auth])
     app[CONFIG], app[POOL] = config, EnginePool()
-    app[STATS] = {"requests_total": 0, "prefill_retries_total": 0, "pd_free_total": 0}
+    app[STATS] = {"requests_total": 0, "inflight": 0, "rejected_total": 0, "prefill_retries_total": 0,
+                  "stage_retries_total": 0, "streams_cut_total": 0, "pd_free_total": 0}
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)

@@ -16,6 +16,8 @@ from engine.server.openai_serving import OpenAIServing
 from engine.server.responses import error_response, http_error, json_response
 
 log = logging.getLogger(__name__)
+# besides /v1/*: the routes that change state or show the engine's internals (/health and /metrics stay open)
+KEYED_ROUTES = frozenset({"/pd/free", "/engine_info"})
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
@@ -26,7 +28,7 @@ def build_app(state: FrontState) -> web.Application:
     @web.middleware
     async def errors_and_auth(request: web.Request, handler):
         try:
-            if api_key is not None and request.path.startswith("/v1/"):
+            if api_key is not None and (request.path.startswith("/v1/") or request.path in KEYED_ROUTES):
                 scheme, _, token = request.headers.get("Authorization", "").partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key):
                     raise AuthenticationError("missing or invalid API key (Authorization: Bearer ...)")

@@ -4,6 +4,7 @@ is validated here (size, decoding, admission); the core trusts what passes."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ from engine.wire import (AbortRequests, AddRequests, CoreInbound, EngineCoreOutp
 
 log = logging.getLogger(__name__)
 
-IDLE_POLL_MS = 200  # idle wake-ups: signals, parent liveness
+IDLE_POLL_S = 0.2  # idle wake-ups: signals, parent liveness
 MAX_MESSAGES_PER_STEP = 256  # inbox messages handled between two steps (keeps steps flowing)
 
 
@@ -73,20 +74,25 @@ class EngineCoreServer:
             self.drain_deadline = time.monotonic() + self.config.drain_timeout
 
     def run(self) -> None:
+        """Steps while there is work; otherwise blocks on the socket until a message or the engine's next
+        timer (parked KV's deadline, the next poll of a KV pull), so an idle engine holding parked KV costs
+        no CPU."""
         log.info("event=core_ready address=%s engine_id=%s pid=%d", self.address, self.engine_id, os.getpid())
         try:
             while not self.stopped:
-                if self.sock.poll(0 if self._busy() else IDLE_POLL_MS):
+                wait = self.engine.seconds_until_work()
+                if self.sock.poll(math.ceil(min(wait, IDLE_POLL_S) * 1000)):
                     self._drain_inbox()
-                if self._busy():
-                    self._send_outputs(self.engine.step())
+                    if wait > 0:  # woken by a message: look at the work again
+                        self._check_stop()
+                        continue
+                elif wait > IDLE_POLL_S:  # the idle wake-up, not a timer
+                    self._check_stop()
+                    continue
+                self._send_outputs(self.engine.step())
                 self._check_stop()
         finally:
             self.close()
-
-    def _busy(self) -> bool:
-        # parked or pulling KV (prefill/decode hand-off) runs on timers: keep stepping
-        return self.engine.has_unfinished() or self.engine.has_timers()
 
     def _check_stop(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:

@@ -4,17 +4,18 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from engine.errors import EngineError, error_body
+from engine.errors import EngineError, error_body, error_headers
 
 json_encoder = msgspec.json.Encoder()
 
 
-def json_response(payload, status: int = 200) -> web.Response:
-    return web.Response(body=json_encoder.encode(payload), status=status, content_type="application/json")
+def json_response(payload, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=json_encoder.encode(payload), status=status, content_type="application/json",
+                        headers=headers)
 
 
 def error_response(e: EngineError) -> web.Response:
-    return json_response(error_body(e), status=e.status)
+    return json_response(error_body(e), status=e.status, headers=error_headers(e))
 
 
 def http_error(e: web.HTTPException) -> web.Response:

@@ -56,18 +56,18 @@ class Cluster:
         self.engines: list[ServerProcess] = []
         self.router: Router | None = None
 
-    def engine(self, role: str, *args: str) -> ServerProcess:
+    def engine(self, role: str, *args: str, api_key: str | None = None) -> ServerProcess:
         server = start_server(self.model, self.log_dir, "--role", role, "--ctrl-address", self.ctrl.address,
-                              "--ctrl-scope", self.scope, *PD_ARGS, *args)
+                              "--ctrl-scope", self.scope, *PD_ARGS, *args, api_key=api_key)
         server.role = role
         self.engines.append(server)
         return server
 
-    def start_router(self) -> Router:
+    def start_router(self, *args: str) -> Router:
         port = free_port()
         log = self.log_dir / f"router-{port}.log"
         cmd = [sys.executable, "-m", "engine.cli.main", "router", "--port", str(port), "--ctrl-address",
-               self.ctrl.address, "--ctrl-scope", self.scope, "--refresh-interval", "0.2"]
+               self.ctrl.address, "--ctrl-scope", self.scope, "--refresh-interval", "0.2", *args]
         with log.open("ab") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         self.router = Router(proc, port, log)
@@ -83,5 +83,13 @@ class Cluster:
 @pytest.fixture
 def cluster(tiny_llama, shared_ctrl_plane, tmp_path):
     c = Cluster(tiny_llama, shared_ctrl_plane, tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def own_cluster(tiny_llama, ctrl_plane, tmp_path):
+    """A cluster on its own Redis + dlslime-ctrl, which the test may kill or restart."""
+    c = Cluster(tiny_llama, ctrl_plane, tmp_path)
     yield c
     c.stop()

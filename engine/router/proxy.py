@@ -1,0 +1,208 @@
+"""The router's request path: choose the stages a request needs (prefill then decode, or one hybrid engine),
+run each on an engine of its role, and relay the answer. A stage whose engine fails before any byte reached
+the client (connection refused or reset, the engine answering 503) is retried on another engine of that
+role, and the failed engine's circuit opens (engine/router/pool.py). A stream cut by a dying engine ends with
+an OpenAI-shaped error event and `data: [DONE]`. A role with no engine up is a 503 with Retry-After."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from engine.errors import BadGatewayError, ModelNotFoundError, UnavailableError, error_body
+from engine.ratelimited_log import RateLimitedLog
+from engine.router.pool import EnginePool, Node
+
+log = logging.getLogger(__name__)
+UPSTREAM_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
+class StageFailed(Exception):
+    """An engine failed a stage before anything reached the client: try another engine of the role. `down`:
+    the engine itself is unreachable (its circuit opens); an engine that answered 503 is only skipped."""
+
+    def __init__(self, why: str, down: bool = True, answer: web.Response | None = None):
+        super().__init__(why)
+        self.down = down
+        self.answer = answer  # what the engine said (503): the client gets it if no engine does better
+
+
+class Proxy:
+    def __init__(self, pool: EnginePool, session: aiohttp.ClientSession, engine_headers: dict, stats: dict,
+                 retry_after_s: float):
+        self.pool, self.session, self.headers, self.stats = pool, session, engine_headers, stats
+        self.retry_after_s = retry_after_s
+        self.logs = RateLimitedLog(log)
+
+    # ---- the engines' health, as this router sees it ----------------------------------------------
+    def engine_failed(self, node: Node, why: str, down: bool = True) -> None:
+        if not down:
+            self.logs.warning(f"503:{node.url}", "engine %s could not serve a request: %s", node.url, why)
+            return
+        if self.pool.mark_down(node, why):
+            log.warning("engine %s (%s) marked down: %s", node.url, node.role, why)
+        else:
+            self.logs.warning(f"down:{node.url}", "engine %s still failing: %s", node.url, why)
+
+    def no_engine(self, role: str, model) -> UnavailableError:
+        return UnavailableError(f"no {role} engine for model {model!r} is up right now; retry shortly",
+                                retry_after=self.retry_after_s)
+
+    # ---- routing -------------------------------------------------------------------------------------
+    async def handle(self, request: web.Request, body: dict) -> web.StreamResponse:
+        model = body.get("model")
+        roles = self.pool.roles_for(model)
+        if {"prefill", "decode"} <= roles:
+            return await self.two_stage(request, body, model)
+        if "hybrid" in roles:
+            return await self.forward(request, "hybrid", model, body)
+        if roles:  # the model is served, but a role of its pipeline has no engine (a rolling restart)
+            missing = "decode" if "prefill" in roles else "prefill"
+            raise self.no_engine(missing, model)
+        if self.pool.nodes:
+            raise ModelNotFoundError(f"no engine serves model {model!r}", param="model")
+        raise UnavailableError("no engine is registered yet", retry_after=self.retry_after_s)
+
+    async def two_stage(self, request: web.Request, body: dict, model) -> web.StreamResponse:
+        """DLRouter's flow: prefill with do_remote_decode (non-streamed), decode with the migration, then
+        /pd/free on the prefill engine (always: completion, error and client abort alike)."""
+        p_body = {k: v for k, v in body.items() if k != "stream_options"}
+        p_body.update(stream=False, kv_transfer_params={"do_remote_decode": True})
+        prefill, status, answer = await self.prefill_stage(request.path, p_body, model)
+        kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        if status != 200 or not isinstance(kv, dict) or "migration" not in kv:
+            # an error, or the first token already ended the request: prefill's answer is the answer
+            if body.get("stream") and status == 200:
+                return await as_stream(request, answer)
+            return web.json_response(answer, status=status)
+        try:
+            d_body = {**body, "kv_transfer_params": {"migration": kv["migration"]}}
+            return await self.forward(request, "decode", model, d_body)
+        finally:
+            asyncio.ensure_future(self.free(prefill, kv.get("seq_id")))
+
+    async def prefill_stage(self, path: str, body: dict, model) -> tuple[Node, int, dict]:
+        tried: set[str] = set()
+        last: tuple[Node, int, dict] | None = None
+        while True:
+            node = self.pool.pick("prefill", model, exclude=tried)
+            if node is None:
+                if last is not None:
+                    return last
+                raise self.no_engine("prefill", model)
+            tried.add(node.url)
+            node.inflight += 1
+            try:
+                async with self.session.post(node.url + path, json=body, headers=self.headers) as resp:
+                    answer = await resp.json(content_type=None)
+                    if resp.status == 503:
+                        last = node, resp.status, answer
+                        raise StageFailed(f"answered 503: {answer}", down=False)
+                    return node, resp.status, answer
+            except (StageFailed, *UPSTREAM_ERRORS, ValueError) as e:
+                self.engine_failed(node, describe(e), getattr(e, "down", True))
+                self.stats["prefill_retries_total"] += 1
+            finally:
+                node.inflight -= 1
+
+    async def forward(self, request: web.Request, role: str, model, body: dict) -> web.StreamResponse:
+        """The request on one engine of `role`, relayed; another engine of the role if one fails first."""
+        tried: set[str] = set()
+        last: web.Response | None = None
+        while True:
+            node = self.pool.pick(role, model, exclude=tried)
+            if node is None:
+                if last is not None:
+                    return last
+                raise self.no_engine(role, model)
+            tried.add(node.url)
+            try:
+                return await self.relay(request, node, body)
+            except StageFailed as e:
+                self.engine_failed(node, str(e), e.down)
+                self.stats["stage_retries_total"] += 1
+                last = e.answer or last
+
+    async def relay(self, request: web.Request, node: Node, body: dict) -> web.StreamResponse:
+        node.inflight += 1
+        try:
+            try:
+                resp = await self.session.post(node.url + request.path, json=body, headers=self.headers)
+            except UPSTREAM_ERRORS as e:
+                raise StageFailed(describe(e)) from None
+            async with resp:
+                if not resp.content_type.startswith("text/event-stream"):
+                    try:
+                        data = await resp.read()
+                    except UPSTREAM_ERRORS as e:  # died before answering: nothing reached the client
+                        raise StageFailed(describe(e)) from None
+                    answer = web.Response(body=data, status=resp.status, content_type=resp.content_type,
+                                          headers={k: v for k, v in resp.headers.items() if k == "Retry-After"})
+                    if resp.status == 503:
+                        raise StageFailed(f"answered 503: {data[:200]!r}", down=False, answer=answer)
+                    return answer
+                return await self.relay_stream(request, node, resp)
+        finally:
+            node.inflight -= 1
+
+    async def relay_stream(self, request: web.Request, node: Node, resp: aiohttp.ClientResponse):
+        out = web.StreamResponse(status=resp.status, headers={"Content-Type": "text/event-stream",
+                                                              "Cache-Control": "no-cache"})
+        await out.prepare(request)  # from here on, bytes have reached the client: no retry
+        chunks = resp.content.iter_any().__aiter__()
+        last = b"\n\n"
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except UPSTREAM_ERRORS as e:
+                self.engine_failed(node, f"stream cut: {describe(e)}")
+                self.stats["streams_cut_total"] += 1
+                err = BadGatewayError(f"the engine serving this request ({node.role}) failed mid-stream")
+                sep = b"" if last.endswith(b"\n\n") else b"\n\n"
+                await out.write(sep + b"data: " + json.dumps(error_body(err)).encode() + b"\n\ndata: [DONE]\n\n")
+                break
+            await out.write(chunk)  # a client gone raises here, which closes the engine's stream too
+            last = chunk
+        await out.write_eof()
+        return out
+
+    async def free(self, node: Node, seq_id) -> None:
+        try:
+            async with self.session.post(node.url + "/pd/free", json={"seq_ids": [seq_id]},
+                                         headers=self.headers) as resp:
+                await resp.read()
+            self.stats["pd_free_total"] += 1
+        except UPSTREAM_ERRORS as e:
+            self.logs.warning(f"free:{node.url}", "POST %s/pd/free failed: %s (its KV is reclaimed on timeout)",
+                              node.url, describe(e))
+
+
+def describe(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text != type(e).__name__ else text
+
+
+async def as_stream(request: web.Request, answer: dict) -> web.StreamResponse:
+    """A complete (non-streamed) answer re-sent as one SSE chunk, for a client that asked to stream."""
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await out.prepare(request)
+    chat = answer.get("object") == "chat.completion"
+    choices = []
+    for c in answer.get("choices", []):
+        delta = {"role": "assistant", "content": c.get("message", {}).get("content", "")} if chat else None
+        choices.append({"index": c.get("index", 0), "finish_reason": c.get("finish_reason"),
+                        **({"delta": delta} if chat else {"text": c.get("text", "")})})
+    chunk = {"id": answer.get("id", f"cmpl-{uuid.uuid4().hex}"), "created": answer.get("created", int(time.time())),
+             "model": answer.get("model"), "object": "chat.completion.chunk" if chat else "text_completion",
+             "choices": choices}
+    await out.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+    await out.write_eof()
+    return out
+
