@@ -149,3 +149,20 @@ def test_dead_source_fails_the_pull_and_frees_blocks(pair, tiny_models):
     err = next(x for x in outs if x.request_id == "d")
     assert err.finish_reason == "error" and err.error
     assert not decode.has_unfinished()
+
+
+def test_disaggregated_logprobs_equal_hybrid(pair):
+    """The first token's logprobs travel in the migration: the decode engine returns one entry per token."""
+    prefill, decode, hybrid = pair
+    prompt, params = [9, 8, 7, 6, 5, 4], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2)
+    expected = hybrid.generate([prompt], params)[0].outputs[0]
+    out = prefill_stage(prefill, "lp", prompt, params)
+    decode.add_request(EngineCoreRequest(request_id="lp", prompt_token_ids=[], params=SamplingParams(),
+                                         kv_transfer_params={"migration": out.kv_transfer_params["migration"]}))
+    outs = run_until(decode, lambda o: any(x.request_id == "lp" and x.finished for x in o))
+    tokens = [t for x in outs for t in x.new_token_ids]
+    rows = [lp for x in outs for lp in (x.new_logprobs or [])]
+    assert tokens == expected.token_ids and len(rows) == len(tokens)
+    for token, row, ref in zip(tokens, rows, expected.logprobs):
+        assert abs(row.logprob - ref[token].logprob) < 1e-5 and len(row.top_ids) == 2
+    prefill.free_parked([out.kv_transfer_params["seq_id"]])

@@ -215,7 +215,7 @@ class EngineCore:
             self._check_stop(seq, token)
             new_lp = [logprobs[i]] if logprobs is not None and seq.params.logprobs is not None else None
             if seq.remote_decode and not seq.is_finished:
-                outputs.append(self._park(seq))
+                outputs.append(self._park(seq, new_lp[0] if new_lp else None))
                 continue
             if seq.is_finished:
                 self.seqs.pop(seq.seq_id, None)
@@ -230,9 +230,9 @@ class EngineCore:
             return outputs
         self.handoff.reclaim_expired()
         ready, failed = self.handoff.poll()
-        for seq in ready:  # KV landed: decode from here; the client gets the first token now
+        for seq, first_logprobs in ready:  # KV landed: decode from here; the client gets the first token now
             self.scheduler.adopt(seq)
-            outputs.append(self._output(seq, [seq.token_ids[-1]]))
+            outputs.append(self._output(seq, [seq.token_ids[-1]], [first_logprobs] if first_logprobs else None))
         for seq, error in failed:
             self.seqs.pop(seq.seq_id, None)
             seq.finish_reason = "error"
@@ -241,14 +241,15 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
-    def _park(self, seq: Sequence) -> EngineCoreOutput:
-        """Prefill half: the answer is the migration descriptor; the KV waits for the decode engine."""
+    def _park(self, seq: Sequence, first_logprobs: TokenLogprobs | None) -> EngineCoreOutput:
+        """Prefill half: the answer is the migration descriptor (with the first token and its logprobs); the
+        KV waits for the decode engine."""
         self.seqs.pop(seq.seq_id, None)
         self.block_manager.cache_full_blocks(seq)
         self.scheduler.release(seq, "length")
         out = self._output(seq, [])
         try:
-            out.kv_transfer_params = self.handoff.park(seq, self.config.model)
+            out.kv_transfer_params = self.handoff.park(seq, self.config.model, first_logprobs)
         except RuntimeError as e:  # no staging room: fail this request, keep serving
             self.block_manager.free(seq)
             out.finish_reason, out.error = "error", f"cannot hand off KV: {e}"

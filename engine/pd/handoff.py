@@ -76,7 +76,7 @@ class KVHandoff:
         return self._endpoints
 
     # ---- prefill side ------------------------------------------------------------------------
-    def park(self, seq: Sequence, model: str) -> dict:
+    def park(self, seq: Sequence, model: str, first_logprobs=None) -> dict:
         """Keeps the prompt's blocks for a decode engine; returns DLRouter's kv_transfer_params."""
         seq_id = next(self._keys)
         block_ids = seq.block_table[:self.block_manager.blocks_needed(seq.num_prompt_tokens)]
@@ -89,8 +89,8 @@ class KVHandoff:
         m = mig.Migration(version=mig.VERSION, engine_id=self.engine_id, seq_id=seq_id, transfer=endpoints,
                           kv_spec=self.kv_spec, block_ids=remote,
                           prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-                          first_token=seq.token_ids[seq.num_prompt_tokens], params=seq.params,
-                          sampling_seed=seq.sampling_seed, model=model)
+                          first_token=seq.token_ids[seq.num_prompt_tokens], first_logprobs=first_logprobs,
+                          params=seq.params, sampling_seed=seq.sampling_seed, model=model)
         return {"migration": mig.encode(m), "first_token": m.first_token, "seq_id": seq_id}
 
     def free(self, seq_ids) -> int:
@@ -136,9 +136,9 @@ class KVHandoff:
         self.active_sources.add((m.engine_id, m.seq_id))
         self.pulls.append(_Pull(next(self._keys), seq, m))
 
-    def poll(self) -> tuple[list[Sequence], list[tuple[Sequence, str]]]:
-        """Starts pulls that now have blocks, advances running ones.
-        Returns (sequences whose KV has landed, (sequence, error) of failed ones)."""
+    def poll(self) -> tuple[list[tuple[Sequence, object]], list[tuple[Sequence, str]]]:
+        """Starts pulls that now have blocks, advances running ones. Returns ((sequence whose KV has landed,
+        its first token's logprobs or None), (sequence, error) of failed ones)."""
         waiting_for_blocks = False
         for pull in self.pulls:
             if pull.started:
@@ -166,7 +166,7 @@ class KVHandoff:
             if all(s == "done" for s in states) and not pull.cancelled:
                 self._finish_pull(pull, safe=True, keep_blocks=True)
                 seq.num_computed_tokens = seq.num_prompt_tokens
-                ready.append(seq)
+                ready.append((seq, pull.migration.first_logprobs))
                 continue
             self._finish_pull(pull, safe=all(r[2] for r in pull.results.values()))
             if not pull.cancelled:

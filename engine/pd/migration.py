@@ -17,6 +17,7 @@ import msgspec
 from engine.errors import InvalidRequestError
 from engine.kv.spec import KVCacheSpec
 from engine.sampling_params import SamplingParams
+from engine.wire import TokenLogprobs
 
 VERSION = 2
 # a prompt of max_model_len tokens is a few MB at most; anything larger is refused before decoding
@@ -32,6 +33,7 @@ class Migration(msgspec.Struct, kw_only=True):
     block_ids: list[list[int]]  # per rank: the source blocks holding the prompt's KV, in order
     prompt_token_ids: list[int]
     first_token: int
+    first_logprobs: TokenLogprobs | None = None  # the first token's, when the request asked for logprobs
     params: SamplingParams
     sampling_seed: int
     model: str = ""

@@ -13,21 +13,17 @@ from pathlib import PurePath
 import aiohttp
 from aiohttp import web
 
-from engine.errors import (AuthenticationError, EngineError, InvalidRequestError, OverloadedError, error_body,
-                           error_headers)
+from engine.errors import AuthenticationError, EngineError, InvalidRequestError, OverloadedError
 from engine.router.config import RouterConfig
 from engine.router.pool import ROLE_BY_NUMBER, EnginePool, Node
 from engine.router.proxy import UPSTREAM_ERRORS, Proxy, describe
+from engine.server.responses import error_response, http_error
 
 log = logging.getLogger(__name__)
 POOL, SESSION, CONFIG, STATS, PROXY = (web.AppKey("pool", EnginePool), web.AppKey("session", aiohttp.ClientSession),
                                        web.AppKey("config", RouterConfig), web.AppKey("stats", dict),
                                        web.AppKey("proxy", Proxy))
 PROBE_TIMEOUT_S = 2.0
-
-
-def error(e: EngineError) -> web.Response:
-    return web.json_response(error_body(e), status=e.status, headers=error_headers(e))
 
 
 def node_from_entity(entity) -> Node:
@@ -92,6 +88,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             raise ValueError
     except (ValueError, json.JSONDecodeError):
         raise InvalidRequestError("request body must be a JSON object") from None
+    if not isinstance(body.get("model"), (str, type(None))):
+        raise InvalidRequestError("model must be a string", param="model")
     stats, config = request.app[STATS], request.app[CONFIG]
     stats["requests_total"] += 1
     if stats["inflight"] >= config.max_inflight:
@@ -114,7 +112,16 @@ async def errors_and_auth(request: web.Request, handler):
                 raise AuthenticationError("missing or invalid API key (Authorization: Bearer ...)")
         return await handler(request)
     except EngineError as e:
-        return error(e)
+        return error_response(e)
+    except web.HTTPException as e:  # aiohttp's own (unknown route, wrong method, body too large)
+        if e.status < 400:
+            raise
+        return http_error(e)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:  # a bug: one traceback in the log, an OpenAI-shaped 500 to the client
+        log.exception("request to %s failed", request.path)
+        return error_response(EngineError(f"internal error: {type(e).__name__}"))
 
 
 # ---- keeping the view of the engines current ----------------------------------------------------
