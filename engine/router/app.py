@@ -30,7 +30,8 @@ def node_from_entity(entity) -> Node:
     md = entity.metadata
     models = {m for m in (md.served_model_name, md.model_path, PurePath(md.model_path).name if md.model_path else "")
               if m}
-    return Node(url=entity.endpoint.url.rstrip("/"), role=md.role, models=models, source="ctrl")
+    return Node(url=entity.endpoint.url.rstrip("/"), role=md.role, models=models, source="ctrl",
+                entity_id=entity.entity_id)
 
 
 def engine_headers(config: RouterConfig) -> dict[str, str]:
@@ -141,10 +142,26 @@ async def _discover(app: web.Application) -> None:
     watcher.subscribe(on_change)
     try:
         await watcher.start()
-        await asyncio.Event().wait()
+        while True:  # engines that stayed down leave discovery (they cannot unregister themselves)
+            await asyncio.sleep(config.probe_interval)
+            for node in app[POOL].down_for(config.evict_after):
+                if node.source == "ctrl" and node.entity_id:
+                    await _evict(app, client, node)
     finally:
         await watcher.stop()
         await client.close()
+
+
+async def _evict(app: web.Application, client, node: Node) -> None:
+    from ctrl_client import CtrlError
+    try:
+        await client.unregister(node.entity_id)
+    except CtrlError as e:
+        log.warning("could not unregister dead engine %s (%s): %s", node.url, node.entity_id, e)
+        return
+    app[POOL].remove(node.url)
+    log.warning("engine %s (%s) unregistered: down for %gs (%s)", node.url, node.role, app[CONFIG].evict_after,
+                node.down_reason)
 
 
 async def _poll_load(app: web.Application) -> None:

@@ -21,6 +21,9 @@ class RouterConfig:
     max_inflight: int = opt(4096, "requests in flight at once; beyond it, 429 with Retry-After")
     probe_interval: float = opt(0.25, "how often engines marked down (and engines discovery stopped listing) "
                                       "get their /health probed; a down engine backs off 0.5 s to 30 s")
+    evict_after: float = opt(10.0, "a discovered engine down this long (every probe failed) is unregistered from "
+                                   "the control plane: it leaves discovery for every router and `status` (an "
+                                   "engine that is in fact alive registers again on its next heartbeat)")
     unlisted_timeout: float = opt(120.0, "an engine discovery stopped listing is dropped when its /health "
                                          "fails, or after this long (a re-registration brings it back)")
 
@@ -30,3 +33,4 @@ class RouterConfig:
         check_field(self.max_inflight >= 1, "max_inflight", "must be >= 1")
         check_field(self.probe_interval > 0, "probe_interval", "must be > 0")
         check_field(self.unlisted_timeout > 0, "unlisted_timeout", "must be > 0")
+        check_field(self.evict_after > 0, "evict_after", "must be > 0")

@@ -20,12 +20,14 @@ class Node:
     role: str  # hybrid | prefill | decode
     models: set[str] = field(default_factory=set)  # accepted `model` values (empty: any)
     source: str = "manual"  # manual | ctrl
+    entity_id: str = ""  # its control-plane record (discovered nodes)
     inflight: int = 0  # requests this router has in flight there
     running: int = 0  # the engine's own count (all its clients), from its last /engine_info
     kv_usage: float = 0.0  # fraction of its KV pool in use, from its last /engine_info
     failures: int = 0
     down: bool = False  # circuit open: not picked until a probe of /health succeeds
     down_reason: str = ""
+    down_since: float = 0.0
     next_probe: float = 0.0  # monotonic time of the next probe while down
     backoff_s: float = 0.0
     listed: bool = True  # in the control plane's latest listing (discovered nodes)
@@ -75,6 +77,8 @@ class EnginePool:
     def mark_down(self, node: Node, reason: str) -> bool:
         """Opens the circuit (or backs off further); True if the node was up."""
         was_up = not node.down
+        if was_up:
+            node.down_since = time.monotonic()
         node.down, node.down_reason = True, reason
         node.failures += 1
         node.backoff_s = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, node.backoff_s * 2))
@@ -86,6 +90,10 @@ class EnginePool:
         was_down = node.down
         node.down, node.down_reason, node.backoff_s = False, "", 0.0
         return was_down
+
+    def down_for(self, seconds: float) -> list[Node]:
+        now = time.monotonic()
+        return [n for n in self.nodes.values() if n.down and now - n.down_since > seconds]
 
     def due_for_probe(self) -> list[Node]:
         now = time.monotonic()

@@ -1,0 +1,95 @@
+"""kill -9 of each process of a 2P2D cluster (prefill, decode, router, Redis, dlslime-ctrl), one at a time,
+under 16 concurrent clients: only the requests the dead process held fail, with clear errors; the survivors
+free their state; a dead engine leaves discovery; restarting the process needs no other restart."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.reliability.load import Load, request
+from tests.reliability.test_router_faults import assert_no_traceback, listed, model_of, wait_until
+
+pytest.importorskip("dlslime", reason="dlslime (and libibverbs1) is needed for KV transfer")
+
+
+def run_through(load: Load, kill, after: int = 60) -> tuple[float, list]:
+    load.wait_for(30)
+    killed_at = time.monotonic()
+    kill()
+    load.wait_for(load.done() + after, timeout=120)
+    return killed_at, load.stop()
+
+
+def only_held_requests_failed(killed_at: float, results) -> None:
+    failed = [r for r in results if not r.ok]
+    assert all(r.start < killed_at for r in failed), [r.error for r in failed if r.start >= killed_at][:3]
+    assert all(r.ended_cleanly for r in results)
+    assert all(r.error for r in failed)  # a clear error, never silence
+
+
+def pools_full(engines) -> None:
+    for e in engines:
+        e.wait_kv_free(timeout=20)
+
+
+@pytest.fixture
+def two_by_two(own_cluster):
+    c = own_cluster
+    engines = [c.engine("prefill"), c.engine("prefill"), c.engine("decode"), c.engine("decode")]
+    router = c.start_router()
+    router.wait_engines(4)
+    return c, engines, router
+
+
+@pytest.mark.parametrize("victim", [0, 2], ids=["prefill", "decode"])
+def test_kill_an_engine(two_by_two, victim):
+    cluster, engines, router = two_by_two
+    dead, model = engines[victim], model_of(engines[0])
+    load = Load(router.url, model, concurrency=16).start()
+    killed_at, results = run_through(load, lambda: dead.stop(sig=9))
+    only_held_requests_failed(killed_at, results)
+    survivors = [e for e in engines if e is not dead]
+    pools_full(survivors)
+    wait_until(lambda: len(listed(cluster)) == 3, 30, "the dead engine to leave discovery")
+    cluster.engine(dead.role)  # its replacement: nothing else restarts
+    wait_until(lambda: router.health()["roles"][dead.role]["up"] == 2, 30, "the router to use the replacement")
+    load = Load(router.url, model, concurrency=16, seed=7).start()
+    load.wait_for(40)
+    assert all(r.ok for r in load.stop())
+    assert_no_traceback(router.log)
+
+
+def test_kill_the_router(two_by_two):
+    """Its clients lose their requests (connection errors); every engine frees what those requests held."""
+    cluster, engines, router = two_by_two
+    load = Load(router.url, model_of(engines[0]), concurrency=16, max_tokens=(20, 60)).start()
+    killed_at, results = run_through(load, lambda: router.proc.kill(), after=16)
+    assert all(r.ok for r in results if r.end < killed_at)
+    pools_full(engines)
+    router = cluster.start_router()
+    router.wait_engines(4)
+    out = request(router.url + "/v1/completions", {"model": model_of(engines[0]), "prompt": [5, 6], "max_tokens": 3})
+    assert out.ok, out.error
+
+
+@pytest.mark.parametrize("victim", ["redis", "ctrl"])
+def test_kill_the_control_plane(two_by_two, victim):
+    """Redis or dlslime-ctrl dies: serving goes on with zero failures; once it is back, every engine is
+    registered again (re-registering on its own), with no engine or router restart."""
+    cluster, engines, router = two_by_two
+    process = cluster.ctrl.redis if victim == "redis" else cluster.ctrl
+    load = Load(router.url, model_of(engines[0]), concurrency=16).start()
+    load.wait_for(30)
+    process.proc.kill()
+    process.proc.wait()
+    n = load.done()
+    load.wait_for(n + 60, timeout=60)
+    process.start()
+    n = load.done()
+    load.wait_for(n + 40, timeout=60)
+    results = load.stop()
+    assert not [r.error for r in results if not r.ok]
+    wait_until(lambda: len(listed(cluster)) == 4, 30, "the engines to register again")
+    assert router.health()["engines"] == 4
+    pools_full(engines)
