@@ -54,6 +54,13 @@ class BadGatewayError(UnavailableError):
     status = 502
 
 
+class DeadlineExceededError(EngineError):
+    """A request ran past its deadline (--request-timeout); it was aborted and its KV freed."""
+
+    type = "timeout_error"
+    status = 504
+
+
 class AuthenticationError(EngineError):
     type = "authentication_error"
     status = 401

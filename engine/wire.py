@@ -134,6 +134,7 @@ class EngineInfo(msgspec.Struct, kw_only=True, tag="engine_info"):
     stats: EngineStats
     world_size: int = 1  # ranks of the engine (tensor parallelism)
     rank_pids: list[int] = []  # the process of each rank, rank 0 (the core) first
+    kv_source: dict[str, Any] | None = None  # prefill role: KVHandoff.source_info(), registered for checks
 
 
 class UtilityResult(msgspec.Struct, kw_only=True, tag="result", omit_defaults=True):

@@ -61,11 +61,12 @@ def config_from_args(cls: type, ns: argparse.Namespace, **overrides: Any):
 
 
 def config_argv(cls: type, config) -> list[str]:
-    """The flags that rebuild `config` through engine.cli.args (non-default fields only)."""
+    """The flags that rebuild `config` through engine.cli.args (non-default fields only; secrets never go on
+    a command line, which other local users can read)."""
     argv: list[str] = []
     for f in dataclasses.fields(cls):
         value = getattr(config, f.name)
-        if value == f.default or value is None or f.metadata.get("cli") is False:
+        if value == f.default or value is None or f.metadata.get("cli") is False or f.metadata.get("secret"):
             continue
         if f.metadata.get("positional"):
             argv.insert(0, str(value))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from engine.cli.args import add_config_args, config_from_args
 from engine.cli.serve import fast_exit
 from engine.config import EngineConfig
 from engine.errors import EngineError
-from engine.server.config import CoreServerConfig
+from engine.server.config import ZMQ_SECRET_ENV, CoreServerConfig
 
 
 def register(sub) -> None:
@@ -26,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine_config = config_from_args(EngineConfig, args)
         core_config = config_from_args(CoreServerConfig, args)
+        if core_config.zmq_secret is None and os.environ.get(ZMQ_SECRET_ENV):
+            core_config.zmq_secret = os.environ[ZMQ_SECRET_ENV]
         if not core_config.zmq_address:
             raise EngineError("--zmq-address is required, e.g. tcp://127.0.0.1:5557", param="zmq_address")
         code = run_engine_core(engine_config, core_config, parent_pid=args.parent_pid)

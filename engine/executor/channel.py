@@ -1,5 +1,5 @@
 """The message channel between rank 0 (the engine core) and its other workers: one ZMQ ROUTER on rank 0, one
-DEALER per worker (identity = its rank). Rank 0 encodes a message once and sends it to every worker; waits
+DEALER per worker (identity = its rank); over TCP (Ray) with CurveZMQ keyed by a secret of this engine. Rank 0 encodes a message once and sends it to every worker; waits
 for replies poll in short slices and ask `alive()` in between, so a dead worker ends a wait at once."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import msgspec
 import zmq
 
 from engine.wire import WorkerInbound, WorkerOutbound, WorkerReady, WorkerReply
+from engine.zmq_security import secure_client, secure_server
 
 POLL_MS = 50
 
@@ -19,7 +20,7 @@ class WorkerLost(RuntimeError):
 
 
 class DriverChannel:
-    def __init__(self, address: str, world_size: int):
+    def __init__(self, address: str, world_size: int, secret: str | None = None):
         self.world_size = world_size
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -27,6 +28,7 @@ class DriverChannel:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        secure_server(self.sock, secret)
         self.sock.bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.identities = [f"rank{r}".encode() for r in range(1, world_size)]
@@ -82,7 +84,7 @@ class DriverChannel:
 
 
 class WorkerChannel:
-    def __init__(self, address: str, rank: int):
+    def __init__(self, address: str, rank: int, secret: str | None = None):
         self.rank = rank
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -90,6 +92,7 @@ class WorkerChannel:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        secure_client(self.sock, secret)
         self.sock.connect(address)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(WorkerInbound)

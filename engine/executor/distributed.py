@@ -9,6 +9,7 @@ import abc
 import atexit
 import itertools
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -76,7 +77,10 @@ class DistributedExecutor(Executor):
         self._stopping = False
         self.driver: Worker | None = None
         host = self.driver_host()
-        self.channel = DriverChannel(self.channel_address(host), self.world_size)
+        address = self.channel_address(host)
+        # over TCP the channel is reachable from the network: only this engine's workers may talk on it
+        self.channel_secret = secrets.token_hex(16) if address.startswith("tcp://") else None
+        self.channel = DriverChannel(address, self.world_size, self.channel_secret)
         rendezvous = f"{host}:{free_port(host)}"  # rank 0 hosts the TCPStore of the group
         try:
             self.start_workers(rendezvous, self.channel.address)

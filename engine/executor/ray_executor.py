@@ -18,11 +18,11 @@ PLACEMENT_TIMEOUT_S = 120.0
 class _RankActor:
     """The process of one rank > 0: runs the worker loop until rank 0 sends `shutdown`."""
 
-    def run(self, log_level: int, *args) -> int:
+    def run(self, log_level: int, channel_secret: str, *args) -> int:
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from engine.executor.worker_main import run_worker
         # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU: it is device 0 here
-        return run_worker(*args, device_index=0)
+        return run_worker(*args, device_index=0, channel_secret=channel_secret)
 
 
 class _Holder:
@@ -70,8 +70,8 @@ class RayExecutor(DistributedExecutor):
         self.actors = [actor_cls.options(scheduling_strategy=strategy(r), name=None, **opts).remote()
                        for r in range(1, self.world_size)]
         level = logging.getLogger().getEffectiveLevel()
-        self.runs = [a.run.remote(level, self.config, str(self._model_path), self._max_model_len, r,
-                                  self.world_size, rendezvous, channel_address)
+        self.runs = [a.run.remote(level, self.channel_secret, self.config, str(self._model_path),
+                                  self._max_model_len, r, self.world_size, rendezvous, channel_address)
                      for r, a in enumerate(self.actors, start=1)]
 
     def driver_device_index(self) -> int | None:

@@ -19,11 +19,11 @@ IDLE_POLL_MS = 1000  # idle wake-ups: is the parent (rank 0's process) still the
 
 def run_worker(config: EngineConfig, model_path: str, max_model_len: int, rank: int, world_size: int,
                rendezvous: str, channel_address: str, device_index: int | None = None,
-               parent_pid: int | None = None) -> int:
+               parent_pid: int | None = None, channel_secret: str | None = None) -> int:
     """Serves one rank until rank 0 sends `shutdown` (returns 0) or goes away (returns 1)."""
     from engine.executor.base import call
     from engine.worker.worker import Worker
-    channel = WorkerChannel(channel_address, rank)
+    channel = WorkerChannel(channel_address, rank, channel_secret)
     channel.send(WorkerReady(rank=rank, pid=os.getpid(), loaded=False))
     try:
         worker = Worker(config, Path(model_path), max_model_len, rank, world_size, rendezvous, device_index)

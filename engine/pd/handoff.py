@@ -75,6 +75,12 @@ class KVHandoff:
             self._endpoints = self._rpc("endpoint_info")
         return self._endpoints
 
+    def source_info(self) -> dict:
+        """What a decode engine's front checks a migration from this engine against (published in the
+        control-plane registration): this engine's id and every rank's KV endpoint."""
+        return {"engine_id": self.engine_id,
+                "endpoints": [[e["agent_id"], e["host"], e["port"]] for e in self.endpoints]}
+
     # ---- prefill side ------------------------------------------------------------------------
     def park(self, seq: Sequence, model: str, first_logprobs=None) -> dict:
         """Keeps the prompt's blocks for a decode engine; returns DLRouter's kv_transfer_params."""

@@ -24,6 +24,7 @@ POOL, SESSION, CONFIG, STATS, PROXY = (web.AppKey("pool", EnginePool), web.AppKe
                                        web.AppKey("config", RouterConfig), web.AppKey("stats", dict),
                                        web.AppKey("proxy", Proxy))
 PROBE_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 def node_from_entity(entity) -> Node:
@@ -222,9 +223,11 @@ async def _probe(app: web.Application) -> None:
 
 async def _lifecycle(app: web.Application):
     config = app[CONFIG]
-    app[SESSION] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=config.request_timeout))
+    # no total timeout on the session: each request has its own deadline (engine/router/proxy.py), which a
+    # timeout of the session would turn into an engine failure (and a retry elsewhere)
+    app[SESSION] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S))
     app[PROXY] = Proxy(app[POOL], app[SESSION], engine_headers(config), app[STATS],
-                       retry_after_s=max(1.0, config.refresh_interval))
+                       retry_after_s=max(1.0, config.refresh_interval), request_timeout_s=config.request_timeout)
     tasks = [asyncio.ensure_future(_poll_load(app)), asyncio.ensure_future(_probe(app))]
     if config.ctrl_address:
         tasks.append(asyncio.ensure_future(_discover(app)))

@@ -15,7 +15,8 @@ class RouterConfig:
     kind: str = opt("dlengine", "entity kind of the engines")
     refresh_interval: float = opt(2.0, "seconds between discovery polls and engine load polls (events trigger "
                                        "earlier discovery refreshes)")
-    request_timeout: float = opt(600.0, "seconds an engine may take for one request")
+    request_timeout: float = opt(600.0, "a request's deadline: past it, 504 (or that error event ending its stream); "
+                                        "the engine's connection closes, which aborts the request there")
     api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1/* and /nodes/add")
     engine_api_key: str | None = opt(None, "the key this router presents to engines started with --api-key")
     max_inflight: int = opt(4096, "requests in flight at once; beyond it, 429 with Retry-After")

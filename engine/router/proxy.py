@@ -14,7 +14,8 @@ import uuid
 import aiohttp
 from aiohttp import web
 
-from engine.errors import BadGatewayError, ModelNotFoundError, UnavailableError, error_body
+from ctrl_client.aio import wait_within
+from engine.errors import BadGatewayError, DeadlineExceededError, ModelNotFoundError, UnavailableError, error_body
 from engine.ratelimited_log import RateLimitedLog
 from engine.router.pool import EnginePool, Node
 
@@ -34,9 +35,10 @@ class StageFailed(Exception):
 
 class Proxy:
     def __init__(self, pool: EnginePool, session: aiohttp.ClientSession, engine_headers: dict, stats: dict,
-                 retry_after_s: float):
+                 retry_after_s: float, request_timeout_s: float):
         self.pool, self.session, self.headers, self.stats = pool, session, engine_headers, stats
         self.retry_after_s = retry_after_s
+        self.request_timeout_s = request_timeout_s
         self.logs = RateLimitedLog(log)
 
     # ---- the engines' health, as this router sees it ----------------------------------------------
@@ -57,10 +59,11 @@ class Proxy:
     async def handle(self, request: web.Request, body: dict) -> web.StreamResponse:
         model = body.get("model")
         roles = self.pool.roles_for(model)
+        deadline = time.monotonic() + self.request_timeout_s
         if {"prefill", "decode"} <= roles:
-            return await self.two_stage(request, body, model)
+            return await self.two_stage(request, body, model, deadline)
         if "hybrid" in roles:
-            return await self.forward(request, "hybrid", model, body)
+            return await self.forward(request, "hybrid", model, body, deadline)
         if roles:  # the model is served, but a role of its pipeline has no engine (a rolling restart)
             missing = "decode" if "prefill" in roles else "prefill"
             raise self.no_engine(missing, model)
@@ -68,12 +71,12 @@ class Proxy:
             raise ModelNotFoundError(f"no engine serves model {model!r}", param="model")
         raise UnavailableError("no engine is registered yet", retry_after=self.retry_after_s)
 
-    async def two_stage(self, request: web.Request, body: dict, model) -> web.StreamResponse:
+    async def two_stage(self, request: web.Request, body: dict, model, deadline: float) -> web.StreamResponse:
         """DLRouter's flow: prefill with do_remote_decode (non-streamed), decode with the migration, then
         /pd/free on the prefill engine (always: completion, error and client abort alike)."""
         p_body = {k: v for k, v in body.items() if k != "stream_options"}
         p_body.update(stream=False, kv_transfer_params={"do_remote_decode": True})
-        prefill, status, answer = await self.prefill_stage(request.path, p_body, model)
+        prefill, status, answer = await self.prefill_stage(request.path, p_body, model, deadline)
         kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         if status != 200 or not isinstance(kv, dict) or "migration" not in kv:
             # an error, or the first token already ended the request: prefill's answer is the answer
@@ -82,11 +85,11 @@ class Proxy:
             return web.json_response(answer, status=status)
         try:
             d_body = {**body, "kv_transfer_params": {"migration": kv["migration"]}}
-            return await self.forward(request, "decode", model, d_body)
+            return await self.forward(request, "decode", model, d_body, deadline)
         finally:
             asyncio.ensure_future(self.free(prefill, kv.get("seq_id")))
 
-    async def prefill_stage(self, path: str, body: dict, model) -> tuple[Node, int, dict]:
+    async def prefill_stage(self, path: str, body: dict, model, deadline: float) -> tuple[Node, int, dict]:
         tried: set[str] = set()
         last: tuple[Node, int, dict] | None = None
         while True:
@@ -98,8 +101,9 @@ class Proxy:
             tried.add(node.url)
             node.inflight += 1
             try:
-                async with self.session.post(node.url + path, json=body, headers=self.headers) as resp:
-                    answer = await resp.json(content_type=None)
+                resp = await within(self.session.post(node.url + path, json=body, headers=self.headers), deadline)
+                async with resp:
+                    answer = await within(resp.json(content_type=None), deadline)
                     if resp.status == 503:
                         last = node, resp.status, answer
                         raise StageFailed(f"answered 503: {answer}", down=False)
@@ -110,7 +114,7 @@ class Proxy:
             finally:
                 node.inflight -= 1
 
-    async def forward(self, request: web.Request, role: str, model, body: dict) -> web.StreamResponse:
+    async def forward(self, request: web.Request, role: str, model, body: dict, deadline: float) -> web.StreamResponse:
         """The request on one engine of `role`, relayed; another engine of the role if one fails first."""
         tried: set[str] = set()
         last: web.Response | None = None
@@ -122,23 +126,24 @@ class Proxy:
                 raise self.no_engine(role, model)
             tried.add(node.url)
             try:
-                return await self.relay(request, node, body)
+                return await self.relay(request, node, body, deadline)
             except StageFailed as e:
                 self.engine_failed(node, str(e), e.down)
                 self.stats["stage_retries_total"] += 1
                 last = e.answer or last
 
-    async def relay(self, request: web.Request, node: Node, body: dict) -> web.StreamResponse:
+    async def relay(self, request: web.Request, node: Node, body: dict, deadline: float) -> web.StreamResponse:
         node.inflight += 1
         try:
             try:
-                resp = await self.session.post(node.url + request.path, json=body, headers=self.headers)
+                resp = await within(self.session.post(node.url + request.path, json=body, headers=self.headers),
+                                    deadline)
             except UPSTREAM_ERRORS as e:
                 raise StageFailed(describe(e)) from None
             async with resp:
                 if not resp.content_type.startswith("text/event-stream"):
                     try:
-                        data = await resp.read()
+                        data = await within(resp.read(), deadline)
                     except UPSTREAM_ERRORS as e:  # died before answering: nothing reached the client
                         raise StageFailed(describe(e)) from None
                     answer = web.Response(body=data, status=resp.status, content_type=resp.content_type,
@@ -146,11 +151,11 @@ class Proxy:
                     if resp.status == 503:
                         raise StageFailed(f"answered 503: {data[:200]!r}", down=False, answer=answer)
                     return answer
-                return await self.relay_stream(request, node, resp)
+                return await self.relay_stream(request, node, resp, deadline)
         finally:
             node.inflight -= 1
 
-    async def relay_stream(self, request: web.Request, node: Node, resp: aiohttp.ClientResponse):
+    async def relay_stream(self, request: web.Request, node: Node, resp: aiohttp.ClientResponse, deadline: float):
         out = web.StreamResponse(status=resp.status, headers={"Content-Type": "text/event-stream",
                                                               "Cache-Control": "no-cache"})
         await out.prepare(request)  # from here on, bytes have reached the client: no retry
@@ -158,13 +163,16 @@ class Proxy:
         last = b"\n\n"
         while True:
             try:
-                chunk = await chunks.__anext__()
+                chunk = await within(chunks.__anext__(), deadline)
             except StopAsyncIteration:
                 break
-            except UPSTREAM_ERRORS as e:
-                self.engine_failed(node, f"stream cut: {describe(e)}")
-                self.stats["streams_cut_total"] += 1
-                err = BadGatewayError(f"the engine serving this request ({node.role}) failed mid-stream")
+            except (DeadlineExceededError, *UPSTREAM_ERRORS) as e:
+                if isinstance(e, DeadlineExceededError):
+                    err = e  # the engine's stream closes with ours: it aborts the request
+                else:
+                    self.engine_failed(node, f"stream cut: {describe(e)}")
+                    self.stats["streams_cut_total"] += 1
+                    err = BadGatewayError(f"the engine serving this request ({node.role}) failed mid-stream")
                 sep = b"" if last.endswith(b"\n\n") else b"\n\n"
                 await out.write(sep + b"data: " + json.dumps(error_body(err)).encode() + b"\n\ndata: [DONE]\n\n")
                 break
@@ -182,6 +190,14 @@ class Proxy:
         except UPSTREAM_ERRORS as e:
             self.logs.warning(f"free:{node.url}", "POST %s/pd/free failed: %s (its KV is reclaimed on timeout)",
                               node.url, describe(e))
+
+
+async def within(aw, deadline: float):
+    """`await aw` before the request's deadline (a 504 after it; never retried on another engine)."""
+    try:
+        return await wait_within(aw, max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise DeadlineExceededError("the request did not finish within the router's --request-timeout") from None
 
 
 def describe(e: BaseException) -> str:

@@ -3,8 +3,11 @@ serve` = front + core); the CLI flags are generated from these dataclasses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from engine.config import check_field, opt
+
+ZMQ_SECRET_ENV = "SLIPSTREAM_ZMQ_SECRET"  # how `serve` hands the secret to its core (not on the command line)
 from engine.server.registration import CtrlConfig
 
 
@@ -15,6 +18,9 @@ class CoreServerConfig:
     max_waiting_requests: int = opt(1024, "requests waiting for admission beyond this are refused (HTTP 429)")
     max_frame_bytes: int = opt(64 << 20, "largest ZMQ message the core accepts (larger: the peer is dropped)")
     drain_timeout: float = opt(30.0, "on SIGTERM, seconds to finish in-flight requests before aborting them")
+    zmq_secret: str | None = opt(None, "shared secret for CurveZMQ on the core's socket (fronts and gateways "
+                                       f"need it too); also read from ${ZMQ_SECRET_ENV}. Never logged, never "
+                                       "put on a command line we start", secret=True)
 
     def __post_init__(self) -> None:
         check_field(self.max_waiting_requests >= 1, "max_waiting_requests", "must be >= 1")
@@ -38,6 +44,12 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
     heartbeat_interval: float = opt(1.0, "seconds between engine-info round trips to the core")
     heartbeat_timeout: float = opt(10.0, "the core counts as unresponsive (503) after this long without a reply")
     max_request_bytes: int = opt(16 << 20, "largest HTTP request body (larger: 413)")
+    kv_source_check: Literal["registered", "off"] = opt(
+        "registered", "with --ctrl-address: take migrations only from engines registered in this scope, with the KV "
+                      "endpoints they registered (a forged one is a 400); off: any")
+    request_timeout: float | None = opt(
+        None, "a request running longer is aborted (its KV freed) and answered 504, or ends its stream with "
+              "that error event; none: no limit")
     core_failure_exit_s: float = opt(
         5.0, "when the engine core dies (a dead worker rank takes it down too): unregister at once, answer 503 "
              "this long, then exit 1 so that a supervisor restarts the engine")
@@ -51,4 +63,5 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
         check_field(self.engine_start_timeout > 0, "engine_start_timeout", "must be > 0")
         check_field(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
         check_field(self.core_failure_exit_s >= 0, "core_failure_exit_s", "must be >= 0")
+        check_field(self.request_timeout is None or self.request_timeout > 0, "request_timeout", "must be > 0")
         check_field(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")

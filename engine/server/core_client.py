@@ -22,6 +22,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.wire import (AbortRequests, AddRequests, CoreOutbound, EngineCoreOutputs, EngineInfo, EngineInfoRequest,
                          ErrorInfo, ErrorReply, RequestsRejected, UtilityCall, UtilityResult)
+from engine.zmq_security import secure_client
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,14 @@ class RequestHandle:
 
 
 class CoreClient:
-    def __init__(self, address: str, metrics=None):
+    def __init__(self, address: str, metrics=None, secret: str | None = None):
         self.address = address
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        secure_client(self.sock, secret)
         self.sock.connect(address)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(CoreOutbound)

@@ -16,6 +16,7 @@ import zmq
 
 from engine.core import EngineCore
 from engine.processes import die_with_parent
+from engine.zmq_security import secure_server
 from engine.errors import EngineError, OverloadedError, UnavailableError
 from engine.server.config import CoreServerConfig
 from engine.wire import (AbortRequests, AddRequests, CoreInbound, EngineCoreOutput, EngineCoreOutputs, EngineInfo,
@@ -51,6 +52,7 @@ class EngineCoreServer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        secure_server(self.sock, config.zmq_secret)
         self.sock.bind(config.zmq_address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.decoder = msgspec.msgpack.Decoder(CoreInbound)
@@ -179,7 +181,8 @@ class EngineCoreServer:
                           model_path=str(e.model_path), max_model_len=e.max_model_len,
                           block_size=e.config.block_size, vocab_size=e.runner.vocab_size,
                           draining=self.draining, stats=engine_stats(e), world_size=e.executor.world_size,
-                          rank_pids=e.executor.rank_pids())
+                          rank_pids=e.executor.rank_pids(),
+                          kv_source=e.handoff.source_info() if e.config.role == "prefill" else None)
 
     # ---- outbox --------------------------------------------------------------------------------
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:

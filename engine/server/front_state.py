@@ -35,6 +35,7 @@ class FrontState:
         self.model_names: set[str] = set()
         self.last_heartbeat = 0.0
         self._tasks: list[asyncio.Task] = []
+        self.kv_sources = None  # engine/server/kv_sources.py, once registered with a control plane
         self.core_died = asyncio.Event()  # the core process exited on its own (the front then exits too)
 
     # ---- startup -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from engine.errors import EngineError, UnavailableError
 from engine.processes import private_ipc_address, remove_ipc_file, stop_process
 from engine.server.api_server import build_app
 from engine.server.front_state import FrontState
-from engine.server.config import CoreServerConfig, ServerConfig
+from engine.server.config import ZMQ_SECRET_ENV, CoreServerConfig, ServerConfig
 from engine.server.core_client import CoreClient
 from engine.server.metrics import Metrics
 from engine.server.registration import register_front, unregister_front
@@ -39,7 +39,10 @@ def spawn_core(engine_config: EngineConfig, core_config: CoreServerConfig) -> su
             *config_argv(EngineConfig, engine_config), *config_argv(CoreServerConfig, core_config),
             "--parent-pid", str(os.getpid())]
     log.info("event=spawn_core argv=%r", argv)
-    return subprocess.Popen(argv, start_new_session=True)
+    env = dict(os.environ)
+    if core_config.zmq_secret:
+        env[ZMQ_SECRET_ENV] = core_config.zmq_secret
+    return subprocess.Popen(argv, start_new_session=True, env=env)
 
 
 def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int:
@@ -58,7 +61,7 @@ async def _serve(config: ServerConfig, engine_config: EngineConfig) -> int:
         core_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(CoreServerConfig)}
         proc = spawn_core(engine_config, CoreServerConfig(**{**core_fields, "zmq_address": address}))
     metrics = Metrics()
-    client = CoreClient(address, metrics)
+    client = CoreClient(address, metrics, secret=config.zmq_secret or os.environ.get(ZMQ_SECRET_ENV))
     state = FrontState(config, client, metrics, proc)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
@@ -104,6 +107,10 @@ async def _run_until_stopped(state: FrontState, engine_config: EngineConfig, sto
         stopping.cancel()
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if registration is not None and state.config.kv_source_check == "registered":
+        from ctrl_client.discovery import Discovery
+        from engine.server.kv_sources import KnownKVSources
+        state.kv_sources = KnownKVSources(Discovery(registration.client, kind=state.config.ctrl_kind, cache_ttl_s=0))
     host, port = state.config.host, state.config.port
     print(f"slipstream: serving {state.served_model_name!r} at http://{host}:{port}", file=sys.stderr, flush=True)
     died = asyncio.create_task(state.core_died.wait())

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from engine.errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, error_body
+from engine.errors import (DeadlineExceededError, EngineError, InvalidRequestError, ModelNotFoundError,
+                           OverloadedError, error_body)
 from engine.output_processor import child_id
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
@@ -104,7 +105,11 @@ class OpenAIServing:
                 await self.state.client.abort(h.request_id)
 
     async def _run(self, request: web.Request, job: Job) -> web.StreamResponse:
+        if job.kv_transfer_params and self.state.kv_sources is not None:
+            await self.state.kv_sources.check(job.kv_transfer_params)
         shared = asyncio.Queue() if job.stream else None
+        limit = self.state.config.request_timeout
+        deadline = asyncio.get_running_loop().call_later(limit, self._expire, job, limit) if limit else None
         try:
             await self._submit(job, shared)
             if job.stream:
@@ -119,7 +124,17 @@ class OpenAIServing:
             self._record_finished(job)
             return json_response(self._full_response(job))
         finally:
-            await self._abort_unfinished(job)  # client gone, error or drain: free the KV now
+            if deadline is not None:
+                deadline.cancel()
+            await self._abort_unfinished(job)  # client gone, error, deadline or drain: free the KV now
+
+    @staticmethod
+    def _expire(job: Job, limit: float) -> None:
+        """The deadline passed: the request ends with a 504 (an error event when streaming)."""
+        error = DeadlineExceededError(f"the request did not finish within --request-timeout {limit:g} s")
+        for h in job.handles:
+            if not h.finished:
+                h.queue.put_nowait(error)
 
     def _record_finished(self, job: Job) -> None:
         for h in job.handles:

@@ -39,7 +39,7 @@ async def register_front(state, config) -> object | None:
         served_model_name=state.served_model_name, model_path=info.model_path, role=info.role,
         engine_id=info.engine_id, zmq_endpoint=config.engine_address or config.zmq_address or "",
         num_blocks=stats.num_blocks, block_size=info.block_size, world_size=info.world_size,
-        extra={"max_model_len": info.max_model_len})
+        extra={"max_model_len": info.max_model_len, **({"kv_source": info.kv_source} if info.kv_source else {})})
     endpoint = Endpoint.advertise(config.advertise_host or config.host, config.port)
     entity = EngineEntity(endpoint=endpoint, metadata=metadata, kind=config.ctrl_kind)
     client = CtrlClient(config.ctrl_address, config.ctrl_scope)

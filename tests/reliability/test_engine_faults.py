@@ -54,3 +54,80 @@ def test_api_key_guards_pd_free_and_engine_info_and_the_router_presents_its_engi
     assert ok.ok, ok.error
     for e in cluster.engines:
         e.wait_kv_free()
+
+
+def test_request_deadlines_abort_and_free(server_factory, tiny_llama, cluster):
+    """--request-timeout on an engine, and the router's deadline: a 504 (an error event ending a stream),
+    the request aborted and its KV freed; the engine is not marked down for it."""
+    engine = server_factory("--request-timeout", "0.3")
+    long = {"model": str(tiny_llama), "prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True}
+    out = request(engine.url + "/v1/completions", long)
+    assert out.status == 504 and "timeout_error" in out.error
+    out = request(engine.url + "/v1/completions", {**long, "stream": True})
+    assert not out.ok and out.ended_cleanly and "timeout_error" in out.error
+    engine.wait_kv_free()
+
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    router = cluster.start_router("--request-timeout", "0.5")
+    router.wait_engines(2)
+    model = prefill.get_json("/v1/models")[1]["data"][0]["id"]
+    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True}
+    for stream in (False, True):
+        out = request(router.url + "/v1/completions", {**body, "stream": stream})
+        assert out.status == 504 if not stream else (not out.ok and out.ended_cleanly), out
+        assert "timeout_error" in out.error
+    assert router.health()["roles"]["decode"] == {"up": 1, "down": 0}
+    for e in (prefill, decode):
+        e.wait_kv_free(timeout=15)
+
+
+def test_zmq_secret_keeps_strangers_off_the_core_socket(server_factory, tiny_llama):
+    """--zmq-secret: CurveZMQ on the core's socket. The front (which has the secret) serves; a client without
+    it, or with another, gets nothing from the core; the secret is on no command line and in no log."""
+    import msgspec
+    import zmq
+
+    from engine.wire import CoreOutbound, EngineInfo, EngineInfoRequest
+    from engine.zmq_security import secure_client
+    from tests.support.server import free_port
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = server_factory("--zmq-address", address, "--zmq-secret", "s3cret-value")
+    assert request(server.url + "/v1/completions", {"model": str(tiny_llama), "prompt": [5, 6], "max_tokens": 2}).ok
+
+    def asks(secret):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, secret)
+        sock.connect(address)
+        try:
+            sock.send(msgspec.msgpack.encode(EngineInfoRequest(call_id=5)))
+            return sock.poll(1500) and isinstance(msgspec.msgpack.decode(sock.recv(), type=CoreOutbound), EngineInfo)
+        finally:
+            sock.close()
+
+    assert not asks(None) and not asks("another-secret") and asks("s3cret-value")
+    assert "s3cret-value" not in open(f"/proc/{server.core_pid}/cmdline").read()
+    assert "s3cret-value" not in server.log_tail(100_000)
+
+
+def test_decode_takes_migrations_only_from_registered_engines(cluster):
+    """A decode front registered with a control plane checks a migration's source engine and its KV
+    endpoints against the registrations of its scope (a forged one never reaches the core)."""
+    from engine.pd import migration as mig
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    model = prefill.get_json("/v1/models")[1]["data"][0]["id"]
+    body = {"model": model, "prompt": [5, 6, 7, 8, 9], "max_tokens": 3, "kv_transfer_params": {"do_remote_decode": True}}
+    status, answer = prefill.post_json("/v1/completions", body)
+    kv = answer["kv_transfer_params"]
+    m = mig.decode(kv["migration"])
+    fields = {f: getattr(m, f) for f in m.__struct_fields__}
+    stranger = mig.encode(mig.Migration(**{**fields, "engine_id": "f" * 32}))
+    elsewhere = mig.encode(mig.Migration(**{**fields, "transfer": [{**m.transfer[0], "port": m.transfer[0]["port"] + 1}]}))
+    for forged, why in ((stranger, "not registered"), (elsewhere, "not the ones")):
+        status, err = decode.post_json("/v1/completions", {**body, "kv_transfer_params": {"migration": forged}})
+        assert status == 400 and why in err["error"]["message"], err
+    status, ok = decode.post_json("/v1/completions", {**body, "kv_transfer_params": {"migration": kv["migration"]}})
+    assert status == 200 and ok["usage"]["completion_tokens"] == 3
+    prefill.post_json("/pd/free", {"seq_ids": [kv["seq_id"]]})
+    for e in (prefill, decode):
+        e.wait_kv_free()
