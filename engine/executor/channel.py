@@ -10,7 +10,7 @@ import msgspec
 import zmq
 
 from engine.wire import WorkerInbound, WorkerOutbound, WorkerReady, WorkerReply
-from engine.zmq_security import secure_client, secure_server
+from engine.zmq_sockets import bind_router, connect_dealer
 
 POLL_MS = 50
 
@@ -23,13 +23,7 @@ class DriverChannel:
     def __init__(self, address: str, world_size: int, secret: str | None = None):
         self.world_size = world_size
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        secure_server(self.sock, secret)
-        self.sock.bind(address)
+        self.sock = bind_router(self.ctx, address, secret)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.identities = [f"rank{r}".encode() for r in range(1, world_size)]
         self.encoder = msgspec.msgpack.Encoder()
@@ -87,13 +81,7 @@ class WorkerChannel:
     def __init__(self, address: str, rank: int, secret: str | None = None):
         self.rank = rank
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"rank{rank}".encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        secure_client(self.sock, secret)
-        self.sock.connect(address)
+        self.sock = connect_dealer(self.ctx, address, secret, identity=f"rank{rank}".encode())
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(WorkerInbound)
 

@@ -17,8 +17,9 @@ class RouterConfig:
                                        "earlier discovery refreshes)")
     request_timeout: float = opt(600.0, "a request's deadline: past it, 504 (or that error event ending its stream); "
                                         "the engine's connection closes, which aborts the request there")
-    api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1/* and /nodes/add")
-    engine_api_key: str | None = opt(None, "the key this router presents to engines started with --api-key")
+    api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1/* and /nodes/add", secret=True)
+    engine_api_key: str | None = opt(None, "the key this router presents to engines started with --api-key",
+                                     secret=True)
     max_inflight: int = opt(4096, "requests in flight at once; beyond it, 429 with Retry-After")
     probe_interval: float = opt(0.25, "how often engines marked down (and engines discovery stopped listing) "
                                       "get their /health probed; a down engine backs off 0.5 s to 30 s")

@@ -37,7 +37,7 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
     served_model_name: str | None = opt(None, "model name clients send (default: the model path); the path "
                                         "and its basename are accepted too")
     api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1/*, /pd/free and /engine_info "
-                                    "(/health and /metrics stay open); routers present it as their engine key")
+                                    "(/health and /metrics stay open); routers present it as their engine key", secret=True)
     engine_address: str | None = opt(None, "attach to a running `slipstream engine` at this ZMQ endpoint "
                                      "instead of starting a core")
     engine_start_timeout: float = opt(600.0, "seconds to wait for the engine core to load")

@@ -22,7 +22,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.wire import (AbortRequests, AddRequests, CoreOutbound, EngineCoreOutputs, EngineInfo, EngineInfoRequest,
                          ErrorInfo, ErrorReply, RequestsRejected, UtilityCall, UtilityResult)
-from engine.zmq_security import secure_client
+from engine.zmq_sockets import connect_dealer
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,7 @@ class CoreClient:
     def __init__(self, address: str, metrics=None, secret: str | None = None):
         self.address = address
         self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        secure_client(self.sock, secret)
-        self.sock.connect(address)
+        self.sock = connect_dealer(self.ctx, address, secret)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(CoreOutbound)
         self.processor: OutputProcessor | None = None  # set once the tokenizer is loaded

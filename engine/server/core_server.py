@@ -16,7 +16,7 @@ import zmq
 
 from engine.core import EngineCore
 from engine.processes import die_with_parent
-from engine.zmq_security import secure_server
+from engine.zmq_sockets import bind_router
 from engine.errors import EngineError, OverloadedError, UnavailableError
 from engine.server.config import CoreServerConfig
 from engine.wire import (AbortRequests, AddRequests, CoreInbound, EngineCoreOutput, EngineCoreOutputs, EngineInfo,
@@ -46,14 +46,8 @@ class EngineCoreServer:
         self.parent_pid = parent_pid
         self.engine_id = uuid.uuid4().hex[:12]
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sends to a vanished client raise: we abort its work
-        self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_frame_bytes)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        secure_server(self.sock, config.zmq_secret)
-        self.sock.bind(config.zmq_address)
+        # a send to a vanished client raises: we abort its work
+        self.sock = bind_router(self.ctx, config.zmq_address, config.zmq_secret, config.max_frame_bytes)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.decoder = msgspec.msgpack.Decoder(CoreInbound)
         self.encoder = msgspec.msgpack.Encoder()

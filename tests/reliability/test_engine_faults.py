@@ -88,17 +88,14 @@ def test_zmq_secret_keeps_strangers_off_the_core_socket(server_factory, tiny_lla
     import zmq
 
     from engine.wire import CoreOutbound, EngineInfo, EngineInfoRequest
-    from engine.zmq_security import secure_client
+    from engine.zmq_sockets import connect_dealer
     from tests.support.server import free_port
     address = f"tcp://127.0.0.1:{free_port()}"
     server = server_factory("--zmq-address", address, "--zmq-secret", "s3cret-value")
     assert request(server.url + "/v1/completions", {"model": str(tiny_llama), "prompt": [5, 6], "max_tokens": 2}).ok
 
     def asks(secret):
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        secure_client(sock, secret)
-        sock.connect(address)
+        sock = connect_dealer(zmq.Context.instance(), address, secret)
         try:
             sock.send(msgspec.msgpack.encode(EngineInfoRequest(call_id=5)))
             return sock.poll(1500) and isinstance(msgspec.msgpack.decode(sock.recv(), type=CoreOutbound), EngineInfo)
