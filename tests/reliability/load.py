@@ -93,6 +93,10 @@ class Load:
                 raise AssertionError(f"only {self.done()} of {count} requests finished in {timeout}s")
             time.sleep(0.02)
 
+    def wait_for_more(self, count: int, timeout: float = 60.0) -> None:
+        """Until `count` more requests than now have finished."""
+        self.wait_for(self.done() + count, timeout)
+
     def stop(self) -> list[Outcome]:
         self._stop.set()
         for t in self._threads:

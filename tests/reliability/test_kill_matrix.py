@@ -17,7 +17,7 @@ def run_through(load: Load, kill, after: int = 60) -> tuple[float, list]:
     load.wait_for(30)
     killed_at = time.monotonic()
     kill()
-    load.wait_for(load.done() + after, timeout=120)
+    load.wait_for_more(after, timeout=120)
     return killed_at, load.stop()
 
 
@@ -83,11 +83,9 @@ def test_kill_the_control_plane(two_by_two, victim):
     load.wait_for(30)
     process.proc.kill()
     process.proc.wait()
-    n = load.done()
-    load.wait_for(n + 60, timeout=60)
+    load.wait_for_more(60)
     process.start()
-    n = load.done()
-    load.wait_for(n + 40, timeout=60)
+    load.wait_for_more(40)
     results = load.stop()
     assert not [r.error for r in results if not r.ok]
     wait_until(lambda: len(listed(cluster)) == 4, 30, "the engines to register again")

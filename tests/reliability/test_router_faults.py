@@ -52,7 +52,7 @@ def test_dead_decode_fails_only_the_requests_it_held(cluster):
     load.wait_for(40)
     killed_at = time.monotonic()
     d1.stop(sig=9)  # still registered: discovery lists it for up to a minute
-    load.wait_for(load.done() + 120, timeout=120)
+    load.wait_for_more(120, timeout=120)
     results = load.stop()
     failed = [r for r in results if not r.ok]
     assert all(r.start < killed_at for r in failed), [r.error for r in failed if r.start >= killed_at]
@@ -80,14 +80,11 @@ def test_redis_and_control_plane_restarts_cost_no_request(own_cluster):
     load.wait_for(30)
     ctrl = own_cluster.ctrl
     ctrl.redis.restart()  # comes back empty: every record is gone until the engines' next heartbeats
-    n = load.done()
-    load.wait_for(n + 60, timeout=60)
+    load.wait_for_more(60)
     ctrl.stop()  # the control plane itself goes away, then comes back
-    n = load.done()
-    load.wait_for(n + 30, timeout=60)
+    load.wait_for_more(30)
     ctrl.start()
-    n = load.done()
-    load.wait_for(n + 60, timeout=60)
+    load.wait_for_more(60)
     results = load.stop()
     assert not [r.error for r in results if not r.ok]
     assert router.health()["engines"] == 2
