@@ -56,6 +56,8 @@ class EngineConfig:
                 "probabilities to E4M3 and runs FP8 tensor cores (XQA decode, FlashAttention-3 prefill; "
                 "Hopper), exact keeps q in the model dtype; auto: fp8 where it runs")
     tensor_parallel_size: int = opt(1, "ranks (GPUs) per engine: attention heads, MLP and vocab split across them")
+    enable_expert_parallel: bool = opt(False, "MoE layers: spread whole experts over the ranks (expert parallelism) "
+                                       "instead of splitting every expert's intermediate dimension")
     distributed_executor_backend: Literal["auto", "uni", "mp", "ray"] = opt(
         "auto", "how ranks run: uni (one process), mp (one process per GPU on this node), ray (Ray actors "
                 "across the nodes of a Ray cluster); auto: uni at tensor_parallel_size 1, else mp")

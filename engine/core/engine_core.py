@@ -50,7 +50,7 @@ class EngineCore:
         if self.max_model_len > limit:
             raise UnsupportedModelError(f"max_model_len {self.max_model_len} exceeds the model's {limit} positions",
                                         param="max_model_len")
-        check_tensor_parallel(self.model_config, config.tensor_parallel_size)
+        check_tensor_parallel(self.model_config, config.tensor_parallel_size, config.enable_expert_parallel)
         self.executor = make_executor(config, self.model_path, self.max_model_len, progress, on_worker_failure)
         try:
             num_blocks = min(self.executor.collective_rpc("determine_num_blocks"))

@@ -21,10 +21,22 @@ class ParallelContext:
     tp_size: int = 1
     group: object = None  # the ranks' ProcessGroup (None at tp_size 1)
     store: object = None  # kept alive with the group (rank 0 hosts it)
+    # MoE layers split the experts over the ranks (each holds whole experts) instead of splitting every
+    # expert's intermediate dimension (vLLM's --enable-expert-parallel)
+    expert_parallel: bool = False
 
     @property
     def is_first(self) -> bool:
         return self.tp_rank == 0
+
+    @property
+    def ep_size(self) -> int:
+        """Ranks the experts are spread over (1: every rank holds a slice of every expert)."""
+        return self.tp_size if self.expert_parallel else 1
+
+    @property
+    def ep_rank(self) -> int:
+        return self.tp_rank if self.expert_parallel else 0
 
     def shard(self, total: int, what: str) -> tuple[int, int]:
         """(start, size) of this rank's equal share of `total` rows; `what` names it in the error."""
@@ -64,11 +76,11 @@ class ParallelContext:
 
 
 def init_parallel(rank: int, world_size: int, rendezvous: str | None, device: torch.device,
-                  timeout_s: float) -> ParallelContext:
+                  timeout_s: float, expert_parallel: bool = False) -> ParallelContext:
     """Joins this rank to its engine's group; `rendezvous` is rank 0's host:port for the TCPStore. Every
     collective then fails after `timeout_s` instead of waiting forever on a dead or hung rank."""
     if world_size == 1:
-        return ParallelContext()
+        return ParallelContext(expert_parallel=expert_parallel)
     host, port = rendezvous.rsplit(":", 1)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
@@ -82,4 +94,4 @@ def init_parallel(rank: int, world_size: int, rendezvous: str | None, device: to
         group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
     else:
         group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    return ParallelContext(tp_rank=rank, tp_size=world_size, group=group, store=store)
+    return ParallelContext(tp_rank=rank, tp_size=world_size, group=group, store=store, expert_parallel=expert_parallel)

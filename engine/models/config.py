@@ -125,8 +125,9 @@ def context_limit(config: ModelConfig) -> int:
     return config.max_position_embeddings
 
 
-def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
-    """The shapes that tensor parallelism splits must split evenly (KV heads may be replicated instead)."""
+def check_tensor_parallel(config: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
+    """The shapes that tensor parallelism splits must split evenly (KV heads may be replicated instead); MoE
+    experts are split by count (expert parallelism) or by their intermediate dimension."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     problems = []
     if heads % tp:
@@ -135,6 +136,12 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
         problems.append(f"num_key_value_heads {kv} (split, or replicated when fewer than the ranks)")
     if config.intermediate_size % tp:
         problems.append(f"intermediate_size {config.intermediate_size}")
+    experts = getattr(config.hf, "num_experts", 0) or 0
+    if experts and expert_parallel and experts % tp:
+        problems.append(f"num_experts {experts} (expert parallelism spreads whole experts)")
+    moe_inter = getattr(config.hf, "moe_intermediate_size", 0) or 0
+    if experts and not expert_parallel and moe_inter % tp:
+        problems.append(f"moe_intermediate_size {moe_inter} (or enable expert parallelism)")
     if problems:
         raise UnsupportedModelError(f"tensor_parallel_size {tp} does not divide this model's "
                                     f"{', '.join(problems)}", param="tensor_parallel_size")

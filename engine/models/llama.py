@@ -45,9 +45,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext, intermediate_size: int | None = None):
         super().__init__()
-        n = cfg.intermediate_size
+        n = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [n, n], ("gate_proj", "up_proj"),
                                                        bias=cfg.mlp_bias, parallel=parallel)
         self.down_proj = RowParallelLinear(n, cfg.hidden_size, bias=cfg.mlp_bias, parallel=parallel)
@@ -100,13 +100,17 @@ class LlamaForCausalLM(nn.Module):
         """(bias on q/k/v, bias on o_proj)."""
         return cfg.attention_bias, cfg.attention_bias
 
+    def make_mlp(self, cfg: ModelConfig, parallel: ParallelContext, layer_idx: int, device: torch.device) -> nn.Module:
+        """The feed-forward block of layer `layer_idx` (MoE families choose per layer)."""
+        return LlamaMLP(cfg, parallel)
+
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext, backend: AttentionBackend, max_positions: int,
                  device: torch.device):
         super().__init__()
         rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_positions, device)
         qkv_bias, o_bias = self.attention_biases(cfg)
         layers = [LlamaDecoderLayer(cfg, LlamaAttention(cfg, parallel, backend, rotary, qkv_bias, o_bias, self.qk_norm),
-                                    LlamaMLP(cfg, parallel)) for _ in range(cfg.num_hidden_layers)]
+                                    self.make_mlp(cfg, parallel, i, device)) for i in range(cfg.num_hidden_layers)]
         self.model = LlamaModel(cfg, parallel, layers)
         self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
                         else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel))

@@ -76,6 +76,11 @@ def checkpoint_targets(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str
             ignored.update(f"{dot}{name}" for name in own)
             continue
         seen.add(id(module))
+        if hasattr(module, "checkpoint_names"):  # a layer that maps names itself (stacked MoE experts)
+            targets.update({f"{dot}{name}": (module, pname, shard)
+                            for name, (pname, shard) in module.checkpoint_names().items()})
+            ignored.update(f"{dot}{name}" for name in module.ignored_checkpoint_names())
+            continue
         shards = getattr(module, "checkpoint_shards", None) or {}
         parent = prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""
         for name in own:

@@ -44,7 +44,8 @@ class Worker:
         self.rank, self.world_size = rank, world_size
         model_config = load_model_config(model_path)
         self.device = resolve_device(config.device, rank if device_index is None else device_index)
-        self.parallel = init_parallel(rank, world_size, rendezvous, self.device, config.distributed_timeout_s)
+        self.parallel = init_parallel(rank, world_size, rendezvous, self.device, config.distributed_timeout_s,
+                                      config.enable_expert_parallel)
         self.runner = ModelRunner(config, model_config, model_path, max_model_len, self.parallel, self.device,
                                   progress and rank == 0)
         self.pd = RankKV(rank, config.kv_transfer_host, config.kv_staging_bytes)

@@ -25,6 +25,17 @@ ARCHS = {
     "qwen2": dict(cls="Qwen2ForCausalLM", config="Qwen2Config", tie=False),
     "qwen3": dict(cls="Qwen3ForCausalLM", config="Qwen3Config", tie=False),
 }
+# mixture-of-experts families: built on demand (tests/test_moe.py), not part of every parity run
+MOE_ARCHS = {
+    "qwen3_moe": dict(cls="Qwen3MoeForCausalLM", config="Qwen3MoeConfig", tie=False,
+                      extra=dict(head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                 norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                                 num_hidden_layers=3)),
+    "qwen2_moe": dict(cls="Qwen2MoeForCausalLM", config="Qwen2MoeConfig", tie=False,
+                      extra=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                 shared_expert_intermediate_size=96, norm_topk_prob=False, decoder_sparse_step=1,
+                                 mlp_only_layers=[], qkv_bias=True)),
+}
 
 
 def build_tokenizer(path: Path):
@@ -45,7 +56,7 @@ def build_tokenizer(path: Path):
 
 def build_checkpoint(path: Path, arch: str, dtype=torch.float32, seed: int = 0, **overrides) -> Path:
     import transformers
-    spec = ARCHS[arch]
+    spec = ARCHS.get(arch) or MOE_ARCHS[arch]
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path)
     cfg_cls = getattr(transformers, spec["config"])
@@ -55,6 +66,7 @@ def build_checkpoint(path: Path, arch: str, dtype=torch.float32, seed: int = 0, 
                   pad_token_id=tok.pad_token_id, rms_norm_eps=1e-6, initializer_range=0.2)
     if arch == "qwen3":
         kwargs["head_dim"] = 32
+    kwargs.update(spec.get("extra", {}))
     kwargs.update(overrides)
     config = cfg_cls(**kwargs)
     config.architectures = [spec["cls"]]

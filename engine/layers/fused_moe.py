@@ -1,0 +1,98 @@
+"""FusedMoE: a layer's routed experts as two stacked weights, run by kernels.moe.fused_experts.
+
+How the experts are split over the ranks:
+- tensor parallel (default): every rank holds every expert, a slice of its intermediate dimension (gate/up
+  rows, down columns); partial outputs are summed over the ranks like a row-parallel layer's.
+- expert parallel (`expert_parallel` in the ParallelContext): every rank holds whole experts, as the
+  ExpertPlacement says; it computes the pairs routed to them and the sum over the ranks combines them.
+
+Checkpoints store one tensor per expert and projection (`experts.7.gate_proj.weight`); `checkpoint_names`
+maps them onto the stacks, and another rank's experts are never read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.distributed.parallel import ParallelContext
+from engine.layers.linear import copy_checked
+from kernels.moe import fused_experts, select_experts
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which rank holds each expert. Even and contiguous by default; a load balancer may hand another
+    layout (any assignment whose ranks hold equally many experts)."""
+
+    owner: tuple[int, ...]  # expert id -> rank
+
+    @classmethod
+    def even(cls, num_experts: int, ranks: int) -> "ExpertPlacement":
+        if num_experts % ranks:
+            raise ValueError(f"num_experts ({num_experts}) is not divisible by the {ranks} expert-parallel ranks")
+        per = num_experts // ranks
+        return cls(tuple(e // per for e in range(num_experts)))
+
+    def local_experts(self, rank: int) -> list[int]:
+        return [e for e, r in enumerate(self.owner) if r == rank]
+
+    def expert_map(self, rank: int, device: torch.device) -> torch.Tensor:
+        """global expert id -> index among this rank's experts, -1 for the others' (int64)."""
+        m = torch.full((len(self.owner),), -1, dtype=torch.int64, device="cpu")  # real even under meta
+        for i, e in enumerate(self.local_experts(rank)):
+            m[e] = i
+        return m.to(device)
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
+                 parallel: ParallelContext, device: torch.device, placement: ExpertPlacement | None = None):
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize, self.parallel = num_experts, top_k, renormalize, parallel
+        if parallel.ep_size > 1:
+            self.placement = placement or ExpertPlacement.even(num_experts, parallel.ep_size)
+            self.local = self.placement.local_experts(parallel.ep_rank)
+            self.inter_start, inter = 0, intermediate_size
+            # a plain attribute computed on `device` (the module is built on meta; this is not a weight)
+            self.expert_map = self.placement.expert_map(parallel.ep_rank, device)
+        else:
+            self.placement, self.local = None, list(range(num_experts))
+            self.inter_start, inter = parallel.shard(intermediate_size, "moe_intermediate_size")
+            self.expert_map = None
+        self.inter_local = inter
+        self.w13_weight = nn.Parameter(torch.empty(len(self.local), 2 * inter, hidden_size), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(len(self.local), hidden_size, inter), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        out = fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_map)
+        return self.parallel.all_reduce(out)  # TP: partial sums; EP: each rank's experts' share
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def checkpoint_names(self) -> dict[str, tuple[str, object]]:
+        """Checkpoint names below this module's path -> (parameter, shard id) for the experts held here."""
+        names = {}
+        for i, e in enumerate(self.local):
+            names[f"{e}.gate_proj.weight"] = ("w13_weight", (i, "gate"))
+            names[f"{e}.up_proj.weight"] = ("w13_weight", (i, "up"))
+            names[f"{e}.down_proj.weight"] = ("w2_weight", (i, "down"))
+        return names
+
+    def ignored_checkpoint_names(self) -> list[str]:
+        """Other ranks' experts: present in the checkpoint, never read here."""
+        held = set(self.local)
+        return [f"{e}.{p}.weight" for e in range(self.num_experts) if e not in held
+                for p in ("gate_proj", "up_proj", "down_proj")]
+
+    def shard_ids(self, name: str) -> tuple:
+        return tuple(shard for pname, shard in self.checkpoint_names().values() if pname == name)
+
+    def load_weight(self, name: str, tensor, shard_id) -> None:
+        i, proj = shard_id
+        n = self.inter_local
+        if proj == "down":
+            copy_checked(self.w2_weight.data[i], tensor.narrow(1, self.inter_start, n), f"expert {self.local[i]} down")
+        else:
+            dst = self.w13_weight.data[i].narrow(0, 0 if proj == "gate" else n, n)
+            copy_checked(dst, tensor.narrow(0, self.inter_start, n), f"expert {self.local[i]} {proj}")

