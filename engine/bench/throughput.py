@@ -1,6 +1,6 @@
-"""`slipstream bench throughput`: nano-vllm's offline workload (Qwen3-0.6B shape, random weights, 256
-requests, input/output lengths uniform in 100..1024 drawn with seed 0 before the engine exists,
-ignore_eos, one warm-up batch), run through the engine in one or more configurations (bf16 / fp8 KV, CUDA
+"""`slipstream bench throughput`: nano-vllm's offline workload (a model shape with random weights: Qwen3-0.6B,
+or Qwen3-30B-A3B with --model-shape qwen3-30b-a3b; 256 requests, input/output lengths uniform in 100..1024
+drawn with seed 0 before the engine exists, ignore_eos, one warm-up batch), run through the engine in one or more configurations (bf16 / fp8 KV, CUDA
 graphs on / off), beside Hugging Face transformers on the same requests as a floor and batch-1 TPOT.
 Prints one table with its conditions, and achieved bytes/s per decode step against the device's
 measured copy bandwidth (weights + KV read per step)."""
@@ -22,6 +22,16 @@ QWEN3_0_6B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden
                   vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=40960,
                   rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, torch_dtype="bfloat16",
                   bos_token_id=151643, eos_token_id=151645)
+
+# Qwen3-30B-A3B: 48 layers, 128 experts of intermediate 768, top 8 (3.3B of 30.5B parameters active per token)
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+                     tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960,
+                     rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, torch_dtype="bfloat16",
+                     bos_token_id=151643, eos_token_id=151645)
+MODEL_SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-30b-a3b": QWEN3_30B_A3B}
 
 RUNS = {"bf16": dict(kv_cache_dtype="auto", enforce_eager=False), "fp8": dict(kv_cache_dtype="fp8", enforce_eager=False),
         "bf16-eager": dict(kv_cache_dtype="auto", enforce_eager=True),
@@ -68,6 +78,25 @@ def stream_event() -> torch.cuda.Event:
     return event
 
 
+def weight_split(model) -> tuple[int, int, tuple[int, int] | None]:
+    """(bytes of the weights every step reads, bytes of the routed experts, (experts, top-k) or None)."""
+    from engine.layers.fused_moe import FusedMoE
+    moe = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    expert = sum(p.numel() * p.element_size() for m in moe for p in m.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - expert, expert, ((moe[0].num_experts, moe[0].top_k) if moe else None)
+
+
+def step_weight_bytes(dense: int, expert: int, experts: tuple[int, int] | None, num_tokens: int) -> int:
+    """Weights a decode step of `num_tokens` must read: the dense ones, and the routed experts its tokens hit,
+    taken as the expected share under uniform routing, 1 - (1 - k/E)^tokens (random weights route close to
+    uniformly)."""
+    if experts is None:
+        return dense
+    E, k = experts
+    return dense + int(expert * (1 - (1 - k / E) ** num_tokens))
+
+
 def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     from engine.config import EngineConfig
     from engine.core import EngineCore
@@ -77,7 +106,7 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     core = EngineCore(EngineConfig(model=str(path), **options))
     startup = time.perf_counter() - t0
     runner = core.runner
-    weights = runner.weights_bytes()
+    weights, expert_weights, experts = weight_split(runner.model)
     kv_token_bytes = runner.kv_spec.bytes_per_token
 
     def generate(reqs, temperature=0.6, record=None, timeline=None):
@@ -95,7 +124,8 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
             tokens += sum(len(o.new_token_ids) for o in outs)
             st = runner.last_step
             if record is not None and st.is_decode:
-                record.append((dt, st.num_seqs, weights + st.kv_tokens * kv_token_bytes))
+                record.append((dt, st.num_seqs, step_weight_bytes(weights, expert_weights, experts, st.num_seqs)
+                               + st.kv_tokens * kv_token_bytes))
         return tokens
 
     # warm-up: one small batch of odd and even lengths (first-use kernel compiles stay out of the timing)
@@ -166,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-input-len", type=int, default=1024)
     ap.add_argument("--max-output-len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default="", help="HF checkpoint folder (real weights); default: Qwen3-0.6B shape, random")
+    ap.add_argument("--model", default="", help="HF checkpoint folder (real weights); default: --model-shape, random")
+    ap.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(MODEL_SHAPES),
+                    help="the random-weights model to run when no --model is given")
     ap.add_argument("--override", default="{}", help='JSON overrides of the model config, e.g. {"num_hidden_layers": 4}')
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384,
@@ -182,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the workload is drawn before any engine exists, so start-up cannot shift the random sequence
     workload = draw_workload(args.num_requests, args.min_len, args.max_input_len, args.max_output_len, args.seed)
-    config = {**QWEN3_0_6B, **json.loads(args.override)}
+    config = {**MODEL_SHAPES[args.model_shape], **json.loads(args.override)}
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.model) if args.model else write_random_checkpoint(Path(tmp.name) / "model", config)
     if args.model:
@@ -200,18 +232,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.runs.split(","):
         results[name] = in_fresh_process(run_engine, path, workload, {**common, **RUNS[name]}, args.tpot_tokens)
         print(f"[{name}] {json.dumps(results[name])}", flush=True)
-    hf = in_fresh_process(run_transformers, config, workload[:args.hf_requests]) if args.hf_requests else None
+    # transformers' MoE runs its experts one by one in Python: a floor for the dense shape only
+    dense = config.get("model_type") == "qwen3"
+    hf = (in_fresh_process(run_transformers, config, workload[:args.hf_requests])
+          if args.hf_requests and dense else None)
 
     print("\n## conditions")
     print(f"device: {torch.cuda.get_device_name()} ; measured D2D copy bandwidth {bandwidth:.0f} GB/s (read+write)")
     print(f"software: {versions}")
-    print(f"model: {'random weights, ' if not args.model else ''}{ {k: config.get(k) for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size', 'vocab_size')} }")
+    print(f"model: {'random weights, ' if not args.model else ''}{ {k: config.get(k) for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size', 'num_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'vocab_size') if k in config} }")
     print(f"workload: {len(workload)} requests, input {sum(len(p) for p, _ in workload)} tokens, output "
           f"{sum(n for _, n in workload)} tokens (lengths uniform {args.min_len}..{args.max_input_len}/"
           f"{args.max_output_len}, seed {args.seed}), temperature 0.6, ignore_eos, one warm-up batch of 3 small requests")
     print(f"engine: {common}")
     print("roofline: output tokens / (bytes the decode steps must read: weights + KV attended over, at the "
-          "copy bandwidth); GPU idle: time the GPU waited for the host between steps")
+          "copy bandwidth; MoE: the dense weights and the expected share of experts a step's tokens hit); "
+          "GPU idle: time the GPU waited for the host between steps")
     print("\n| run | backend | output tok/s | roofline tok/s (% reached) | total tok/s | wall s (GPU idle s) | "
           "decode steps | mean decode step ms (mean batch) | decode GB/s (% of copy bw) | batch-1 TPOT ms | "
           "start-up s (graph capture s) |")

@@ -23,6 +23,9 @@ from kernels.triton import use_triton
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the experts, the top k, optionally renormalised to sum to 1 (Qwen3-MoE's
     `norm_topk_prob`). Weights in float32, ids int32."""
+    if use_triton(router_logits) and router_logits.shape[-1] <= 1024:
+        from kernels.triton.fused_moe import select_experts as fused_select
+        return fused_select(router_logits, top_k, renormalize)
     return select_experts_ref(router_logits, top_k, renormalize)
 
 
@@ -33,7 +36,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         return torch.zeros_like(x)
     if use_triton(x):
         from kernels.moe import deep_gemm_moe
-        if deep_gemm_moe.supports(x, w13, w2):
+        if deep_gemm_moe.supports(x, w13, w2, topk_ids):
             return deep_gemm_moe.fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
         from kernels.triton.fused_moe import fused_experts as triton_fused_experts
         return triton_fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map)

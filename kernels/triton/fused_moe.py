@@ -56,27 +56,94 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, 
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _align_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, P, E, max_rows,
+                  BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program: count the pairs per expert, lay the experts' padded runs end to end, then place every
+    pair in its expert's run (slots taken with atomics: order inside a run does not change any result)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    tl.store(counts_ptr + offs_e, tl.zeros((BLOCK_E,), tl.int32), mask=offs_e < E)
+    for r in range(0, max_rows, BLOCK_P):
+        offs = r + tl.arange(0, BLOCK_P)
+        tl.store(sorted_ids_ptr + offs, tl.full((BLOCK_P,), 0, tl.int32) + P, mask=offs < max_rows)
+    tl.debug_barrier()
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        key = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+        tl.atomic_add(counts_ptr + key, tl.full((BLOCK_P,), 1, tl.int32), mask=key >= 0)
+    tl.debug_barrier()
+    # volatile: the counts were summed by atomics in L2; this program's L1 may hold the zeros stored above
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0, volatile=True)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    tl.debug_barrier()
+    tl.store(counts_ptr + offs_e, end - padded, mask=offs_e < E)  # the counts become each run's cursor
+    for t0 in range(0, max_rows // BLOCK_M, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        ended = (end[None, :] <= (tiles * BLOCK_M)[:, None]) & (offs_e[None, :] < E)
+        expert = tl.minimum(tl.sum(ended.to(tl.int32), 1), E - 1)
+        tl.store(expert_ids_ptr + tiles, expert, mask=tiles < max_rows // BLOCK_M)
+    tl.debug_barrier()
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        key = tl.load(ids_ptr + offs, mask=offs < P, other=-1).to(tl.int32)
+        slot = tl.atomic_add(counts_ptr + key, tl.full((BLOCK_P,), 1, tl.int32), mask=key >= 0)
+        tl.store(sorted_ids_ptr + slot, offs, mask=key >= 0)
+
+
 def align_by_expert(ids: torch.Tensor, block_m: int, num_experts: int):
-    """Pair indices sorted by expert, each expert's run padded to a multiple of block_m (padding holds the
+    """Pair indices grouped by expert, each expert's run padded to a multiple of block_m (padding holds the
     pair count, an invalid index); the expert of every row tile; the padded length (a 1-element tensor).
-    Pairs with id -1 (another rank's expert) are left out. Shapes depend only on the batch size."""
+    Pairs with id -1 (another rank's expert) are left out. Shapes depend only on the batch size, and it is
+    one launch: decode steps replay it inside CUDA graphs."""
     P = ids.numel()
-    key = torch.where(ids >= 0, ids, num_experts)  # other ranks' pairs sort last and are dropped
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    padded_start = torch.cat([padded_end.new_zeros(1), padded_end])  # [E+1]; entry E: the drop slot below
-    order = torch.argsort(key, stable=True)
-    sorted_key = key[order]
-    rank_in_expert = torch.arange(P, device=ids.device) - (torch.cumsum(counts, 0) - counts)[sorted_key]
-    max_rows = (P + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
-    dest = torch.where(sorted_key < num_experts, padded_start[sorted_key] + rank_in_expert, max_rows)
-    sorted_ids = torch.full((max_rows + 1,), P, dtype=torch.int32, device=ids.device)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))
-    tile_starts = torch.arange(0, max_rows, block_m, device=ids.device)
-    expert_ids = torch.searchsorted(padded_end, tile_starts, right=True).clamp_(max=num_experts - 1).to(torch.int32)
-    return sorted_ids[:max_rows], expert_ids, padded_end[-1:], max_rows
+    # sum over experts of ceil(count / block_m) <= P // block_m + (experts with a pair) + 1: a small decode
+    # batch launches a few tiles, not one per expert
+    max_rows = (P // block_m + min(num_experts, P) + 1) * block_m
+    dev = ids.device
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(max_rows // block_m, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    _align_kernel[(1,)](ids, counts, sorted_ids, expert_ids, num_padded, P, num_experts, max_rows, BLOCK_M=block_m,
+                        BLOCK_P=1024, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_T=64, num_warps=8)
+    return sorted_ids, expert_ids, num_padded, max_rows
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_t, TOP_K: tl.constexpr,
+                         RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One token per program: softmax over the experts in float32, the top k by repeated max (ties to the
+    lower id, as torch.topk), optionally renormalised."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    p = tl.where(offs < E, p, -1.0)
+    total = 0.0
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, offs, BLOCK_E), 0)
+        tl.store(weights_ptr + t * TOP_K + j, best)
+        tl.store(ids_ptr + t * TOP_K + j, idx)
+        total += best
+        p = tl.where(offs == idx, -1.0, p)
+    if RENORMALIZE:
+        for j in tl.static_range(TOP_K):
+            w = tl.load(weights_ptr + t * TOP_K + j)
+            tl.store(weights_ptr + t * TOP_K + j, w / total)
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    T, E = router_logits.shape
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device)
+    if T:
+        _topk_softmax_kernel[(T,)](router_logits, weights, ids, E, router_logits.stride(0), TOP_K=top_k,
+                                   RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(E))
+    return weights, ids
 
 
 def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_per_a, cfg):
@@ -96,7 +163,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
     P = T * k
-    ids = local_ids(topk_ids, expert_map).flatten()
+    ids = (topk_ids if expert_map is None else local_ids(topk_ids, expert_map)).flatten()
     # one row tile for both GEMMs: they share the expert-sorted order
     cfg_up, cfg_down = configs or moe_configs(E, H, two_i // 2, P)
     sorted_ids, expert_ids, num_padded, max_rows = align_by_expert(ids, cfg_up["BLOCK_M"], E)

@@ -1,0 +1,115 @@
+"""`python -m engine.bench.moe`: the fused MoE layer (router top-k + experts) on one GPU at decode and prefill
+token counts, for a model's expert shape (default Qwen3-30B-A3B: 128 experts, hidden 2048, expert
+intermediate 768, top 8). Prints µs per call and the weight bytes the call must read (the experts its tokens
+hit) per second against the device's copy bandwidth. `--tune` sweeps block configs per token count and prints
+the rows of kernels/triton/fused_moe_configs.py's table."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def time_us(fn, iters: int = 20, graph: bool = True) -> float:
+    """Median of CUDA-graph replays (what decode steps run), or of eager calls (DeepGEMM sizes its layout on
+    the host, as prefill runs it)."""
+    fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        run()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def candidates():
+    for bm, bn, bk, gm, warps, stages in itertools.product((16, 32, 64), (64, 128), (64, 128), (1, 8), (4, 8),
+                                                           (3, 4)):
+        if bm == 64 and bn == 128 and bk == 128 and stages == 4:
+            continue  # over the shared memory budget
+        yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps, "num_stages": stages}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.bench.moe", description=__doc__)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=768)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--backend", choices=("triton", "deep_gemm"), default="triton",
+                    help="deep_gemm: DeepGEMM's grouped GEMM, timed eagerly (needs `deep_gemm`)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench moe needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from engine.bench.throughput import copy_bandwidth_gbs
+    from kernels.moe import select_experts
+    from kernels.triton import fused_moe
+    E, H, I, k = args.experts, args.hidden, args.intermediate, args.top_k
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(E, 2 * I, H, generator=g, device="cuda") * H ** -0.5).bfloat16()
+    w2 = (torch.randn(E, H, I, generator=g, device="cuda") * I ** -0.5).bfloat16()
+    expert_bytes = 3 * H * I * 2
+    bw = copy_bandwidth_gbs()
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s; experts {E}, hidden {H}, "
+          f"intermediate {I}, top-{k}, bf16, CUDA-graph replays")
+    print("| tokens | experts hit | µs | weight GB/s (% of copy bw) | config (gate-up / down) |")
+    print("|---|---|---|---|---|")
+    tuned = []
+    for T in map(int, args.tokens.split(",")):
+        x = torch.randn(T, H, generator=g, device="cuda").bfloat16()
+        logits = torch.randn(T, E, generator=g, device="cuda").bfloat16()
+        weights, ids = select_experts(logits, k, True)
+        hit = int(torch.unique(ids).numel())
+        if args.tune:
+            # gate-up and down are tuned one after the other with a shared BLOCK_M
+            results = []
+            for bm in (16, 32, 64):
+                ups = [c for c in candidates() if c["BLOCK_M"] == bm]
+                base = ups[0]
+                up_best = min(ups, key=lambda c: time_us(lambda: fused_moe.fused_experts(
+                    x, w13, w2, weights, ids, configs=(c, base)), iters=5))
+                down_best = min(ups, key=lambda c: time_us(lambda: fused_moe.fused_experts(
+                    x, w13, w2, weights, ids, configs=(up_best, c)), iters=5))
+                results.append((time_us(lambda: fused_moe.fused_experts(x, w13, w2, weights, ids,
+                                                                        configs=(up_best, down_best))),
+                                up_best, down_best))
+            us, up, down = min(results, key=lambda r: r[0])
+            tuned.append((T * k, up, down))
+            cfg = f"{up} / {down}"
+        elif args.backend == "deep_gemm":
+            from kernels.moe import deep_gemm_moe
+            us = time_us(lambda: deep_gemm_moe.fused_experts(x, w13, w2, *select_experts(logits, k, True)), graph=False)
+            cfg = "DeepGEMM m_grouped_bf16_gemm_nt_contiguous"
+        else:
+            us = time_us(lambda: fused_moe.fused_experts(x, w13, w2, *select_experts(logits, k, True)))
+            up, down = fused_moe.moe_configs(E, H, I, T * k)
+            cfg = f"BLOCK_M {up['BLOCK_M']}, BLOCK_N {up['BLOCK_N']}/{down['BLOCK_N']}"
+        gbs = hit * expert_bytes / (us * 1e-6) / 1e9
+        print(f"| {T} | {hit} | {us:.1f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) | {cfg} |", flush=True)
+    if tuned:
+        print(f"\n# TUNED[({E}, {H}, {I})] = [")
+        for pairs, up, down in tuned:
+            print(f"    ({pairs}, {up}, {down}),")
+        print("]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
