@@ -106,3 +106,21 @@ def test_moe_two_ranks_match_one(expert_parallel, moe_models, llm_cache):
     assert_matches_hf(path, prompts, two.generate(prompts, greedy()))
     params = [seeded(i) for i in range(len(prompts))]
     assert tokens(two.generate(prompts, params)) == tokens(one.generate(prompts, params))
+
+
+def test_moe_split_checks_name_the_shape(moe_models):
+    from engine.errors import UnsupportedModelError
+    from engine.models.config import check_tensor_parallel, load_model_config
+    cfg = load_model_config(moe_models["qwen3_moe"])  # 8 experts of intermediate 48
+    check_tensor_parallel(cfg, 2, expert_parallel=True)
+    with pytest.raises(UnsupportedModelError, match="num_experts 8"):
+        check_tensor_parallel(cfg, 16, expert_parallel=True)
+    with pytest.raises(UnsupportedModelError, match="moe_intermediate_size 48"):
+        check_tensor_parallel(cfg, 32)
+
+
+def test_bench_counts_the_experts_a_step_reads():
+    from engine.bench.throughput import step_weight_bytes
+    assert step_weight_bytes(100, 1000, None, 7) == 100
+    assert step_weight_bytes(100, 1280, (128, 8), 1) == 100 + 80  # one token: its 8 of 128 experts
+    assert step_weight_bytes(100, 1280, (128, 8), 512) == 100 + 1280  # a large batch hits them all

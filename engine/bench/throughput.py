@@ -94,7 +94,7 @@ def step_weight_bytes(dense: int, expert: int, experts: tuple[int, int] | None, 
     if experts is None:
         return dense
     E, k = experts
-    return dense + int(expert * (1 - (1 - k / E) ** num_tokens))
+    return dense + round(expert * (1 - (1 - k / E) ** num_tokens))
 
 
 def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
