@@ -56,6 +56,9 @@ class EngineConfig:
                 "probabilities to E4M3 and runs FP8 tensor cores (XQA decode, FlashAttention-3 prefill; "
                 "Hopper), exact keeps q in the model dtype; auto: fp8 where it runs")
     tensor_parallel_size: int = opt(1, "ranks (GPUs) per engine: attention heads, MLP and vocab split across them")
+    data_parallel_size: int = opt(1, "attention data parallelism: this many groups of tensor_parallel_size ranks, "
+                                     "each with its own batch, scheduler slice and KV pool (MoE models: with "
+                                     "--enable-expert-parallel, the experts spread over all the ranks)")
     enable_expert_parallel: bool = opt(False, "MoE layers: spread whole experts over the ranks (expert parallelism) "
                                        "instead of splitting every expert's intermediate dimension")
     distributed_executor_backend: Literal["auto", "uni", "mp", "ray"] = opt(
@@ -84,11 +87,19 @@ class EngineConfig:
         check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
               "must be > 0")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
-        check(self.distributed_executor_backend != "uni" or self.tensor_parallel_size == 1,
-              "distributed_executor_backend", "uni runs one rank: use mp or ray with tensor_parallel_size > 1")
+        check(self.data_parallel_size >= 1, "data_parallel_size", "must be >= 1")
+        check(self.distributed_executor_backend != "uni" or self.world_size == 1,
+              "distributed_executor_backend", "uni runs one rank: use mp or ray with more than one rank")
+        check(self.data_parallel_size == 1 or self.role == "hybrid", "data_parallel_size",
+              "prefill/decode roles run at data_parallel_size 1 (the migration does not name a DP rank yet)")
         check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")
         for name, choices in literal_choices(type(self)).items():
             check(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the engine: data_parallel_size groups of tensor_parallel_size."""
+        return self.tensor_parallel_size * self.data_parallel_size
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

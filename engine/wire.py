@@ -171,6 +171,10 @@ class WorkerStep(msgspec.Struct, tag="step", array_like=True):
     pending_rows: bytes
     samples: bytes
     token_ids: bytes
+    # data parallelism: the rows of every DP group, in DP order (the rows above are all groups' back to back),
+    # and how many of each group's rows are sampled; empty at data_parallel_size 1
+    dp_rows: list[int] = []
+    dp_samples: list[int] = []
 
 
 class WorkerCall(msgspec.Struct, tag="call", array_like=True):

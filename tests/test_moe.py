@@ -124,3 +124,34 @@ def test_bench_counts_the_experts_a_step_reads():
     assert step_weight_bytes(100, 1000, None, 7) == 100
     assert step_weight_bytes(100, 1280, (128, 8), 1) == 100 + 80  # one token: its 8 of 128 experts
     assert step_weight_bytes(100, 1280, (128, 8), 512) == 100 + 1280  # a large batch hits them all
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3"])
+def test_dp2_matches_one_rank(arch, moe_models, tiny_models, llm_cache):
+    """Attention data parallelism over two real processes (each its own batch and KV pool), with the MoE
+    experts spread over both (expert parallelism, tokens sent to their experts by all-to-all); a dense
+    model runs as two replicas. Greedy and seeded tokens equal one rank's, and both DP groups got work."""
+    path = moe_models[arch] if arch in MOE_ARCHS else tiny_models[arch]
+    one = llm_cache.get(path)
+    two = llm_cache.get(path, data_parallel_size=2, enable_expert_parallel=arch in MOE_ARCHS)
+    assert two.engine.executor.world_size == 2 and len(two.engine.slices) == 2
+    prompts = mixed_prompts(one.engine.model_config.vocab_size, seed=7)
+    assert_matches_hf(path, prompts, two.generate(prompts, greedy()))
+    params = [seeded(i) for i in range(len(prompts))]
+    assert tokens(two.generate(prompts, params)) == tokens(one.generate(prompts, params))
+    assert all(s.block_manager.prefix_queries for s in two.engine.slices), "a DP group never got a request"
+
+
+def test_dp2_one_request_leaves_the_other_group_idle(moe_models, llm_cache):
+    """One sequence: DP group 1 has nothing to do and runs the idle step (empty all-to-alls) every step."""
+    path = moe_models["qwen3_moe"]
+    two = llm_cache.get(path, data_parallel_size=2, enable_expert_parallel=True)
+    prompt = mixed_prompts(two.engine.model_config.vocab_size, seed=8, lengths=(29,))
+    assert_matches_hf(path, prompt, two.generate(prompt, greedy()))
+
+
+def test_dp_needs_expert_parallel_for_moe(moe_models):
+    from engine import LLM
+    from engine.errors import UnsupportedModelError
+    with pytest.raises(UnsupportedModelError, match="enable-expert-parallel"):
+        LLM(str(moe_models["qwen3_moe"]), data_parallel_size=2, device="cpu")

@@ -50,7 +50,8 @@ class EngineCore:
         if self.max_model_len > limit:
             raise UnsupportedModelError(f"max_model_len {self.max_model_len} exceeds the model's {limit} positions",
                                         param="max_model_len")
-        check_tensor_parallel(self.model_config, config.tensor_parallel_size, config.enable_expert_parallel)
+        check_tensor_parallel(self.model_config, config.tensor_parallel_size, config.enable_expert_parallel,
+                              config.data_parallel_size)
         self.executor = make_executor(config, self.model_path, self.max_model_len, progress, on_worker_failure)
         try:
             num_blocks = min(self.executor.collective_rpc("determine_num_blocks"))
@@ -65,10 +66,17 @@ class EngineCore:
             self.executor.shutdown()
             raise
         multi_rank = self.executor.world_size > 1
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                          on_free=self.executor.on_free if multi_rank else None)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+        # data parallelism: each DP group has its own scheduler slice over its own KV pool (every rank's pool
+        # holds num_blocks); the core schedules every slice each step
+        self.slices = []
+        for _ in range(config.data_parallel_size):
+            bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                              on_free=self.executor.on_free if multi_rank else None)
+            self.slices.append(Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
+                                         config.enable_chunked_prefill))
+        # DP group 0's (the only one at data_parallel_size 1)
+        self.scheduler = self.slices[0]
+        self.block_manager = self.scheduler.block_manager
         self.kv_spec = self.runner.kv_spec
         self.handoff = KVHandoff(self.block_manager, self.executor, self.kv_spec, config.kv_park_timeout_s,
                                  config.kv_pull_timeout_s)
@@ -120,9 +128,20 @@ class EngineCore:
                        self._max_output_tokens(params, len(request.prompt_token_ids)),
                        request.arrival_time or time.time())
         seq.remote_decode = bool(kv.get("do_remote_decode"))
+        seq.dp_rank = self._least_loaded_slice()
         self.seqs[seq.seq_id] = seq
-        self.scheduler.add(seq)
+        self.slices[seq.dp_rank].add(seq)
         return seq
+
+    def _least_loaded_slice(self) -> int:
+        """The DP group to put a new request on: fewest running + waiting, then the emptiest KV pool."""
+        if len(self.slices) == 1:
+            return 0
+        return min(range(len(self.slices)), key=lambda d: (self.slices[d].num_unfinished,
+                                                            self.slices[d].block_manager.usage, d))
+
+    def _slice(self, seq: Sequence) -> Scheduler:
+        return self.slices[seq.dp_rank]
 
     def _add_migrated(self, request: EngineCoreRequest, kv: dict) -> Sequence:
         m = self.handoff.parse(kv)
@@ -151,15 +170,23 @@ class EngineCore:
         for rid in request_ids:
             seq = self.seqs.pop(rid, None)
             if seq is not None and not self.handoff.cancel(seq):
-                self.scheduler.finish(seq, "abort")
+                self._slice(seq).finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
+    @property
+    def num_unfinished(self) -> int:
+        return sum(s.num_unfinished for s in self.slices)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(s.waiting) for s in self.slices)
+
     def seconds_until_work(self) -> float:
         """0 when a step has something to do (sequences to schedule, a launched step to read back); else the
         seconds until the KV hand-off's next timer (inf: none), which a server loop may sleep through."""
-        if self.scheduler.num_unfinished or self._in_flight is not None:
+        if self.num_unfinished or self._in_flight is not None:
             return 0.0
         return self.handoff.seconds_until_work()
 
@@ -175,8 +202,8 @@ class EngineCore:
         device runs this step while the host turns the previous step's samples into outputs and
         comes back to schedule the next). Without async scheduling a step is read back at once."""
         outputs = self._advance_handoff()
-        sched = self.scheduler.schedule()
-        launched = self._launch(sched.scheduled) if not sched.is_empty else None
+        scheduled = [s.schedule().scheduled for s in self.slices]
+        launched = self._launch(scheduled) if any(scheduled) else None
         if self._in_flight is not None:
             outputs.extend(self._read_back(self._in_flight))
         self._in_flight = launched
@@ -187,12 +214,15 @@ class EngineCore:
             self._in_flight = None  # its samples are all dropped: nothing to wait for
         return outputs
 
-    def _launch(self, scheduled) -> LaunchedStep | None:
-        step = self.executor.launch(scheduled, self.stop_ids, self._in_flight)
+    def _launch(self, per_slice: list) -> LaunchedStep | None:
+        """One step over every DP group's rows (rows in DP order; a group without rows runs the idle step)."""
+        scheduled = [s for rows in per_slice for s in rows]
+        dp_rows = [len(rows) for rows in per_slice] if len(per_slice) > 1 else None
+        step = self.executor.launch(scheduled, self.stop_ids, self._in_flight, dp_rows)
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             if not s.samples:  # a prefill chunk: its full blocks are reusable already
-                self.block_manager.cache_full_blocks(s.seq)
+                self._slice(s.seq).block_manager.cache_full_blocks(s.seq)
         for row, seq in enumerate(step.seqs if step is not None else ()):
             seq.num_pending_tokens += 1
             seq.pending_row = row
@@ -220,7 +250,7 @@ class EngineCore:
             if seq.is_finished:
                 self.seqs.pop(seq.seq_id, None)
             else:
-                self.block_manager.cache_full_blocks(seq)
+                self._slice(seq).block_manager.cache_full_blocks(seq)
             outputs.append(self._output(seq, [token], new_lp))
         return outputs
 
@@ -267,8 +297,8 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         # blocks are published to the prefix cache before they go back to the pool
-        self.block_manager.cache_full_blocks(seq)
-        self.scheduler.finish(seq, reason, stop_reason)
+        self._slice(seq).block_manager.cache_full_blocks(seq)
+        self._slice(seq).finish(seq, reason, stop_reason)
 
     def _output(self, seq: Sequence, new_tokens: list[int], logprobs=None) -> EngineCoreOutput:
         return EngineCoreOutput(request_id=seq.seq_id, new_token_ids=new_tokens, new_logprobs=logprobs,
@@ -277,11 +307,13 @@ class EngineCore:
 
     # ---- introspection -----------------------------------------------------------------------
     def stats(self) -> dict:
-        bm = self.block_manager
-        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "num_blocks": bm.num_blocks, "num_free_blocks": bm.num_free_blocks, "kv_usage": bm.usage,
-                "prefix_cache_queries": bm.prefix_queries, "prefix_cache_hits": bm.prefix_hits,
-                "num_preemptions": self.scheduler.num_preemptions,
+        """Summed over the DP groups' slices (KV usage: the fullest group's)."""
+        bms = [s.block_manager for s in self.slices]
+        return {"num_running": sum(len(s.running) for s in self.slices), "num_waiting": self.num_waiting,
+                "num_blocks": sum(b.num_blocks for b in bms), "num_free_blocks": sum(b.num_free_blocks for b in bms),
+                "kv_usage": max(b.usage for b in bms), "prefix_cache_queries": sum(b.prefix_queries for b in bms),
+                "prefix_cache_hits": sum(b.prefix_hits for b in bms),
+                "num_preemptions": sum(s.num_preemptions for s in self.slices),
                 "num_parked": len(self.handoff.parked), "num_pulling": len(self.handoff.pulls),
                 "num_generated_tokens": self.num_generated_tokens, **self.handoff.metrics()}
 

@@ -38,6 +38,7 @@ class Sequence:
         # the row of the newest one in its step's sampled tokens (the next step feeds it from there)
         self.num_pending_tokens = 0
         self.pending_row = -1
+        self.dp_rank = 0  # the data-parallel group (scheduler slice, KV pool) that holds the sequence
 
     def __len__(self) -> int:
         """Tokens the scheduler plans with: those known on the host plus those still in flight."""

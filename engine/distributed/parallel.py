@@ -24,19 +24,51 @@ class ParallelContext:
     # MoE layers split the experts over the ranks (each holds whole experts) instead of splitting every
     # expert's intermediate dimension (vLLM's --enable-expert-parallel)
     expert_parallel: bool = False
+    # attention data parallelism: dp_size groups of tp_size ranks, each with its own batch and KV pool
+    dp_rank: int = 0
+    dp_size: int = 1
+    world_group: object = None  # every rank of the engine (expert all-to-all), at dp_size > 1
+    leaders_group: object = None  # the first rank of every DP group (logits to rank 0, tokens back)
 
     @property
     def is_first(self) -> bool:
+        """The first rank of its tensor-parallel group (it gathers that group's logits)."""
         return self.tp_rank == 0
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 of the engine: it samples every row."""
+        return self.tp_rank == 0 and self.dp_rank == 0
 
     @property
     def ep_size(self) -> int:
         """Ranks the experts are spread over (1: every rank holds a slice of every expert)."""
-        return self.tp_size if self.expert_parallel else 1
+        return self.tp_size * self.dp_size if self.expert_parallel else 1
 
     @property
     def ep_rank(self) -> int:
-        return self.tp_rank if self.expert_parallel else 0
+        return self.dp_rank * self.tp_size + self.tp_rank if self.expert_parallel else 0
+
+    def gather_rows_to_driver(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+        """DP leaders: every group's x (rows[d] rows each) concatenated in DP order on rank 0; None elsewhere."""
+        if self.dp_size == 1:
+            return x
+        width = max(rows)
+        padded = x.new_zeros(width, *x.shape[1:])
+        padded[:x.shape[0]] = x
+        parts = [[torch.empty_like(padded) for _ in range(self.dp_size)]] if self.dp_rank == 0 else []
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        self.leaders_group.gather(parts, [padded], opts).wait()
+        return torch.cat([p[:n] for p, n in zip(parts[0], rows)]) if self.dp_rank == 0 else None
+
+    def broadcast_from_driver(self, x: torch.Tensor) -> torch.Tensor:
+        """DP leaders: rank 0's x, in place (the sampled tokens of every DP group)."""
+        if self.dp_size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            self.leaders_group.broadcast([x], opts).wait()
+        return x
 
     def shard(self, total: int, what: str) -> tuple[int, int]:
         """(start, size) of this rank's equal share of `total` rows; `what` names it in the error."""
@@ -71,27 +103,42 @@ class ParallelContext:
         return x
 
     def close(self) -> None:
-        if self.group is not None and hasattr(self.group, "shutdown"):
-            self.group.shutdown()
+        for group in (self.group, self.world_group, self.leaders_group):
+            if group is not None and hasattr(group, "shutdown"):
+                group.shutdown()
+
+
+def _group(store, prefix: str, rank: int, size: int, device: torch.device, timeout: datetime.timedelta):
+    prefixed = dist.PrefixStore(prefix, store)
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, size, options)
+    return dist.ProcessGroupGloo(prefixed, rank, size, timeout)
 
 
 def init_parallel(rank: int, world_size: int, rendezvous: str | None, device: torch.device,
-                  timeout_s: float, expert_parallel: bool = False) -> ParallelContext:
-    """Joins this rank to its engine's group; `rendezvous` is rank 0's host:port for the TCPStore. Every
-    collective then fails after `timeout_s` instead of waiting forever on a dead or hung rank."""
+                  timeout_s: float, expert_parallel: bool = False, tp_size: int | None = None) -> ParallelContext:
+    """Joins this rank to its engine's groups; `rendezvous` is rank 0's host:port for the TCPStore. Ranks are
+    laid out DP-major: rank = dp_rank * tp_size + tp_rank. Every collective fails after `timeout_s` instead of
+    waiting forever on a dead or hung rank."""
+    tp_size = tp_size or world_size
+    dp_size, dp_rank, tp_rank = world_size // tp_size, rank // tp_size, rank % tp_size
     if world_size == 1:
         return ParallelContext(expert_parallel=expert_parallel)
     host, port = rendezvous.rsplit(":", 1)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
-    prefixed = dist.PrefixStore("tp/", store)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # a timed-out NCCL collective aborts the communicator (and the process) instead of hanging
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        group = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
-    else:
-        group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    return ParallelContext(tp_rank=rank, tp_size=world_size, group=group, store=store, expert_parallel=expert_parallel)
+    group = _group(store, f"tp{dp_rank}/", tp_rank, tp_size, device, timeout) if tp_size > 1 else None
+    world = leaders = None
+    if dp_size > 1:
+        world = _group(store, "world/", rank, world_size, device, timeout)
+        if tp_rank == 0:
+            leaders = _group(store, "leaders/", dp_rank, dp_size, device, timeout)
+    return ParallelContext(tp_rank=tp_rank, tp_size=tp_size, group=group, store=store,
+                           expert_parallel=expert_parallel, dp_rank=dp_rank, dp_size=dp_size, world_group=world,
+                           leaders_group=leaders)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import abc
 import os
 
+import numpy as np
+
 from engine.worker.input_batch import StepBatch
 from engine.worker.model_runner import LaunchedStep
 from engine.worker.worker import Worker
@@ -33,14 +35,21 @@ class Executor(abc.ABC):
         """Runs `method` (a Worker method; dotted names reach its parts, e.g. `pd.poll`) on every rank;
         the results in rank order."""
 
-    def launch(self, scheduled, stop_ids_of, prev: LaunchedStep | None) -> LaunchedStep | None:
-        """Queues one step on every rank; rank 0's LaunchedStep (None: nothing sampled)."""
+    def launch(self, scheduled, stop_ids_of, prev: LaunchedStep | None,
+               dp_rows: list[int] | None = None) -> LaunchedStep | None:
+        """Queues one step on every rank; rank 0's LaunchedStep (None: nothing sampled). With data parallelism
+        `scheduled` holds every DP group's rows back to back, `dp_rows` how many each."""
         batch = StepBatch.from_scheduled(scheduled)
-        self._send_step(batch, scheduled)
-        return self.driver.runner.launch(batch, [s.seq.block_table for s in scheduled], prev,
-                                         [s.seq for s in scheduled if s.samples], stop_ids_of)
+        dp_samples = None
+        if dp_rows:
+            ends = np.cumsum([0, *dp_rows])
+            dp_samples = [int(batch.samples[a:b].sum()) for a, b in zip(ends[:-1], ends[1:])]
+        self._send_step(batch, scheduled, dp_rows or [], dp_samples or [])
+        n0 = dp_rows[0] if dp_rows else len(scheduled)
+        return self.driver.runner.launch(batch.part(0, n0), [s.seq.block_table for s in scheduled[:n0]], prev,
+                                         [s.seq for s in scheduled if s.samples], stop_ids_of, dp_samples)
 
-    def _send_step(self, batch: StepBatch, scheduled) -> None:
+    def _send_step(self, batch: StepBatch, scheduled, dp_rows: list[int], dp_samples: list[int]) -> None:
         """Hands the step to the other ranks before rank 0 runs it."""
 
     def worker_failure(self, wait_s: float = 0.0) -> str | None:
@@ -75,7 +84,7 @@ def make_executor(config, model_path, max_model_len: int, progress: bool = False
     server passes one that exits, since rank 0 may be blocked in a collective with the dead rank."""
     backend = config.distributed_executor_backend
     if backend == "auto":
-        backend = "uni" if config.tensor_parallel_size == 1 else "mp"
+        backend = "uni" if config.world_size == 1 else "mp"
     if backend == "uni":
         return UniExecutor(config, model_path, max_model_len, progress)
     if backend == "mp":

@@ -68,7 +68,7 @@ class DistributedExecutor(Executor):
                  on_worker_failure: Callable[[str], None] | None = None):
         self.config = config
         self._model_path, self._max_model_len = model_path, max_model_len
-        self.world_size = config.tensor_parallel_size
+        self.world_size = config.world_size
         self.timeout_s = config.distributed_timeout_s
         self.on_worker_failure = on_worker_failure
         self.dead_reason: str | None = None
@@ -154,13 +154,13 @@ class DistributedExecutor(Executor):
         local = call(self.driver, method, args)  # after the send: a method with collectives meets the others
         return [local, *self.channel.replies(call_id, self.check_alive, self.timeout_s)]
 
-    def _send_step(self, batch: StepBatch, scheduled) -> None:
+    def _send_step(self, batch: StepBatch, scheduled, dp_rows: list[int], dp_samples: list[int]) -> None:
         self.check_alive()
         handles, new_blocks = self.sync.rows(scheduled)
         self.channel.send(WorkerStep(freed=self.sync.take_freed(), handles=handles, new_blocks=new_blocks,
                                      num_computed=batch.num_computed.tobytes(), num_new=batch.num_new.tobytes(),
                                      pending_rows=batch.pending_rows.tobytes(), samples=batch.samples.tobytes(),
-                                     token_ids=batch.token_ids.tobytes()))
+                                     token_ids=batch.token_ids.tobytes(), dp_rows=dp_rows, dp_samples=dp_samples))
 
     def shutdown(self) -> None:
         if self._stopping:

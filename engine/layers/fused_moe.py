@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.distributed.all2all import moe_all_to_all
 from engine.distributed.parallel import ParallelContext
 from engine.layers.linear import copy_checked
 from kernels.moe import fused_experts, select_experts
@@ -54,8 +55,9 @@ class FusedMoE(nn.Module):
             self.placement = placement or ExpertPlacement.even(num_experts, parallel.ep_size)
             self.local = self.placement.local_experts(parallel.ep_rank)
             self.inter_start, inter = 0, intermediate_size
-            # a plain attribute computed on `device` (the module is built on meta; this is not a weight)
+            # plain attributes computed on `device` (the module is built on meta; these are not weights)
             self.expert_map = self.placement.expert_map(parallel.ep_rank, device)
+            self.owner = torch.tensor(self.placement.owner, dtype=torch.int64, device="cpu").to(device)
         else:
             self.placement, self.local = None, list(range(num_experts))
             self.inter_start, inter = parallel.shard(intermediate_size, "moe_intermediate_size")
@@ -66,8 +68,14 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        if self.parallel.dp_size > 1:  # tokens differ per DP group: they travel to their experts and back
+            return moe_all_to_all(self.parallel, self.owner, x, weights, ids, self.expert_map, self._local)
         out = fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_map)
         return self.parallel.all_reduce(out)  # TP: partial sums; EP: each rank's experts' share
+
+    def _local(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """Received pairs, one expert each (ids already this rank's indices)."""
+        return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids)
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def checkpoint_names(self) -> dict[str, tuple[str, object]]:

@@ -125,7 +125,7 @@ def context_limit(config: ModelConfig) -> int:
     return config.max_position_embeddings
 
 
-def check_tensor_parallel(config: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
+def check_tensor_parallel(config: ModelConfig, tp: int, expert_parallel: bool = False, dp: int = 1) -> None:
     """The shapes that tensor parallelism splits must split evenly (KV heads may be replicated instead); MoE
     experts are split by count (expert parallelism) or by their intermediate dimension."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
@@ -137,8 +137,11 @@ def check_tensor_parallel(config: ModelConfig, tp: int, expert_parallel: bool = 
     if config.intermediate_size % tp:
         problems.append(f"intermediate_size {config.intermediate_size}")
     experts = getattr(config.hf, "num_experts", 0) or 0
-    if experts and expert_parallel and experts % tp:
-        problems.append(f"num_experts {experts} (expert parallelism spreads whole experts)")
+    if experts and expert_parallel and experts % (tp * dp):
+        problems.append(f"num_experts {experts} (expert parallelism spreads whole experts over {tp * dp} ranks)")
+    if experts and dp > 1 and not expert_parallel:
+        raise UnsupportedModelError("a MoE model at data_parallel_size > 1 needs --enable-expert-parallel (the "
+                                    "experts spread over all the ranks)", param="enable_expert_parallel")
     moe_inter = getattr(config.hf, "moe_intermediate_size", 0) or 0
     if experts and not expert_parallel and moe_inter % tp:
         problems.append(f"moe_intermediate_size {moe_inter} (or enable expert parallelism)")

@@ -121,5 +121,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
+    def idle_step(self, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """A data-parallel group with no tokens this step: its MoE layers still take part in the expert
+        all-to-alls (other groups' tokens route to its experts), in the same order as a forward."""
+        empty = torch.empty(0, hidden_size, dtype=dtype, device=device)
+        for layer in self.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp(empty)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.logits(hidden)

@@ -147,7 +147,7 @@ class EngineCoreServer:
             try:
                 if self.draining:
                     raise UnavailableError("the engine is draining (shutting down)")
-                if len(self.engine.scheduler.waiting) >= self.config.max_waiting_requests:
+                if self.engine.num_waiting >= self.config.max_waiting_requests:
                     raise OverloadedError(f"more than {self.config.max_waiting_requests} requests are waiting; "
                                           "retry later")
                 self.engine.add_request(r)

@@ -43,6 +43,14 @@ class StepBatch:
                 for s, st, n in zip(batch, start.tolist(), n_new.tolist())), np.int64, T)
         return cls(start, n_new, pending, np.fromiter((s.samples for s in batch), bool, B), ids)
 
+    def part(self, lo: int, hi: int) -> "StepBatch":
+        """Rows [lo, hi) (one data-parallel group's share of the step)."""
+        if lo == 0 and hi == len(self.num_new):
+            return self
+        t0, t1 = int(self.num_new[:lo].sum()), int(self.num_new[:hi].sum())
+        return StepBatch(self.num_computed[lo:hi], self.num_new[lo:hi], self.pending_rows[lo:hi],
+                         self.samples[lo:hi], self.token_ids[t0:t1])
+
 
 @dataclass
 class StepInputs:

@@ -96,8 +96,9 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, config.block_size,
                                    dtype_name(self.kv_dtype))
         self.kv_pool: torch.Tensor | None = None
+        # data parallelism exchanges split sizes on the host in every MoE layer: those steps run eagerly
         self.use_cuda_graphs = (device.type == "cuda" and not config.enforce_eager
-                                and self.backend.supports_cuda_graph)
+                                and self.backend.supports_cuda_graph and parallel.dp_size == 1)
         self.graphs: DecodeGraphRunner | None = None
         self.last_step = StepStats()
 
@@ -158,22 +159,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: StepBatch, block_tables: list[list[int]], prev: LaunchedStep | None = None,
-               seqs: list | None = None, stop_ids_of=None) -> LaunchedStep | None:
+               seqs: list | None = None, stop_ids_of=None, dp_samples: list[int] | None = None) -> LaunchedStep | None:
         """Queues one forward over the batch and the sampling of the rows that complete their tokens; returns
         without waiting for the device (None: nothing sampled). Rank 0 passes the sampled sequences (`seqs`,
-        in row order) and samples; the other ranks get rank 0's tokens."""
-        x = prepare_host(batch, block_tables, self.config.block_size, self.backend.needs_block_tables)
+        in row order) and samples; the other ranks get rank 0's tokens. With data parallelism the batch is
+        this DP group's part (possibly empty: the group then runs the idle step), `dp_samples` the sampled
+        rows of every group: the groups' logits go to rank 0, which samples them all, and every rank gets all
+        the tokens (rows in DP order, as the engine core numbers them)."""
+        p = self.parallel
+        own = int(batch.samples.sum())
+        total = sum(dp_samples) if dp_samples else own
         prev_tokens = prev.token_ids if prev is not None else None
-        hidden, rows = self.forward(x, prev_tokens)
-        if len(x.logits_idx) == 0:
+        logits = None
+        if len(batch.num_new):
+            x = prepare_host(batch, block_tables, self.config.block_size, self.backend.needs_block_tables)
+            hidden, rows = self.forward(x, prev_tokens)
+            if own:
+                logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
+        else:
+            self.last_step = StepStats()
+            self.model.idle_step(self.hidden_size, self.dtype, self.device)
+        if total == 0:
             return None
-        logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
-        if logits is not None:  # rank 0
+        if p.dp_size > 1 and p.is_first:
+            if logits is None:
+                logits = torch.empty(0, self.vocab_size, dtype=self.dtype, device=self.device)
+            logits = p.gather_rows_to_driver(logits, dp_samples)
+        if p.is_driver:
             out = sample(logits, sampling_metadata(seqs, stop_ids_of, self.vocab_size, self.device, prev_tokens))
         else:
-            out = SamplerOutput(torch.empty(len(x.logits_idx), dtype=torch.int64, device=self.device))
-        self.parallel.broadcast_from_first(out.token_ids)
-        return LaunchedStep(seqs or [], out, to_host=self.parallel.is_first)
+            out = SamplerOutput(torch.empty(total, dtype=torch.int64, device=self.device))
+        if p.is_first:
+            p.broadcast_from_driver(out.token_ids)
+        p.broadcast_from_first(out.token_ids)
+        return LaunchedStep(seqs or [], out, to_host=p.is_driver)
 
     @torch.inference_mode()
     def prefill_logits(self, scheduled) -> torch.Tensor:

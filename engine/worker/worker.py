@@ -45,7 +45,7 @@ class Worker:
         model_config = load_model_config(model_path)
         self.device = resolve_device(config.device, rank if device_index is None else device_index)
         self.parallel = init_parallel(rank, world_size, rendezvous, self.device, config.distributed_timeout_s,
-                                      config.enable_expert_parallel)
+                                      config.enable_expert_parallel, config.tensor_parallel_size)
         self.runner = ModelRunner(config, model_config, model_path, max_model_len, self.parallel, self.device,
                                   progress and rank == 0)
         self.pd = RankKV(rank, config.kv_transfer_host, config.kv_staging_bytes)
@@ -72,9 +72,14 @@ class Worker:
             self.tables.pop(h, None)
 
     def execute_step(self, msg: WorkerStep) -> None:
-        """The same forward as rank 0's, from the step's deltas."""
+        """The same forward as rank 0's (with data parallelism: this DP group's rows of it), from the deltas."""
+        lo, hi = 0, len(msg.handles)
+        dp = self.parallel.dp_rank
+        if msg.dp_rows:
+            lo = sum(msg.dp_rows[:dp])
+            hi = lo + msg.dp_rows[dp]
         tables = []
-        for handle, new in zip(msg.handles, msg.new_blocks):
+        for handle, new in zip(msg.handles[lo:hi], msg.new_blocks[lo:hi]):
             table = self.tables.setdefault(handle, [])
             table.extend(new)
             tables.append(table)
@@ -82,8 +87,8 @@ class Worker:
                           num_new=np.frombuffer(msg.num_new, np.int64),
                           pending_rows=np.frombuffer(msg.pending_rows, np.int64),
                           samples=np.frombuffer(msg.samples, np.bool_),
-                          token_ids=np.frombuffer(msg.token_ids, np.int64))
-        self._prev = self.runner.launch(batch, tables, self._prev)
+                          token_ids=np.frombuffer(msg.token_ids, np.int64)).part(lo, hi)
+        self._prev = self.runner.launch(batch, tables, self._prev, dp_samples=msg.dp_samples or None)
 
     def close(self) -> None:
         self.pd.close()

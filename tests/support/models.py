@@ -136,9 +136,11 @@ def kv_pool_returns_to_full(request):
         return
     cache = request.getfixturevalue("llm_cache")
     for llm in cache.engines.values():
-        bm = llm.engine.block_manager
         assert not llm.engine.has_unfinished(), "requests left in the engine"
-        assert bm.num_free_blocks == bm.num_blocks, f"KV blocks leaked: {bm.num_blocks - bm.num_free_blocks}"
+        for dp, sched in enumerate(llm.engine.slices):  # every data-parallel group's pool
+            bm = sched.block_manager
+            assert bm.num_free_blocks == bm.num_blocks, f"KV blocks leaked on DP rank {dp}: " \
+                                                        f"{bm.num_blocks - bm.num_free_blocks}"
         # the other ranks dropped every block table rank 0 sent them (their pools hold nothing live)
         tables = llm.engine.executor.collective_rpc("num_block_tables")
         assert not any(tables), f"block tables left on the ranks: {tables}"
