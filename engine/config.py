@@ -90,8 +90,6 @@ class EngineConfig:
         check(self.data_parallel_size >= 1, "data_parallel_size", "must be >= 1")
         check(self.distributed_executor_backend != "uni" or self.world_size == 1,
               "distributed_executor_backend", "uni runs one rank: use mp or ray with more than one rank")
-        check(self.data_parallel_size == 1 or self.role == "hybrid", "data_parallel_size",
-              "prefill/decode roles run at data_parallel_size 1 (the migration does not name a DP rank yet)")
         check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")
         for name, choices in literal_choices(type(self)).items():
             check(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")

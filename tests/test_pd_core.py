@@ -166,3 +166,34 @@ def test_disaggregated_logprobs_equal_hybrid(pair):
     for token, row, ref in zip(tokens, rows, expected.logprobs):
         assert abs(row.logprob - ref[token].logprob) < 1e-5 and len(row.top_ids) == 2
     prefill.free_parked([out.kv_transfer_params["seq_id"]])
+
+
+@pytest.mark.parametrize("prefill_dp,decode_dp", [(2, 1), (1, 2), (2, 2)])
+def test_data_parallel_engines_hand_off(prefill_dp, decode_dp, tiny_models, llm_cache):
+    """The migration names the prefill DP group that holds the KV; the decode engine pulls it into one of its
+    own groups (by load). Any pairing of DP sizes gives the hybrid tokens, and every group's pool is full
+    afterwards (tests/support/models.py)."""
+    path = tiny_models["qwen3"]
+    prefill = llm_cache.get(path, role="prefill", data_parallel_size=prefill_dp, **OPTS).engine
+    decode = llm_cache.get(path, role="decode", data_parallel_size=decode_dp, **OPTS).engine
+    hybrid = llm_cache.get(path, **OPTS)
+    cs = cases()
+    expected = [o.outputs[0].token_ids for o in hybrid.generate([p for _, p, _ in cs], [s for _, _, s in cs])]
+    migrations, groups = [], set()
+    for rid, prompt, params in cs:
+        kv = prefill_stage(prefill, rid, prompt, params).kv_transfer_params
+        groups.add(mig.decode(kv["migration"]).dp_rank)
+        migrations.append((rid, kv["migration"], kv["seq_id"], kv["first_token"]))
+    # parked KV keeps its blocks, so the prefill engine's next request goes to the emptier group
+    assert groups == set(range(prefill_dp))
+    placed = []
+    real_admit = decode.handoff.admit
+    decode.handoff.admit = lambda seq, m: (placed.append(seq.dp_rank), real_admit(seq, m))
+    try:
+        tokens, finals = decode_stage(decode, [(rid, m) for rid, m, _, _ in migrations])
+    finally:
+        del decode.handoff.admit
+    assert set(placed) == set(range(decode_dp))  # the decode engine spread them over its groups
+    assert prefill.free_parked([seq_id for _, _, seq_id, _ in migrations]) == len(cs)
+    for (rid, _, _, first), want in zip(migrations, expected):
+        assert [first] + tokens[rid][1:] == want and tokens[rid][0] == first

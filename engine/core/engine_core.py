@@ -78,8 +78,8 @@ class EngineCore:
         self.scheduler = self.slices[0]
         self.block_manager = self.scheduler.block_manager
         self.kv_spec = self.runner.kv_spec
-        self.handoff = KVHandoff(self.block_manager, self.executor, self.kv_spec, config.kv_park_timeout_s,
-                                 config.kv_pull_timeout_s)
+        self.handoff = KVHandoff([s.block_manager for s in self.slices], self.executor, self.kv_spec,
+                                 config.kv_park_timeout_s, config.kv_pull_timeout_s)
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         self._seed_rng = random.Random(config.seed)
@@ -134,10 +134,14 @@ class EngineCore:
         return seq
 
     def _least_loaded_slice(self) -> int:
-        """The DP group to put a new request on: fewest running + waiting, then the emptiest KV pool."""
+        """The DP group to put a new request on: fewest running + waiting (+ KV pulls under way), then the
+        emptiest KV pool."""
         if len(self.slices) == 1:
             return 0
-        return min(range(len(self.slices)), key=lambda d: (self.slices[d].num_unfinished,
+        pulls = [0] * len(self.slices)
+        for pull in self.handoff.pulls:
+            pulls[pull.seq.dp_rank] += 1
+        return min(range(len(self.slices)), key=lambda d: (self.slices[d].num_unfinished + pulls[d],
                                                             self.slices[d].block_manager.usage, d))
 
     def _slice(self, seq: Sequence) -> Scheduler:
@@ -152,6 +156,7 @@ class EngineCore:
                        self._max_output_tokens(m.params, len(prompt)),
                        request.arrival_time or time.time())
         seq.append_token(m.first_token)
+        seq.dp_rank = self._least_loaded_slice()  # any DP group: the migration names the source's
         self.seqs[seq.seq_id] = seq
         self.handoff.admit(seq, m)
         return seq
@@ -261,7 +266,7 @@ class EngineCore:
         self.handoff.reclaim_expired()
         ready, failed = self.handoff.poll()
         for seq, first_logprobs in ready:  # KV landed: decode from here; the client gets the first token now
-            self.scheduler.adopt(seq)
+            self._slice(seq).adopt(seq)
             outputs.append(self._output(seq, [seq.token_ids[-1]], [first_logprobs] if first_logprobs else None))
         for seq, error in failed:
             self.seqs.pop(seq.seq_id, None)
@@ -275,13 +280,13 @@ class EngineCore:
         """Prefill half: the answer is the migration descriptor (with the first token and its logprobs); the
         KV waits for the decode engine."""
         self.seqs.pop(seq.seq_id, None)
-        self.block_manager.cache_full_blocks(seq)
-        self.scheduler.release(seq, "length")
+        self._slice(seq).block_manager.cache_full_blocks(seq)
+        self._slice(seq).release(seq, "length")
         out = self._output(seq, [])
         try:
             out.kv_transfer_params = self.handoff.park(seq, self.config.model, first_logprobs)
         except RuntimeError as e:  # no staging room: fail this request, keep serving
-            self.block_manager.free(seq)
+            self._slice(seq).block_manager.free(seq)
             out.finish_reason, out.error = "error", f"cannot hand off KV: {e}"
         return out
 

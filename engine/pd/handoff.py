@@ -7,7 +7,9 @@ over DLSlime, then joins the running batch as if it had prefilled here.
 
 The bytes move rank to rank: every tensor-parallel rank stages, serves and pulls its own shard of the pool
 (engine/pd/rank_kv.py), reached through the executor. A pull is done when every rank's part is done, failed
-when any part failed, and its blocks are freed only once no rank can still write into them.
+when any part failed, and its blocks are freed only once no rank can still write into them. With data
+parallelism a sequence lives in one DP group's pool: the migration names that group, and the decode engine
+pulls into the group it puts the sequence on (any group: only the tensor-parallel sizes must match).
 """
 from __future__ import annotations
 
@@ -47,11 +49,11 @@ class _Pull:
 
 
 class KVHandoff:
-    def __init__(self, block_manager: BlockManager, executor, kv_spec: KVCacheSpec, park_timeout_s: float,
+    def __init__(self, block_managers: list[BlockManager], executor, kv_spec: KVCacheSpec, park_timeout_s: float,
                  pull_timeout_s: float, engine_id: str | None = None):
-        self.block_manager = block_manager
+        self.block_managers = block_managers  # one per data-parallel group
         self.executor = executor
-        self.world_size = executor.world_size
+        self.tp = executor.world_size // len(block_managers)
         self.kv_spec = kv_spec
         self.park_timeout_s = park_timeout_s
         self.pull_timeout_s = pull_timeout_s
@@ -85,15 +87,16 @@ class KVHandoff:
     def park(self, seq: Sequence, model: str, first_logprobs=None) -> dict:
         """Keeps the prompt's blocks for a decode engine; returns DLRouter's kv_transfer_params."""
         seq_id = next(self._keys)
-        block_ids = seq.block_table[:self.block_manager.blocks_needed(seq.num_prompt_tokens)]
+        dp = seq.dp_rank
+        block_ids = seq.block_table[:self.block_managers[dp].blocks_needed(seq.num_prompt_tokens)]
         endpoints = self.endpoints
-        remote = self._rpc("stage_out", seq_id, block_ids)
+        remote = self._rpc("stage_out", seq_id, block_ids, dp)[dp * self.tp:(dp + 1) * self.tp]
         if any(ids is None for ids in remote):
             self._rpc("release", seq_id)
             raise RuntimeError("KV staging area full")
         self.parked[seq_id] = _Parked(seq, time.monotonic() + self.park_timeout_s)
         m = mig.Migration(version=mig.VERSION, engine_id=self.engine_id, seq_id=seq_id, transfer=endpoints,
-                          kv_spec=self.kv_spec, block_ids=remote,
+                          kv_spec=self.kv_spec, block_ids=remote, dp_rank=dp,
                           prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                           first_token=seq.token_ids[seq.num_prompt_tokens], first_logprobs=first_logprobs,
                           params=seq.params, sampling_seed=seq.sampling_seed, model=model)
@@ -111,7 +114,7 @@ class KVHandoff:
 
     def _release(self, seq_id: int, parked: _Parked) -> None:
         self._rpc("release", seq_id)
-        self.block_manager.free(parked.seq)
+        self.block_managers[parked.seq.dp_rank].free(parked.seq)
 
     def reclaim_expired(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
@@ -125,10 +128,10 @@ class KVHandoff:
     # ---- decode side -------------------------------------------------------------------------
     def parse(self, kv_transfer_params: dict) -> mig.Migration:
         m = mig.decode(kv_transfer_params.get("migration"))
-        if m.tensor_parallel_size != self.world_size:
+        if m.tensor_parallel_size != self.tp:
             raise InvalidRequestError(
                 f"the migration comes from an engine with tensor_parallel_size {m.tensor_parallel_size}; this "
-                f"engine has {self.world_size}, and KV is not re-sharded: pair engines of the same size",
+                f"engine has {self.tp}, and KV is not re-sharded: pair engines of the same size",
                 param="kv_transfer_params")
         if m.kv_spec != self.kv_spec:
             raise InvalidRequestError(f"migration KV layout {m.kv_spec} does not match this engine's {self.kv_spec}",
@@ -145,17 +148,19 @@ class KVHandoff:
     def poll(self) -> tuple[list[tuple[Sequence, object]], list[tuple[Sequence, str]]]:
         """Starts pulls that now have blocks, advances running ones. Returns ((sequence whose KV has landed,
         its first token's logprobs or None), (sequence, error) of failed ones)."""
-        waiting_for_blocks = False
+        waiting_for_blocks: set[int] = set()  # DP groups whose pool is short: their later pulls wait too
         for pull in self.pulls:
             if pull.started:
                 continue
+            dp = pull.seq.dp_rank
+            bm = self.block_managers[dp]
             n = len(pull.migration.block_ids[0])
-            if waiting_for_blocks or n > self.block_manager.num_free_blocks:
-                waiting_for_blocks = True  # admit in order: later pulls wait too
+            if dp in waiting_for_blocks or n > bm.num_free_blocks:
+                waiting_for_blocks.add(dp)  # admit in order
                 continue
-            pull.seq.block_table = self.block_manager.allocate_blocks(n)
-            self._rpc("start_pull", pull.key, pull.migration.transfer, pull.migration.block_ids,
-                      pull.seq.block_table, self.pull_timeout_s)
+            pull.seq.block_table = bm.allocate_blocks(n)
+            self._rpc("start_pull", pull.key, pull.migration.source_peers(), pull.migration.block_ids,
+                      pull.seq.block_table, self.pull_timeout_s, dp)
             pull.started = True
         started = {p.key: p for p in self.pulls if p.started}
         if not started:
@@ -165,7 +170,7 @@ class KVHandoff:
                 started[key].results[rank] = (state, error, safe)
         ready, failed = [], []
         for pull in list(started.values()):
-            if len(pull.results) < self.world_size:
+            if len(pull.results) < self.tp:  # every rank of the sequence's DP group
                 continue
             seq = pull.seq
             states = [r[0] for r in pull.results.values()]
@@ -197,7 +202,7 @@ class KVHandoff:
         if keep_blocks or not pull.seq.block_table:
             return
         if safe:
-            self.block_manager.free(pull.seq)
+            self.block_managers[pull.seq.dp_rank].free(pull.seq)
         else:  # a late write may still land there: never hand these blocks to anyone again
             log.error("quarantining %d KV blocks of %s after an abandoned pull", len(pull.seq.block_table),
                       pull.seq.seq_id)

@@ -1,6 +1,7 @@
 """The migration descriptor: everything a decode engine needs to continue a request that a prefill engine
-started: the source engine, each of its ranks' transfer endpoint and block ids, its KV-cache spec, the
-prompt and first token, and the sampling parameters.
+started: the source engine, its ranks' transfer endpoints, the data-parallel group that holds the KV and
+that group's block ids per tensor-parallel rank, its KV-cache spec, the prompt and first token, and the
+sampling parameters.
 
 DLRouter passes only the opaque `migration` string to the decode node, so it is self-contained:
 msgpack, a CRC32 against corruption, base64 for JSON.
@@ -19,7 +20,7 @@ from engine.kv.spec import KVCacheSpec
 from engine.sampling_params import SamplingParams
 from engine.wire import TokenLogprobs
 
-VERSION = 2
+VERSION = 3
 # a prompt of max_model_len tokens is a few MB at most; anything larger is refused before decoding
 MAX_MIGRATION_CHARS = 32 << 20
 
@@ -28,9 +29,11 @@ class Migration(msgspec.Struct, kw_only=True):
     version: int
     engine_id: str  # the source (prefill) engine
     seq_id: int  # its handle for the parked KV (what /pd/free takes)
-    transfer: list[dict[str, Any]]  # per tensor-parallel rank: its KVTransferAgent.endpoint_info()
+    transfer: list[dict[str, Any]]  # every rank of the source engine: its KVTransferAgent.endpoint_info()
     kv_spec: KVCacheSpec  # one rank's pool layout (every rank's is the same)
-    block_ids: list[list[int]]  # per rank: the source blocks holding the prompt's KV, in order
+    # per tensor-parallel rank of DP group `dp_rank`: the source blocks holding the prompt's KV, in order
+    block_ids: list[list[int]]
+    dp_rank: int = 0  # the source's data-parallel group that holds the KV (its ranks: dp_rank * tp + t)
     prompt_token_ids: list[int]
     first_token: int
     first_logprobs: TokenLogprobs | None = None  # the first token's, when the request asked for logprobs
@@ -40,7 +43,12 @@ class Migration(msgspec.Struct, kw_only=True):
 
     @property
     def tensor_parallel_size(self) -> int:
-        return len(self.transfer)
+        return len(self.block_ids)
+
+    def source_peers(self) -> list[dict[str, Any]]:
+        """The endpoints of the DP group that holds the KV, by tensor-parallel rank."""
+        tp = self.tensor_parallel_size
+        return self.transfer[self.dp_rank * tp:(self.dp_rank + 1) * tp]
 
 
 def encode(m: Migration) -> str:
@@ -69,8 +77,10 @@ def decode(text: Any) -> Migration:
         raise bad(str(e)) from None
     if m.version != VERSION:
         raise bad(f"version {m.version} (this engine reads {VERSION})")
-    if not m.transfer or len(m.block_ids) != len(m.transfer):
-        raise bad("one transfer endpoint and one block list per rank expected")
+    if not m.block_ids or len(m.transfer) % len(m.block_ids):
+        raise bad("one transfer endpoint per rank and one block list per tensor-parallel rank expected")
+    if not 0 <= m.dp_rank < len(m.transfer) // len(m.block_ids):
+        raise bad(f"dp_rank {m.dp_rank} outside the source's {len(m.transfer) // len(m.block_ids)} DP groups")
     blocks = -(-len(m.prompt_token_ids) // m.kv_spec.block_size) if m.kv_spec.block_size > 0 else -1
     for ids in m.block_ids:
         if not m.prompt_token_ids or len(ids) != blocks:

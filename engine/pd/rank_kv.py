@@ -12,8 +12,10 @@ REJECTED = "rejected"  # a pull refused before any byte moved (bad ids, layout, 
 
 
 class RankKV:
-    def __init__(self, rank: int, host: str, staging_bytes: int):
+    def __init__(self, rank: int, host: str, staging_bytes: int, dp_rank: int = 0, tp_rank: int | None = None):
         self.rank, self.host, self.staging_bytes = rank, host, staging_bytes
+        # the handoff addresses one data-parallel group; the ranks of the others skip its calls
+        self.dp_rank, self.tp_rank = dp_rank, rank if tp_rank is None else tp_rank
         self.pool: torch.Tensor | None = None
         self._agent = None
         self.staged: dict[int, object] = {}  # park key -> StagedBlocks
@@ -38,8 +40,11 @@ class RankKV:
         return self.agent.endpoint_info()
 
     # ---- prefill side ------------------------------------------------------------------------
-    def stage_out(self, key: int, block_ids: list[int]) -> list[int] | None:
-        """Makes the blocks pullable; returns the ids a peer pulls (None: the staging area is full)."""
+    def stage_out(self, key: int, block_ids: list[int], dp: int = 0) -> list[int] | None:
+        """Makes the blocks pullable; returns the ids a peer pulls (None: the staging area is full, or this
+        rank is not in DP group `dp`)."""
+        if dp != self.dp_rank:
+            return None
         staged = self.agent.stage_out(block_ids)
         if staged is None:
             return None
@@ -54,10 +59,13 @@ class RankKV:
 
     # ---- decode side -------------------------------------------------------------------------
     def start_pull(self, key: int, peers: list[dict], remote_ids: list[list[int]], local_ids: list[int],
-                   timeout_s: float) -> None:
-        """Pulls this rank's share: the source rank of the same index. A refusal is kept as the pull's result."""
+                   timeout_s: float, dp: int = 0) -> None:
+        """DP group `dp`'s ranks pull their share: from the source rank of the same tensor-parallel index
+        (`peers`: the source group's endpoints). A refusal is kept as the pull's result."""
+        if dp != self.dp_rank:
+            return
         try:
-            self.pulls[key] = self.agent.start_pull(peers[self.rank], remote_ids[self.rank], local_ids,
+            self.pulls[key] = self.agent.start_pull(peers[self.tp_rank], remote_ids[self.tp_rank], local_ids,
                                                     timeout_s=timeout_s)
         except (TransferError, KeyError, TypeError, ValueError, IndexError) as e:
             self.pulls[key] = str(e)

@@ -48,7 +48,8 @@ class Worker:
                                       config.enable_expert_parallel, config.tensor_parallel_size)
         self.runner = ModelRunner(config, model_config, model_path, max_model_len, self.parallel, self.device,
                                   progress and rank == 0)
-        self.pd = RankKV(rank, config.kv_transfer_host, config.kv_staging_bytes)
+        self.pd = RankKV(rank, config.kv_transfer_host, config.kv_staging_bytes, self.parallel.dp_rank,
+                         self.parallel.tp_rank)
         self.tables: dict[int, list[int]] = {}  # ranks > 0: rank 0's block tables, by handle
         self._prev: LaunchedStep | None = None  # ranks > 0: the last step that sampled
 
