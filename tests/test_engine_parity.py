@@ -22,6 +22,22 @@ def mixed_prompts(vocab: int, seed: int = 0, lengths=(1, 3, 7, 16, 17, 31, 45, 6
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
+def shared_prefix_prompts(seed: int = 2, prefix: int = 37, tails=(1, 5, 9)) -> list[list[int]]:
+    """Prompts that share their first `prefix` tokens (nine full blocks of 4: the prefix cache's to reuse)."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 300) for _ in range(prefix)]
+    return [shared + [rng.randrange(3, 300) for _ in range(n)] for n in tails]
+
+
+def check_prefix_reuse(path, llm) -> None:
+    """The first prompt fills the cache; the others reuse its full blocks and still match transformers."""
+    prompts = shared_prefix_prompts()
+    first = llm.generate(prompts[:1], greedy())
+    rest = llm.generate(prompts[1:], greedy())
+    assert all(o.num_cached_tokens >= 36 for o in rest)
+    assert_matches_hf(path, prompts, first + rest)
+
+
 def greedy(max_tokens=MAX_NEW, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
@@ -71,9 +87,7 @@ def test_prefill_logits_match_hf(arch, tiny_models, llm_cache):
 def test_prefix_caching_hits_and_matches(tiny_models, llm_cache):
     path = tiny_models["qwen3"]
     llm = llm_cache.get(path, block_size=4)
-    rng = random.Random(2)
-    shared = [rng.randrange(3, 300) for _ in range(37)]
-    prompts = [shared + [rng.randrange(3, 300) for _ in range(n)] for n in (1, 5, 9)]
+    prompts = shared_prefix_prompts()
     first = llm.generate(prompts[:1], greedy())
     hits_before = llm.engine.block_manager.prefix_hits
     rest = llm.generate(prompts[1:], greedy())

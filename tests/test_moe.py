@@ -4,7 +4,6 @@ experts split over two real processes, by intermediate dimension (tensor paralle
 parallel). The torch MoE reference against a dense per-token loop, and the expert placement."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ from engine.wire import EngineCoreRequest
 from kernels.moe import fused_experts, select_experts
 from tests.hf_oracle import hf_logits
 from tests.support.models import MOE_ARCHS, build_checkpoint
-from tests.test_engine_parity import LOGIT_ATOL, assert_matches_hf, greedy, mixed_prompts
+from tests.test_engine_parity import (LOGIT_ATOL, assert_matches_hf, check_prefix_reuse, greedy,
+                                      mixed_prompts)
 from tests.test_tensor_parallel import seeded, tokens
 
 
@@ -86,13 +86,7 @@ def test_moe_matches_hf(arch, moe_models, llm_cache):
 def test_moe_prefix_caching_and_small_chunks(moe_models, llm_cache):
     path = moe_models["qwen3_moe"]
     llm = llm_cache.get(path, block_size=4, max_num_batched_tokens=8)
-    rng = random.Random(2)
-    shared = [rng.randrange(3, 300) for _ in range(37)]
-    prompts = [shared + [rng.randrange(3, 300) for _ in range(n)] for n in (1, 5, 9)]
-    first = llm.generate(prompts[:1], greedy())
-    rest = llm.generate(prompts[1:], greedy())
-    assert all(o.num_cached_tokens >= 36 for o in rest)
-    assert_matches_hf(path, prompts, first + rest)
+    check_prefix_reuse(path, llm)
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])

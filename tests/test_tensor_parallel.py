@@ -11,7 +11,8 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from tests.support.models import build_checkpoint
-from tests.test_engine_parity import LOGIT_ATOL, assert_matches_hf, greedy, mixed_prompts
+from tests.test_engine_parity import (LOGIT_ATOL, assert_matches_hf, check_prefix_reuse, greedy,
+                                      mixed_prompts)
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 TP2 = dict(tensor_parallel_size=2)
@@ -45,13 +46,7 @@ def test_tp2_matches_one_rank_and_transformers(arch, tiny_models, llm_cache):
 def test_tp2_prefix_caching(tiny_models, llm_cache):
     path = tiny_models["qwen3"]
     llm = llm_cache.get(path, block_size=4, **TP2)
-    rng = random.Random(2)
-    shared = [rng.randrange(3, 300) for _ in range(37)]
-    prompts = [shared + [rng.randrange(3, 300) for _ in range(n)] for n in (1, 5, 9)]
-    first = llm.generate(prompts[:1], greedy())
-    rest = llm.generate(prompts[1:], greedy())
-    assert all(o.num_cached_tokens >= 36 for o in rest)
-    assert_matches_hf(path, prompts, first + rest)
+    check_prefix_reuse(path, llm)
 
 
 def test_tp2_small_prefill_chunks(tiny_models, llm_cache):
