@@ -1,6 +1,6 @@
-"""KVCacheSpec: what one rank's KV pool holds per block, for one attention kind. It sizes the pool, and the
-migration descriptor carries it, so two engines agree on what a block's bytes mean (a second kind, MLA's
-latent vector per token, is a sibling Struct with its own tag)."""
+"""What one rank's KV pool holds per block, for each attention kind: `KVCacheSpec` (GQA: K and V per head) and
+`MLAKVCacheSpec` (MLA: one latent vector per token). The spec sizes the pool, and the migration descriptor
+carries it (a tagged union), so two engines agree on what a block's bytes mean."""
 from __future__ import annotations
 
 import math
@@ -37,6 +37,31 @@ class KVCacheSpec(msgspec.Struct, frozen=True, tag="gqa"):
 
     def num_blocks_for(self, budget_bytes: int) -> int:
         return max(0, budget_bytes // self.block_bytes)
+
+
+class MLAKVCacheSpec(msgspec.Struct, frozen=True, tag="mla"):
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): per layer one vector per token, the normalised KV
+    latent (kv_lora_rank) then the rotated shared key part (qk_rope_head_dim); 576 values for V3. Every
+    tensor-parallel rank holds the same latents (the heads are expanded from them)."""
+
+    num_layers: int
+    latent_dim: int  # kv_lora_rank + qk_rope_head_dim
+    kv_lora_rank: int
+    block_size: int
+    dtype: str
+
+    torch_dtype = KVCacheSpec.torch_dtype
+    block_bytes = KVCacheSpec.block_bytes
+    bytes_per_token = KVCacheSpec.bytes_per_token
+    num_blocks_for = KVCacheSpec.num_blocks_for
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """One block of all layers: [layers, block_size, latent_dim]."""
+        return (self.num_layers, self.block_size, self.latent_dim)
+
+
+AnyKVCacheSpec = KVCacheSpec | MLAKVCacheSpec
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -18,7 +18,25 @@ from torch import nn
 from engine.distributed.all2all import moe_all_to_all
 from engine.distributed.parallel import ParallelContext
 from engine.layers.linear import copy_checked
-from kernels.moe import fused_experts, select_experts
+from kernels.moe import fused_experts, select_experts, select_experts_grouped
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a router's logits pick a token's experts and weights."""
+
+    top_k: int
+    renormalize: bool  # the chosen weights sum to 1 (Qwen3's norm_topk_prob)
+    scoring: str = "softmax"  # softmax (Qwen), or sigmoid with group-limited top-k (DeepSeek-V3)
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+
+    def select(self, logits: torch.Tensor, correction_bias: torch.Tensor | None = None):
+        if self.scoring == "softmax":
+            return select_experts(logits, self.top_k, self.renormalize)
+        return select_experts_grouped(logits, correction_bias, self.top_k, self.num_groups, self.topk_groups,
+                                      self.renormalize, self.routed_scaling)
 
 
 @dataclass(frozen=True)
@@ -47,10 +65,11 @@ class ExpertPlacement:
 
 
 class FusedMoE(nn.Module):
-    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
+    def __init__(self, num_experts: int, routing: Routing, hidden_size: int, intermediate_size: int,
                  parallel: ParallelContext, device: torch.device, placement: ExpertPlacement | None = None):
         super().__init__()
-        self.num_experts, self.top_k, self.renormalize, self.parallel = num_experts, top_k, renormalize, parallel
+        self.num_experts, self.routing, self.parallel = num_experts, routing, parallel
+        self.top_k = routing.top_k
         if parallel.ep_size > 1:
             self.placement = placement or ExpertPlacement.even(num_experts, parallel.ep_size)
             self.local = self.placement.local_experts(parallel.ep_rank)
@@ -66,8 +85,9 @@ class FusedMoE(nn.Module):
         self.w13_weight = nn.Parameter(torch.empty(len(self.local), 2 * inter, hidden_size), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(len(self.local), hidden_size, inter), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
+                correction_bias: torch.Tensor | None = None) -> torch.Tensor:
+        weights, ids = self.routing.select(router_logits, correction_bias)
         if self.parallel.dp_size > 1:  # tokens differ per DP group: they travel to their experts and back
             return moe_all_to_all(self.parallel, self.owner, x, weights, ids, self.expert_map, self._local)
         out = fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_map)

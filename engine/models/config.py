@@ -136,7 +136,7 @@ def check_tensor_parallel(config: ModelConfig, tp: int, expert_parallel: bool = 
         problems.append(f"num_key_value_heads {kv} (split, or replicated when fewer than the ranks)")
     if config.intermediate_size % tp:
         problems.append(f"intermediate_size {config.intermediate_size}")
-    experts = getattr(config.hf, "num_experts", 0) or 0
+    experts = getattr(config.hf, "num_experts", 0) or getattr(config.hf, "n_routed_experts", 0) or 0
     if experts and expert_parallel and experts % (tp * dp):
         problems.append(f"num_experts {experts} (expert parallelism spreads whole experts over {tp * dp} ranks)")
     if experts and dp > 1 and not expert_parallel:

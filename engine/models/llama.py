@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from engine.distributed.parallel import ParallelContext
+from engine.kv.spec import KVCacheSpec
 from engine.layers.attention import PagedAttention
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
@@ -100,6 +101,14 @@ class LlamaForCausalLM(nn.Module):
         """(bias on q/k/v, bias on o_proj)."""
         return cfg.attention_bias, cfg.attention_bias
 
+    def make_rotary(self, cfg: ModelConfig, max_positions: int, device: torch.device) -> RotaryEmbedding:
+        return RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_positions, device)
+
+    def make_attention(self, cfg: ModelConfig, parallel: ParallelContext, backend: AttentionBackend,
+                       rotary: RotaryEmbedding) -> nn.Module:
+        qkv_bias, o_bias = self.attention_biases(cfg)
+        return LlamaAttention(cfg, parallel, backend, rotary, qkv_bias, o_bias, self.qk_norm)
+
     def make_mlp(self, cfg: ModelConfig, parallel: ParallelContext, layer_idx: int, device: torch.device) -> nn.Module:
         """The feed-forward block of layer `layer_idx` (MoE families choose per layer)."""
         return LlamaMLP(cfg, parallel)
@@ -107,9 +116,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext, backend: AttentionBackend, max_positions: int,
                  device: torch.device):
         super().__init__()
-        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, max_positions, device)
-        qkv_bias, o_bias = self.attention_biases(cfg)
-        layers = [LlamaDecoderLayer(cfg, LlamaAttention(cfg, parallel, backend, rotary, qkv_bias, o_bias, self.qk_norm),
+        rotary = self.make_rotary(cfg, max_positions, device)
+        layers = [LlamaDecoderLayer(cfg, self.make_attention(cfg, parallel, backend, rotary),
                                     self.make_mlp(cfg, parallel, i, device)) for i in range(cfg.num_hidden_layers)]
         self.model = LlamaModel(cfg, parallel, layers)
         self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
@@ -117,6 +125,10 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def kv_cache_spec(self, block_size: int, dtype: str) -> KVCacheSpec:
+        attn = self.attention_layers()
+        return KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, block_size, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)

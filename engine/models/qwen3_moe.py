@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.distributed.parallel import ParallelContext
-from engine.layers.fused_moe import FusedMoE
+from engine.layers.fused_moe import FusedMoE, Routing
 from engine.layers.linear import ReplicatedLinear
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM, LlamaMLP
@@ -24,8 +24,8 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         super().__init__()
         hf = cfg.hf
         self.gate = ReplicatedLinear(cfg.hidden_size, hf.num_experts)
-        self.experts = FusedMoE(hf.num_experts, hf.num_experts_per_tok, cfg.hidden_size, hf.moe_intermediate_size,
-                                bool(getattr(hf, "norm_topk_prob", False)), parallel, device)
+        routing = Routing(hf.num_experts_per_tok, bool(getattr(hf, "norm_topk_prob", False)))
+        self.experts = FusedMoE(hf.num_experts, routing, cfg.hidden_size, hf.moe_intermediate_size, parallel, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, self.gate(x))

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from engine.errors import InvalidRequestError
-from engine.kv.spec import KVCacheSpec
+from engine.kv.spec import AnyKVCacheSpec, KVCacheSpec  # noqa: F401 (KVCacheSpec: tests build specs here)
 from engine.sampling_params import SamplingParams
 from engine.wire import TokenLogprobs
 
@@ -30,7 +30,7 @@ class Migration(msgspec.Struct, kw_only=True):
     engine_id: str  # the source (prefill) engine
     seq_id: int  # its handle for the parked KV (what /pd/free takes)
     transfer: list[dict[str, Any]]  # every rank of the source engine: its KVTransferAgent.endpoint_info()
-    kv_spec: KVCacheSpec  # one rank's pool layout (every rank's is the same)
+    kv_spec: AnyKVCacheSpec  # one rank's pool layout (every rank's is the same)
     # per tensor-parallel rank of DP group `dp_rank`: the source blocks holding the prompt's KV, in order
     block_ids: list[list[int]]
     dp_rank: int = 0  # the source's data-parallel group that holds the KV (its ranks: dp_rank * tp + t)

@@ -13,6 +13,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed.parallel import ParallelContext
+from engine.errors import UnsupportedModelError
 from engine.kv.pool import allocate_pool
 from engine.kv.spec import KVCacheSpec, dtype_name, kv_cache_dtype
 from engine.models.config import ModelConfig
@@ -86,15 +87,21 @@ class ModelRunner:
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.vocab_size = model_config.vocab_size
         self.hidden_size = model_config.hidden_size
-        self.backend = get_attention_backend(config.attention_backend, device, dtype=self.dtype,
+        cls = model_class(model_config)
+        mla = getattr(cls, "attention_kind", "gqa") == "mla"
+        if mla and self.kv_dtype != self.dtype:
+            raise UnsupportedModelError("FP8 KV is not available for MLA (latent) caches yet", param="kv_cache_dtype")
+        # MLA models attend through their own latent-cache path (engine/layers/mla.py); the paged backend
+        # then only plans the step, which the torch reference does for free
+        self.backend = get_attention_backend("torch" if mla else config.attention_backend, device, dtype=self.dtype,
                                              head_dim=model_config.head_dim, fp8_attention=config.fp8_attention)
-        self.model = load_model(model_class(model_config), model_config, parallel, model_path, self.backend,
-                                self.dtype, device, max_model_len, progress)
-        attn = self.model.attention_layers()
-        self.backend.configure(AttentionShape(attn[0].num_heads, attn[0].num_kv_heads, attn[0].head_dim,
-                                              attn[0].scale, self.dtype, self.kv_dtype, config.block_size))
-        self.kv_spec = KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, config.block_size,
-                                   dtype_name(self.kv_dtype))
+        self.model = load_model(cls, model_config, parallel, model_path, self.backend, self.dtype, device,
+                                max_model_len, progress)
+        self.kv_spec = self.model.kv_cache_spec(config.block_size, dtype_name(self.kv_dtype))
+        if isinstance(self.kv_spec, KVCacheSpec):
+            attn = self.model.attention_layers()
+            self.backend.configure(AttentionShape(attn[0].num_heads, attn[0].num_kv_heads, attn[0].head_dim,
+                                                  attn[0].scale, self.dtype, self.kv_dtype, config.block_size))
         self.kv_pool: torch.Tensor | None = None
         # data parallelism exchanges split sizes on the host in every MoE layer: those steps run eagerly
         self.use_cuda_graphs = (device.type == "cuda" and not config.enforce_eager

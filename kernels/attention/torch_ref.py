@@ -32,30 +32,40 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of q [T, heads, head_dim] over each sequence's cached KV (its new tokens included)."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_seqs, block_size = meta.num_seqs, kv_cache.shape[2]
-    device = q.device
-    q_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).long()
-    seq_lens = meta.seq_lens.long()
-
-    # gather every sequence's keys/values into a padded [B, max_k, kv_heads, head_dim]
-    key_pos = torch.arange(meta.max_seqlen_k, device=device)
-    blocks = meta.block_tables.long()[:, key_pos // block_size]
-    offsets = (key_pos % block_size).expand(num_seqs, -1)
-    k = kv_cache[:, 0][blocks, offsets].to(q.dtype)
-    v = kv_cache[:, 1][blocks, offsets].to(q.dtype)
+    num_heads = q.shape[1]
+    # every sequence's keys/values, padded: [B, max_k, kv_heads, head_dim]
+    k = gather_pages(kv_cache[:, 0], meta).to(q.dtype)
+    v = gather_pages(kv_cache[:, 1], meta).to(q.dtype)
     if k_scale != 1.0 or v_scale != 1.0:
         k, v = k * k_scale, v * v_scale
     group = num_heads // k.shape[2]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    return ragged_causal_attention(q, k, v, meta, scale)
 
+
+def gather_pages(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Every sequence's cached entries, padded: cache [blocks, block_size, ...] -> [B, max_seqlen_k, ...]."""
+    key_pos = torch.arange(meta.max_seqlen_k, device=cache.device)
+    block_size = cache.shape[1]
+    blocks = meta.block_tables.long()[:, key_pos // block_size]
+    return cache[blocks, (key_pos % block_size).expand(meta.num_seqs, -1)]
+
+
+def ragged_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                            scale: float) -> torch.Tensor:
+    """q [T, heads, d] (ragged, `meta.cu_seqlens_q`) over padded k [B, max_k, heads, d], v [B, max_k, heads, dv]:
+    each query sees the keys up to its own position."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs, device = meta.num_seqs, q.device
+    q_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).long()
+    seq_lens = meta.seq_lens.long()
+    key_pos = torch.arange(k.shape[1], device=device)
     # scatter the ragged queries into [B, max_q, heads, head_dim]
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
     row = torch.arange(num_tokens, device=device) - meta.cu_seqlens_q.long()[seq_of_token]
     qp = q.new_zeros(num_seqs, meta.max_seqlen_q, num_heads, head_dim)
     qp[seq_of_token, row] = q
-
     # query i of sequence b sits at position seq_len - q_len + i and sees keys 0..that position
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(meta.max_seqlen_q, device=device)[None]
     mask = key_pos[None, None, :] <= q_pos[:, :, None]

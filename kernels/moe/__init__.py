@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.moe.torch_ref import fused_experts_ref, select_experts_ref
+from kernels.moe.torch_ref import fused_experts_ref, select_experts_grouped_ref, select_experts_ref
 from kernels.triton import use_triton
 
 
@@ -27,6 +27,15 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
         from kernels.triton.fused_moe import select_experts as fused_select
         return fused_select(router_logits, top_k, renormalize)
     return select_experts_ref(router_logits, top_k, renormalize)
+
+
+def select_experts_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
+                           num_groups: int, topk_groups: int, renormalize: bool,
+                           routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / Kimi-K2 routing (sigmoid scores, correction bias, group-limited top-k, routed scaling);
+    see kernels/moe/torch_ref.py. Weights in float32, ids int32."""
+    return select_experts_grouped_ref(router_logits, correction_bias, top_k, num_groups, topk_groups, renormalize,
+                                      routed_scaling)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

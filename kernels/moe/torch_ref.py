@@ -14,6 +14,26 @@ def select_experts_ref(router_logits: torch.Tensor, top_k: int, renormalize: boo
     return weights, ids.to(torch.int32)
 
 
+def select_experts_grouped_ref(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
+                               num_groups: int, topk_groups: int, renormalize: bool,
+                               routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing: sigmoid scores; the experts are chosen on score + correction bias, only within
+    the `topk_groups` groups whose two best biased scores sum highest; the weights are the unbiased scores
+    of the chosen, optionally renormalised, times `routed_scaling`."""
+    T, E = router_logits.shape
+    scores = router_logits.float().sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    group_scores = choice.view(T, num_groups, E // num_groups).topk(2, dim=-1)[0].sum(dim=-1)
+    groups = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, groups, 1)
+    expert_mask = group_mask.unsqueeze(-1).expand(-1, num_groups, E // num_groups).reshape(T, E)
+    ids = torch.topk(choice.masked_fill(~expert_mask.bool(), float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling, ids.to(torch.int32)
+
+
 def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
     """Global expert ids -> this rank's expert indices (-1: another rank's expert)."""
     ids = topk_ids.long()

@@ -35,6 +35,15 @@ MOE_ARCHS = {
                       extra=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                                  shared_expert_intermediate_size=96, norm_topk_prob=False, decoder_sparse_step=1,
                                  mlp_only_layers=[], qkv_bias=True)),
+    "deepseek_v3": dict(cls="DeepseekV3ForCausalLM", config="DeepseekV3Config", tie=False,
+                        extra=dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                                   qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                                   n_group=2, topk_group=1, n_shared_experts=1, moe_intermediate_size=32,
+                                   first_k_dense_replace=1, num_hidden_layers=3, routed_scaling_factor=2.5,
+                                   norm_topk_prob=True, rope_interleave=True,
+                                   rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                    "original_max_position_embeddings": 128, "mscale": 1.0,
+                                                    "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})),
 }
 
 
@@ -78,6 +87,9 @@ def build_checkpoint(path: Path, arch: str, dtype=torch.float32, seed: int = 0, 
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0, 0.2)
+        for name, b in model.named_buffers():  # DeepSeek's router bias shifts which experts win
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(0, 0.3)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
 

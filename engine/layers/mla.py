@@ -1,0 +1,85 @@
+"""MLAAttention: DeepSeek's multi-head latent attention. Per token the cache keeps one vector, the normalised
+KV latent (kv_lora_rank) and the shared rotated key part (qk_rope_head_dim), instead of per-head K and V;
+queries come from a low-rank projection (q_lora_rank) or a plain one. Heads are split over the
+tensor-parallel ranks; every rank stores the same latents.
+
+The rotary part is DeepSeek's interleaved layout (pairs (x0, x1), (x2, x3), ...) when `rope_interleave`, taken
+apart into halves here so the usual rotate-half kernels apply (the reference does the same). YaRN scaling
+multiplies the softmax scale by mscale(factor, mscale_all_dim)^2, as the reference does."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.distributed.parallel import ParallelContext
+from engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.models.config import ModelConfig
+from kernels.attention import AttentionMetadata
+from kernels.attention.mla_ref import mla_attention_ref, store_latent
+from kernels.rope import apply_rope
+
+LATENT_NORM_EPS = 1e-6  # the reference builds q_a_layernorm / kv_a_layernorm with the default eps
+
+
+def yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def mla_softmax_scale(cfg: ModelConfig) -> float:
+    hf = cfg.hf
+    scale = (hf.qk_nope_head_dim + hf.qk_rope_head_dim) ** -0.5
+    rope = cfg.rope
+    if rope.type != "default" and rope.mscale_all_dim:
+        m = yarn_mscale(rope.factor, rope.mscale_all_dim)
+        scale *= m * m
+    return scale
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): interleaved rotary pairs as rotate-half halves."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext, rotary: RotaryEmbedding):
+        super().__init__()
+        hf = cfg.hf
+        heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+        self.num_heads = parallel.shard(heads, "num_attention_heads")[1]
+        self.q_lora_rank, self.kv_lora_rank = hf.q_lora_rank, hf.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = hf.qk_nope_head_dim, hf.qk_rope_head_dim, hf.v_head_dim
+        qk_dim, bias = self.nope_dim + self.rope_dim, cfg.attention_bias
+        if self.q_lora_rank:
+            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_dim, False, parallel)
+        else:
+            self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim, False, parallel)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), False, parallel)
+        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias, parallel)
+        self.rotary = rotary
+        self.interleaved = bool(getattr(hf, "rope_interleave", True))
+        self.scale = mla_softmax_scale(cfg)
+        self.latent_dim = self.kv_lora_rank + self.rope_dim
+        # this layer's view `pool[:, layer]` [blocks, block_size, latent_dim], bound by the model runner
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q_nope, q_pe = q.view(T, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent.contiguous())
+        if self.interleaved:
+            q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
+        q_pe, k_pe = apply_rope(q_pe.contiguous(), k_pe.contiguous()[:, None, :], positions, self.rotary.cos_sin_cache)
+        store_latent(torch.cat([latent, k_pe[:, 0]], dim=-1), self.kv_cache, meta.slot_mapping)
+        out = mla_attention_ref(q_nope, q_pe, self.kv_cache, meta, self.kv_b_proj.weight, self.kv_lora_rank,
+                                self.v_dim, self.scale)
+        return self.o_proj(out.reshape(T, self.num_heads * self.v_dim))

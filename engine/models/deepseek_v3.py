@@ -1,0 +1,73 @@
+"""DeepSeek-V3 (and V2, Kimi-K2 and Moonlight, which load through the same classes): multi-head latent
+attention with a latent KV cache (engine/layers/mla.py); the first `first_k_dense_replace` layers have a dense
+MLP, the others a MoE block: routed experts chosen by DeepSeek's routing (sigmoid scores, correction bias,
+group-limited top-k, routed scaling factor) plus always-on shared experts."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.distributed.parallel import ParallelContext
+from engine.kv.spec import MLAKVCacheSpec
+from engine.layers.fused_moe import FusedMoE, Routing
+from engine.layers.mla import MLAAttention
+from engine.layers.rotary import RotaryEmbedding
+from engine.models.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM, LlamaMLP
+
+
+class MoEGate(nn.Module):
+    """The router: logits in float32 (as the reference computes them) and the score correction bias."""
+
+    def __init__(self, hidden_size: int, num_experts: int, with_bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+        self.e_score_correction_bias = (nn.Parameter(torch.empty(num_experts), requires_grad=False)
+                                        if with_bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class DeepseekV3MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext, device: torch.device):
+        super().__init__()
+        hf = cfg.hf
+        # V3's "noaux_tc" routing (transformers 5 names no method: it is the only one it implements)
+        self.gate = MoEGate(cfg.hidden_size, hf.n_routed_experts,
+                            getattr(hf, "topk_method", None) in (None, "noaux_tc"))
+        routing = Routing(hf.num_experts_per_tok, bool(hf.norm_topk_prob), "sigmoid",
+                          getattr(hf, "n_group", 1) or 1, getattr(hf, "topk_group", 1) or 1,
+                          float(getattr(hf, "routed_scaling_factor", 1.0)))
+        self.experts = FusedMoE(hf.n_routed_experts, routing, cfg.hidden_size, hf.moe_intermediate_size, parallel,
+                                device)
+        shared = getattr(hf, "n_shared_experts", 0) or 0
+        self.shared_experts = LlamaMLP(cfg, parallel, hf.moe_intermediate_size * shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, self.gate(x), self.gate.e_score_correction_bias)
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+
+class DeepseekV3ForCausalLM(LlamaForCausalLM):
+    attention_kind = "mla"
+
+    def make_rotary(self, cfg: ModelConfig, max_positions: int, device: torch.device) -> RotaryEmbedding:
+        return RotaryEmbedding(cfg.rope, cfg.hf.qk_rope_head_dim, cfg.max_position_embeddings, max_positions, device)
+
+    def make_attention(self, cfg, parallel, backend, rotary) -> nn.Module:
+        return MLAAttention(cfg, parallel, rotary)
+
+    def make_mlp(self, cfg: ModelConfig, parallel: ParallelContext, layer_idx: int, device: torch.device) -> nn.Module:
+        hf = cfg.hf
+        if getattr(hf, "n_routed_experts", None) and layer_idx >= getattr(hf, "first_k_dense_replace", 0):
+            return DeepseekV3MoE(cfg, parallel, device)
+        return LlamaMLP(cfg, parallel)
+
+    def attention_layers(self) -> list[MLAAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def kv_cache_spec(self, block_size: int, dtype: str) -> MLAKVCacheSpec:
+        attn = self.attention_layers()
+        return MLAKVCacheSpec(len(attn), attn[0].latent_dim, attn[0].kv_lora_rank, block_size, dtype)

@@ -1,0 +1,91 @@
+"""DeepSeek-V3 (MLA with a latent KV cache, DeepSeek MoE routing, shared experts, dense first layers, YaRN)
+against transformers on tiny random checkpoints (float32, CPU): greedy tokens identical and logits within 1e-4,
+with and without the low-rank q projection, under prefix caching and small prefill chunks, with the heads and
+experts split over two real processes, and across a prefill/decode hand-off of the latent cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kv.spec import MLAKVCacheSpec
+from engine.wire import EngineCoreRequest
+from tests.hf_oracle import hf_logits
+from tests.support.models import build_checkpoint
+from tests.test_engine_parity import LOGIT_ATOL, assert_matches_hf, check_prefix_reuse, greedy, mixed_prompts
+from tests.test_tensor_parallel import seeded, tokens
+
+
+@pytest.fixture(scope="module")
+def deepseek_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("deepseek")
+    return {"q_lora": build_checkpoint(root / "q_lora", "deepseek_v3"),
+            "no_q_lora": build_checkpoint(root / "no_q_lora", "deepseek_v3", q_lora_rank=None, seed=1)}
+
+
+@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora"])
+def test_deepseek_matches_hf(variant, deepseek_models, llm_cache):
+    path = deepseek_models[variant]
+    llm = llm_cache.get(path)
+    engine = llm.engine
+    assert engine.kv_spec == MLAKVCacheSpec(3, 24, 16, engine.config.block_size, "float32")
+    prompts = mixed_prompts(engine.model_config.vocab_size)
+    assert_matches_hf(path, prompts, llm.generate(prompts, greedy(logprobs=5)), check_logprobs=True)
+    for i, p in enumerate(prompts[:4]):
+        engine.add_request(EngineCoreRequest(request_id=f"ds{i}", prompt_token_ids=p, params=greedy()))
+    sched = engine.scheduler.schedule()
+    try:
+        logits = engine.runner.prefill_logits(sched.scheduled).cpu()
+    finally:
+        engine.abort([f"ds{i}" for i in range(4)])
+        engine.step()
+    start = 0
+    for p in prompts[:4]:
+        torch.testing.assert_close(logits[start:start + len(p)], hf_logits(path, p), atol=LOGIT_ATOL, rtol=0)
+        start += len(p)
+
+
+def test_deepseek_prefix_caching_and_small_chunks(deepseek_models, llm_cache):
+    path = deepseek_models["q_lora"]
+    check_prefix_reuse(path, llm_cache.get(path, block_size=4, max_num_batched_tokens=8))
+
+
+@pytest.mark.parametrize("options", [dict(tensor_parallel_size=2),
+                                     dict(tensor_parallel_size=2, enable_expert_parallel=True),
+                                     dict(data_parallel_size=2, enable_expert_parallel=True)],
+                         ids=["tp2", "tp2-ep", "dp2-ep"])
+def test_deepseek_two_ranks_match_one(options, deepseek_models, llm_cache):
+    path = deepseek_models["q_lora"]
+    one, two = llm_cache.get(path), llm_cache.get(path, **options)
+    prompts = mixed_prompts(one.engine.model_config.vocab_size, seed=5)
+    assert_matches_hf(path, prompts, two.generate(prompts, greedy()))
+    params = [seeded(i) for i in range(len(prompts))]
+    assert tokens(two.generate(prompts, params)) == tokens(one.generate(prompts, params))
+
+
+def test_fp8_kv_is_refused_for_latent_caches(deepseek_models):
+    from engine import LLM
+    from engine.errors import UnsupportedModelError
+    with pytest.raises(UnsupportedModelError, match="MLA"):
+        LLM(str(deepseek_models["q_lora"]), kv_cache_dtype="fp8", device="cpu")
+
+
+def test_latent_cache_hands_off_prefill_to_decode(deepseek_models, llm_cache):
+    """1P1D over DLSlime moves the latent blocks (the migration carries the MLA spec): the hybrid tokens."""
+    pytest.importorskip("dlslime", reason="dlslime (and libibverbs1) is needed for KV transfer")
+    from tests.test_pd_core import OPTS, cases, decode_stage, prefill_stage
+    from engine.pd import migration as mig
+    path = deepseek_models["q_lora"]
+    prefill = llm_cache.get(path, role="prefill", **OPTS).engine
+    decode = llm_cache.get(path, role="decode", **OPTS).engine
+    hybrid = llm_cache.get(path, **OPTS)
+    cs = cases()
+    expected = [o.outputs[0].token_ids for o in hybrid.generate([p for _, p, _ in cs], [s for _, _, s in cs])]
+    migrations = []
+    for rid, prompt, params in cs:
+        kv = prefill_stage(prefill, rid, prompt, params).kv_transfer_params
+        assert isinstance(mig.decode(kv["migration"]).kv_spec, MLAKVCacheSpec)
+        migrations.append((rid, kv["migration"], kv["seq_id"], kv["first_token"]))
+    got, _ = decode_stage(decode, [(rid, m) for rid, m, _, _ in migrations])
+    assert prefill.free_parked([seq_id for _, _, seq_id, _ in migrations]) == len(cs)
+    for (rid, _, _, first), want in zip(migrations, expected):
+        assert got[rid] == want
