@@ -89,3 +89,65 @@ def test_latent_cache_hands_off_prefill_to_decode(deepseek_models, llm_cache):
     assert prefill.free_parked([seq_id for _, _, seq_id, _ in migrations]) == len(cs)
     for (rid, _, _, first), want in zip(migrations, expected):
         assert got[rid] == want
+
+
+def quantize_block_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's scheme: per block, scale = amax / 448 (edge blocks of uneven shapes are partial)."""
+    n, k = w.shape
+    pn, pk = -(-n // block) * block, -(-k // block) * block
+    padded = torch.nn.functional.pad(w, (0, pk - k, 0, pn - n))
+    blocks = padded.reshape(pn // block, block, pk // block, block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).reshape(pn, pk)[:n, :k].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(deepseek_models, tmp_path_factory):
+    """The tiny DeepSeek with every projection stored as FP8 in 16 x 16 blocks (as DeepSeek-V3 ships, 128 x 128),
+    and the same weights dequantised into a plain checkpoint for the oracle."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from engine.models.fp8_checkpoint import dequantize_block_fp8
+    src = deepseek_models["q_lora"]
+    root = tmp_path_factory.mktemp("fp8")
+    fp8_dir, ref_dir = root / "fp8", root / "dequantized"
+    for d in (fp8_dir, ref_dir):
+        shutil.copytree(src, d)
+    tensors = load_file(str(src / "model.safetensors"))
+    fp8, ref = {}, {}
+    for name, w in tensors.items():
+        if name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight"):
+            q, scale = quantize_block_fp8(w, 16)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale
+            ref[name] = dequantize_block_fp8(q, scale, (16, 16))
+        else:
+            fp8[name] = ref[name] = w
+    save_file(fp8, str(fp8_dir / "model.safetensors"))
+    save_file(ref, str(ref_dir / "model.safetensors"))
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [16, 16]}
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    return fp8_dir, ref_dir
+
+
+def test_block_fp8_checkpoint_loads_dequantised(fp8_checkpoint, llm_cache):
+    fp8_dir, ref_dir = fp8_checkpoint
+    llm = llm_cache.get(fp8_dir)
+    prompts = mixed_prompts(llm.engine.model_config.vocab_size, seed=9)
+    assert_matches_hf(ref_dir, prompts, llm.generate(prompts, greedy(logprobs=5)), check_logprobs=True)
+
+
+def test_unsupported_quantization_is_a_clear_error():
+    from types import SimpleNamespace
+    from engine.errors import UnsupportedModelError
+    from engine.models.fp8_checkpoint import block_size_of
+    assert block_size_of(SimpleNamespace()) is None
+    assert block_size_of(SimpleNamespace(quantization_config={"quant_method": "fp8",
+                                                              "weight_block_size": [128, 128]})) == (128, 128)
+    with pytest.raises(UnsupportedModelError, match="awq"):
+        block_size_of(SimpleNamespace(quantization_config={"quant_method": "awq"}))
+    with pytest.raises(UnsupportedModelError, match="per-tensor"):
+        block_size_of(SimpleNamespace(quantization_config={"quant_method": "fp8"}))

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from engine.errors import UnsupportedModelError
 from engine.layers.linear import copy_checked
+from engine.models.fp8_checkpoint import block_size_of, dequantized, read_scales
 
 # a checkpoint folder holding config.json and this file (no weights) loads with random weights:
 # throughput benchmarks of a model shape need no real weights
@@ -136,6 +137,10 @@ def load_model(model_cls, model_config, parallel, path: Path | None, backend, dt
                 else:
                     p.fill_(1.0)
     else:
+        weights = iter_checkpoint(path, progress and parallel.is_first)
+        block = block_size_of(model_config.hf)
+        if block is not None:  # FP8 blocks with their scales: dequantised as they stream in
+            weights = dequantized(weights, read_scales(safetensors_files(path)), block, dtype)
         with torch.no_grad():
-            load_weights(model, iter_checkpoint(path, progress and parallel.is_first))
+            load_weights(model, weights)
     return model.eval()
