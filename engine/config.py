@@ -70,7 +70,8 @@ class EngineConfig:
         120.0, "a collective or a worker call that takes longer fails (a dead or hung rank stops the engine)")
     seed: int = opt(0, "engine seed: draws the sampling seeds of requests that bring none")
     role: EngineRole = opt("hybrid", "hybrid, or one half of a prefill/decode pair")
-    kv_transfer_host: str = opt("127.0.0.1", "address the DLSlime KV endpoint binds and advertises")
+    kv_transfer_host: str = opt("127.0.0.1", "address the DLSlime KV endpoint binds and advertises; auto: this "
+                                             "machine's routable address (containers)")
     kv_park_timeout_s: float = opt(60.0, "prefill: reclaim KV that no decode engine pulled or freed in time")
     kv_pull_timeout_s: float = opt(30.0, "decode: fail a KV pull that has not finished in time")
     kv_staging_bytes: int = opt(2 << 30, "GPU pools over TCP: pinned host memory that stages KV in and out")

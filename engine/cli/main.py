@@ -7,7 +7,7 @@ import logging
 import sys
 
 # subcommand modules, in --help order; each defines register(subparsers) that sets `func`
-COMMANDS = ["generate", "serve", "engine_cmd", "router", "status", "bench"]
+COMMANDS = ["generate", "serve", "engine_cmd", "router", "up", "status", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

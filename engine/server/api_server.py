@@ -76,7 +76,8 @@ def build_app(state: FrontState) -> web.Application:
             raise UnavailableError("the engine core is not responding") from None
         body = msgspec.to_builtins(info)
         body.pop("call_id", None)
-        body["front"] = {"in_flight": state.client.num_in_flight, "phase": state.phase}
+        body["front"] = {"in_flight": state.client.num_in_flight, "phase": state.phase,
+                         "heartbeat_age_s": round(time.monotonic() - state.last_heartbeat, 3)}
         return json_response(body)
 
     async def pd_free(request):

@@ -38,6 +38,14 @@ def resolve_device(name: str, index: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def kv_transfer_host(configured: str) -> str:
+    """`auto`: this machine's routable address (containers: their own IP, unknown when the command is written)."""
+    if configured == "auto":
+        from ctrl_client.schema import routable_host
+        return routable_host()
+    return configured
+
+
 class Worker:
     def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int, rank: int, world_size: int,
                  rendezvous: str | None, device_index: int | None = None, progress: bool = False):
@@ -48,8 +56,8 @@ class Worker:
                                       config.enable_expert_parallel, config.tensor_parallel_size)
         self.runner = ModelRunner(config, model_config, model_path, max_model_len, self.parallel, self.device,
                                   progress and rank == 0)
-        self.pd = RankKV(rank, config.kv_transfer_host, config.kv_staging_bytes, self.parallel.dp_rank,
-                         self.parallel.tp_rank)
+        self.pd = RankKV(rank, kv_transfer_host(config.kv_transfer_host), config.kv_staging_bytes,
+                         self.parallel.dp_rank, self.parallel.tp_rank)
         self.tables: dict[int, list[int]] = {}  # ranks > 0: rank 0's block tables, by handle
         self._prev: LaunchedStep | None = None  # ranks > 0: the last step that sampled
 
