@@ -218,9 +218,18 @@ def test_a_role_that_dies_is_reported_and_restarted(tmp_path):
                 return line
         raise AssertionError(f"no {marker!r} in:\n{''.join(seen[-40:])}")
     def engine_front() -> int:
+        """The hybrid engine's front process (a restart is announced just before it is spawned)."""
         flag = f"serve --host 127.0.0.1 --port {config['roles']['hybrid']['port']} "
-        return next(pid for pid in _descendants(proc.pid)
-                    if flag in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for pid in _descendants(proc.pid):
+                try:
+                    if flag in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "):
+                        return pid
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError("the engine process is not there")
     try:
         read_until("ready:")
         os.kill(engine_front(), signal.SIGKILL)
