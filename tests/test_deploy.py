@@ -1,9 +1,11 @@
 """Deployments: every config in configs/ validates; bad configs fail naming the key; the compose files and
 Dockerfiles hold together (services have an image or a build and a healthcheck, every `slipstream` command
-line they run parses with our own parser); and `slipstream up configs/local-pd.yaml` brings up Redis,
+line they run parses with our own parser); `slipstream up configs/local-pd.yaml` brings up Redis,
 dlslime-ctrl, a prefill and a decode engine (the embedded default model) and the router, serves a chat
 request through the router, shows the engines in `slipstream status`, and after SIGTERM leaves no process and
-no bound port behind."""
+no bound port behind; `configs/local-hybrid.yaml` serves through the engine itself, and an engine killed under
+`restart: on-failure` comes back, until max_restarts stops the cluster. The shipped configs run on free
+ports here (their fixed ones may be taken on a shared machine)."""
 from __future__ import annotations
 
 import os
@@ -36,13 +38,15 @@ def test_every_shipped_config_validates(path):
 
 
 @pytest.mark.parametrize("text,names", [
-    ("roles: {prefill: {cout: 1}, decode: {}}", "roles.prefill: Object contains unknown field `cout`"),
+    ("roles: {prefill: {cout: 1}, decode: {}}",
+     "roles.prefill: Object contains unknown field `cout` (expected one of: count, port, args)"),
     ("roles: {decode: {count: two}, prefill: {}}", "roles.decode.count: Expected `int`, got `str`"),
     ("roles: {hybrid: {port: 8001}}\ngateway: {port: 8001}", "gateway.port: port 8001 clashes with roles.hybrid.port"),
     ("roles: {prefill: {port: 9000, count: 2}, decode: {port: 9001}}", "port 9001 clashes with roles.prefill.port"),
     ("roles: {hybrid: {args: {tensor_paralel_size: 2}}}", "roles.hybrid.args"),
     ("roles: {hybrid: {args: {kv_cache_dtype: int4}}}", "roles.hybrid.args"),
-    ("roles: {encode: {}}", "roles: Object contains unknown field `encode`"),
+    ("roles: {encode: {}}", "roles: Object contains unknown field `encode` (expected one of: hybrid, prefill, decode)"),
+    ("rolez: {}", "(top level): Object contains unknown field `rolez` (expected one of: model,"),
     ("roles: {prefill: {}}", "prefill and decode come as a pair"),
     ("roles: {}", "at least one of hybrid, prefill, decode"),
     ("gateway: {kind: nginx}\nroles: {hybrid: {}}", "gateway.kind"),
@@ -198,11 +202,11 @@ def test_up_serves_through_the_router_and_stops_clean(tmp_path):
     assert all(_port_free(p) for p in ports), "a port is still bound"
 
 
-def test_a_role_that_dies_is_reported_and_restarted(tmp_path):
+def test_hybrid_serves_itself_and_a_role_that_dies_is_restarted(tmp_path):
     from tests.support.ctrl_plane import _binary
     _binary("redis-server"), _binary("dlslime-ctrl")
     config = yaml.safe_load((REPO / "configs" / "local-hybrid.yaml").read_text())
-    config["gateway"]["port"], config["roles"]["hybrid"]["port"] = free_port(), free_port()
+    config["roles"]["hybrid"]["port"] = free_port()
     config["control_plane"]["scope"] = f"restart-{os.getpid()}"
     config["restart"], config["max_restarts"] = "on-failure", 1
     path = tmp_path / "hybrid.yaml"
@@ -231,7 +235,12 @@ def test_a_role_that_dies_is_reported_and_restarted(tmp_path):
             time.sleep(0.05)
         raise AssertionError("the engine process is not there")
     try:
-        read_until("ready:")
+        ready = read_until("ready:")  # no gateway: the engine itself serves
+        from openai import OpenAI
+        client = OpenAI(base_url=ready.rsplit(" ", 1)[1].strip(), api_key="none")
+        answer = client.completions.create(model=client.models.list().data[0].id, prompt="The capital of France is",
+                                           max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens > 0
         os.kill(engine_front(), signal.SIGKILL)
         read_until("hybrid-0 exited with code -9")
         read_until("restarting hybrid-0 (1/1)")

@@ -154,12 +154,27 @@ def parse(text: str, source: str = "<config>") -> Deployment:
     except msgspec.ValidationError as e:
         # msgspec says "... - at `$.roles.decode.count`": name the key the way the file spells it
         message, _, path = str(e).partition(" - at `$")
-        key = path.rstrip("`").lstrip(".") or "(top level)"
-        raise DeployConfigError(f"{source}: {key}: {message}") from None
+        key = path.rstrip("`").lstrip(".")
+        if message.startswith("Object contains unknown field"):
+            message += f" (expected one of: {', '.join(_fields_at(key))})"
+        raise DeployConfigError(f"{source}: {key or '(top level)'}: {message}") from None
     try:
         return validate(dep)
     except DeployConfigError as e:
         raise DeployConfigError(f"{source}: {e}") from None
+
+
+def _fields_at(key: str) -> tuple[str, ...]:
+    """The keys the config allows at a dotted path (`roles.prefill` -> count, port, args)."""
+    import typing
+    struct: Any = Deployment
+    for name in filter(None, key.split(".")):
+        hint = typing.get_type_hints(struct).get(name)
+        struct = next((t for t in (typing.get_args(hint) or (hint,)) if isinstance(t, type)
+                       and issubclass(t, msgspec.Struct)), None)
+        if struct is None:
+            return ()
+    return struct.__struct_fields__
 
 
 def load(path: str | Path) -> Deployment:
