@@ -252,3 +252,34 @@ def test_hybrid_serves_itself_and_a_role_that_dies_is_restarted(tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 1 and "[up] stopped" in rest
+
+
+def test_external_control_plane_is_used_not_started(shared_ctrl_plane, tiny_llama, tmp_path):
+    """A config that names a control plane starts no Redis or dlslime-ctrl: its engines register there, and
+    after SIGTERM they have unregistered (the control plane lists none of them)."""
+    from ctrl_client.discovery import list_engines
+    scope = f"external-{os.getpid()}"
+    path = tmp_path / "external.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_llama), "control_plane": {"address": shared_ctrl_plane.address, "scope": scope},
+        "gateway": {"kind": "dlrouter"},
+        "roles": {"hybrid": {"count": 2, "port": 0, "args": {"device": "cpu", "num_kv_blocks": 64}}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli.main", "up", str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready:" in line:
+                break
+        text = "".join(lines)
+        assert "ready: OpenAI base URL http://127.0.0.1:" in text, text[-3000:]
+        assert "starting redis" not in text and "starting dlslime-ctrl" not in text
+        assert f"point DLRouter (dlengine backend) at dlslime-ctrl {shared_ctrl_plane.address}" in text
+        engines = list_engines(shared_ctrl_plane.address, scope)
+        assert sorted(e.metadata.role for e in engines) == ["hybrid", "hybrid"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "[up] stopped" in rest
+    assert list_engines(shared_ctrl_plane.address, scope) == []  # both unregistered on their way out
