@@ -182,3 +182,23 @@ def test_dlrouter_completion_shape_with_injected_temperature(tiny_server, model)
     assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] == "length"
     assert out["usage"]["completion_tokens"] == 8
     tiny_server.wait_kv_free()
+
+
+def test_lenient_bodies_round_trip_the_assistant_message(tiny_server, client, model):
+    """As with vLLM: unknown fields are ignored, explicit nulls mean the default, and the assistant message the
+    client received (`model_dump()`: refusal, annotations, audio, function_call, tool_calls all null) goes back
+    into the next request unchanged."""
+    first = client.chat.completions.create(model=model, max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": "hi"}])
+    history = [{"role": "user", "content": "hi"}, first.choices[0].message.model_dump(),
+               {"role": "user", "content": "and again"}]
+    assert history[1]["refusal"] is None and "annotations" in history[1]
+    second = client.chat.completions.create(model=model, max_tokens=4, temperature=0, messages=history,
+                                            extra_body={"frobnicate": True, "n": None, "top_p": None,
+                                                        "stream_options": None, "some_vendor_field": {"x": 1}})
+    assert second.choices[0].finish_reason in ("length", "stop")
+    # a known field of the wrong type is still a 400 that names it
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, max_tokens=4, messages=history, extra_body={"n": "two"})
+    assert e.value.body["param"] == "n"
+    assert "request_field_ignored field=frobnicate" in tiny_server.log_tail(20000)

@@ -1,9 +1,12 @@
-"""OpenAI request bodies (completions, chat completions) as strict msgspec Structs, and their
-validation into SamplingParams. Unknown fields, wrong types and bad values are InvalidRequestErrors
-that name the offending field (`param`)."""
+"""OpenAI request bodies (completions, chat completions) as msgspec Structs, and their validation into
+SamplingParams. Lenient where vLLM is: unknown fields are ignored (reported to the caller, which logs each
+name once) and an explicit `null` means "the default", so a client may send back the assistant message it
+received (`refusal: null`, `tool_calls`, ...). Wrong types and bad values of known fields stay
+InvalidRequestErrors that name the offending field (`param`)."""
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any
 
 import msgspec
@@ -68,6 +71,10 @@ class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # history an OpenAI client sends back: the assistant's calls and reasoning, and tool results
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
@@ -87,10 +94,49 @@ _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]*)`")
 
 
-def decode_body(body: bytes, cls: type):
-    """Parses a JSON body into `cls`; errors name the field (`param`) where msgspec says which."""
+def _known(obj, cls: type, path: str, unknown: list[str]):
+    """obj without the keys `cls` does not know (their paths go to `unknown`) and without null values, the
+    same through nested Structs, lists of them and their unions (a chat message's content parts)."""
+    if isinstance(obj, list):
+        return [_known(v, cls, f"{path}[{i}]", unknown) for i, v in enumerate(obj)]
+    if not isinstance(obj, dict) or not (isinstance(cls, type) and issubclass(cls, msgspec.Struct)):
+        return obj
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in obj.items():
+        if key not in hints:
+            unknown.append(f"{path}.{key}" if path else key)
+        elif value is not None:
+            out[key] = _known(value, _struct_in(hints[key]), f"{path}.{key}" if path else key, unknown)
+    return out
+
+
+def _struct_in(hint):
+    """The Struct a field holds (directly, in a list, or in a union), or None."""
+    if isinstance(hint, type) and issubclass(hint, msgspec.Struct):
+        return hint
+    for arg in typing.get_args(hint):
+        found = _struct_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def decode_body(body: bytes, cls: type, on_unknown=None):
+    """Parses a JSON body into `cls`; errors name the field (`param`) where msgspec says which. Unknown fields
+    are dropped and their paths passed to `on_unknown`; null values mean the field's default."""
     try:
-        return msgspec.json.decode(body, type=cls)
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    unknown: list[str] = []
+    raw = _known(raw, cls, "", unknown)
+    if unknown and on_unknown is not None:
+        on_unknown(unknown)
+    try:
+        return msgspec.convert(raw, cls)
     except msgspec.ValidationError as e:
         text = str(e)
         at = _AT.search(text)
@@ -99,8 +145,6 @@ def decode_body(body: bytes, cls: type):
         if field:
             path = f"{path}.{field.group(1)}" if path else field.group(1)
         raise InvalidRequestError(f"invalid request body: {text}", param=path or None) from None
-    except msgspec.DecodeError as e:
-        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -194,8 +238,9 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
             content = "".join(p.text for p in content)
         _check(content is not None or m.role == "assistant", f"messages[{i}].content", "content is required")
         msg = {"role": m.role, "content": content or ""}
-        if m.name is not None:
-            msg["name"] = m.name
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+            if getattr(m, key) is not None:
+                msg[key] = getattr(m, key)
         out.append(msg)
     return out
 

@@ -3,6 +3,7 @@ answer one JSON body or a `text/event-stream` of one-line `data: {json}` events 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from engine.sampling_params import SamplingParams
 from engine.server import openai_protocol as proto
 from engine.server.front_state import FrontState
 from engine.server.responses import json_encoder, json_response
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,8 +41,17 @@ class Job:
 class OpenAIServing:
     def __init__(self, state: FrontState):
         self.state = state
+        self._ignored_fields: set[str] = set()  # unknown request field names already logged
 
     # ---- parsing -------------------------------------------------------------------------------
+    def _ignore_fields(self, paths: list[str]) -> None:
+        """Unknown request fields are ignored, as vLLM ignores them; each name is logged once."""
+        for path in paths:
+            name = path.rsplit(".", 1)[-1]
+            if name not in self._ignored_fields:
+                self._ignored_fields.add(name)
+                log.warning("event=request_field_ignored field=%s (unknown to this server; logged once)", path)
+
     def _check_model(self, model: str) -> None:
         if model not in self.state.model_names:
             raise ModelNotFoundError(f"the model {model!r} does not exist; this server serves "
@@ -52,7 +64,7 @@ class OpenAIServing:
         proto.check_prompt_fits(len(ids), params, info.max_model_len)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = proto.decode_body(await request.read(), proto.CompletionRequest)
+        req = proto.decode_body(await request.read(), proto.CompletionRequest, self._ignore_fields)
         self._check_model(req.model)
         params = proto.completion_params(req)
         prompts = proto.completion_prompts(req.prompt)
@@ -70,7 +82,7 @@ class OpenAIServing:
         return await self._run(request, job)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        req = proto.decode_body(await request.read(), proto.ChatCompletionRequest)
+        req = proto.decode_body(await request.read(), proto.ChatCompletionRequest, self._ignore_fields)
         self._check_model(req.model)
         params = proto.chat_params(req)
         messages = proto.chat_messages(req.messages)
