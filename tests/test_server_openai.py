@@ -202,3 +202,29 @@ def test_lenient_bodies_round_trip_the_assistant_message(tiny_server, client, mo
         client.chat.completions.create(model=model, max_tokens=4, messages=history, extra_body={"n": "two"})
     assert e.value.body["param"] == "n"
     assert "request_field_ignored field=frobnicate" in tiny_server.log_tail(20000)
+
+
+def test_tokenize_detokenize_version_ping_and_model_card(tiny_server, client, model, reference_llm):
+    import urllib.request
+
+    def call(path, body=None):
+        req = urllib.request.Request(tiny_server.url + path, data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    tok = reference_llm.tokenizer
+    got = call("/tokenize", {"model": model, "prompt": PROMPT})
+    assert got["tokens"] == tok.encode(PROMPT) and got["count"] == len(got["tokens"]) and got["max_model_len"] > 0
+    messages = [{"role": "user", "content": "hi"}]
+    assert call("/tokenize", {"messages": messages})["tokens"] == chat_ids(reference_llm, messages)
+    assert call("/detokenize", {"model": model, "tokens": got["tokens"]})["prompt"] == tok.decode(got["tokens"])
+    assert call("/version")["version"] and call("/ping")["status"] == "ok"
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-17")
+    for body, param in (({"prompt": "x", "messages": messages}, "prompt"), ({"tokens": [-1]}, "tokens")):
+        req = urllib.request.Request(tiny_server.url + ("/tokenize" if "prompt" in body else "/detokenize"),
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == param

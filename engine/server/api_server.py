@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import logging
 import time
 
 import msgspec
 from aiohttp import web
 
-from engine.errors import AuthenticationError, EngineError, InvalidRequestError, UnavailableError
+from engine.errors import AuthenticationError, EngineError, InvalidRequestError, ModelNotFoundError, UnavailableError
 from engine.server.front_state import FrontState
 from engine.server.openai_serving import OpenAIServing
 from engine.server.responses import error_response, http_error, json_response
@@ -53,12 +54,35 @@ def build_app(state: FrontState) -> web.Application:
             return error_response(UnavailableError(reason))
         return json_response({"status": "ok"})
 
+    def model_card(name: str) -> dict:
+        info = state.info
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "slipstream",
+                "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}
+
     async def models(_request):
         state.check_admitting()
-        info = state.info
-        return json_response({"object": "list", "data": [{
-            "id": state.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "slipstream",
-            "root": info.model_path, "parent": None, "max_model_len": info.max_model_len}]})
+        return json_response({"object": "list", "data": [model_card(state.served_model_name)]})
+
+    async def model(request):
+        state.check_admitting()
+        name = request.match_info["model"]
+        if name not in state.model_names:
+            raise ModelNotFoundError(f"the model {name!r} does not exist", param="model")
+        return json_response(model_card(name))
+
+    async def version(_request):
+        try:
+            return json_response({"version": importlib.metadata.version("slipstream")})
+        except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+            return json_response({"version": "0+unknown"})
+
+    async def tokenize(request):
+        state.check_admitting()
+        return await serving.tokenize(request)
+
+    async def detokenize(request):
+        state.check_admitting()
+        return await serving.detokenize(request)
 
     async def completions(request):
         state.check_admitting()
@@ -102,7 +126,13 @@ def build_app(state: FrontState) -> web.Application:
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=state.config.max_request_bytes)
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)  # vLLM's (SageMaker's) liveness route
+    app.router.add_post("/ping", health)
+    app.router.add_get("/version", version)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/engine_info", engine_info)

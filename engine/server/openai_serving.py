@@ -85,20 +85,46 @@ class OpenAIServing:
         req = proto.decode_body(await request.read(), proto.ChatCompletionRequest, self._ignore_fields)
         self._check_model(req.model)
         params = proto.chat_params(req)
-        messages = proto.chat_messages(req.messages)
-        tok = self.state.tokenizer
-        if not tok.chat_template:
-            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        try:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=True,
-                                          return_dict=False, **(req.chat_template_kwargs or {}))
-        except Exception as e:  # template errors (raise_exception in the template, bad kwargs)
-            raise InvalidRequestError(f"the chat template failed: {e}", param="messages") from None
+        ids = self._chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         self._check_tokens(ids, params)
         job = Job("chat", self.state.served_model_name, params, [(None, list(ids))], req.stream,
                   req.stream_options is not None and req.stream_options.include_usage, req.kv_transfer_params,
                   id=f"chatcmpl-{uuid.uuid4().hex}")
         return await self._run(request, job)
+
+    def _chat_ids(self, messages, add_generation_prompt: bool, template_kwargs: dict | None) -> list[int]:
+        """The prompt token ids of chat messages, rendered by the model's chat template."""
+        messages = proto.chat_messages(messages)
+        tok = self.state.tokenizer
+        if not tok.chat_template:
+            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            return list(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                return_dict=False, **(template_kwargs or {})))
+        except Exception as e:  # template errors (raise_exception in the template, bad kwargs)
+            raise InvalidRequestError(f"the chat template failed: {e}", param="messages") from None
+
+    # ---- tokenizer endpoints (vLLM's) ------------------------------------------------------------
+    async def tokenize(self, request: web.Request) -> web.Response:
+        req = proto.decode_body(await request.read(), proto.TokenizeRequest, self._ignore_fields)
+        if req.model is not None:
+            self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
+        if req.prompt is not None:
+            ids = list(self.state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        else:
+            ids = self._chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        return json_response({"count": len(ids), "max_model_len": self.state.info.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        req = proto.decode_body(await request.read(), proto.DetokenizeRequest, self._ignore_fields)
+        if req.model is not None:
+            self._check_model(req.model)
+        vocab = self.state.info.vocab_size
+        if any(t < 0 or t >= vocab for t in req.tokens):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="tokens")
+        return json_response({"prompt": self.state.tokenizer.decode(req.tokens)})
 
     # ---- running -------------------------------------------------------------------------------
     async def _submit(self, job: Job, queue: asyncio.Queue | None) -> None:
