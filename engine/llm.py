@@ -105,6 +105,22 @@ class LLM:
         bar.close()
         return [final[k] for k in sorted(final, key=int)]
 
+    def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = False, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} messages) or a list of them,
+        rendered by the model's chat template, then generated like `generate`."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model has no chat template; use generate()")
+        prompts = [{"prompt_token_ids": list(self.tokenizer.apply_chat_template(
+            conv, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
+            **(chat_template_kwargs or {})))} for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.engine.abort(self.processor.abort(rid))

@@ -42,3 +42,15 @@ def test_generate_cli_reports_bad_input_without_traceback(smollm2, tmp_path):
     out = subprocess.run([sys.executable, "-m", "engine.cli.main", "generate", "hi", "--model", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and "Traceback" not in out.stderr and "none" in out.stderr
+
+
+def test_the_readme_offline_example_runs_as_written(smollm2):
+    """The README's first Python block, exactly as written (it loads the embedded default model)."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Offline API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("\n") >= 4, out.stdout  # two generations, the stream, the chat answer
