@@ -6,10 +6,12 @@ import math
 import msgspec
 
 from engine.errors import InvalidRequestError
+from engine.structured.params import StructuredOutputsParams
 
 MAX_TOKENS_LIMIT = 1 << 20  # beyond any context we serve: a larger value is a client bug
 MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries per request (OpenAI allows 300)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -30,6 +32,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None  # number of top logprobs besides the sampled token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +62,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                "must be a non-empty string or a list of them")
         _check(self.stop_token_ids is None or all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids", "must be non-negative token ids")
+        if self.logit_bias is not None:
+            _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"must have at most {MAX_LOGIT_BIAS} entries")
+            _check(all(isinstance(t, int) and t >= 0 and _finite(b) and -100 <= b <= 100
+                       for t, b in self.logit_bias.items()), "logit_bias",
+                   "must map token ids to numbers in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -252,3 +252,35 @@ def test_client_abort_through_the_router_frees_everything(cluster):
     assert resp.readline().startswith(b"data: ")  # decoding has started
     resp.close()  # the client goes away mid-stream
     assert_pools_full(cluster)
+
+
+def test_structured_outputs_through_1p1d_equal_hybrid(cluster, reference_llm):
+    """The prefill engine samples the first token under the grammar; the decode engine rebuilds the grammar
+    state from the prompt and that token, and the answers equal one hybrid engine's (seeded sampling)."""
+    import re
+    from engine.structured import StructuredOutputsParams
+    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    router = cluster.start_router()
+    router.wait_engines(2)
+    schema = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "ok": {"type": "boolean"}}, "required": ["id", "ok"],
+              "additionalProperties": False}
+    cases = [({"structured_outputs": {"json": schema}}, StructuredOutputsParams(json=schema)),
+             ({"structured_outputs": {"regex": "[a-z]{3}-[0-9]{2}"}}, StructuredOutputsParams(regex="[a-z]{3}-[0-9]{2}")),
+             ({"guided_choice": ["alpha", "beta gamma"]}, StructuredOutputsParams(choice=["alpha", "beta gamma"]))]
+    for i, (fields, spec) in enumerate(cases):
+        for seed in range(3):
+            body = {"model": model_name(prefill), "prompt": "Hello there", "max_tokens": 40, "temperature": 1.0,
+                    "seed": seed, "stream": seed == 1, **fields}
+            got = run_all(router.url, [body])[0]
+            want = reference_llm.generate(["Hello there"], SamplingParams(max_tokens=40, temperature=1.0, seed=seed,
+                                                                          structured_outputs=spec))[0].outputs[0].text
+            assert got == want, (fields, seed)
+            if i == 0:
+                assert set(json.loads(got)) == {"id", "ok"}
+            elif i == 1:
+                assert re.fullmatch("[a-z]{3}-[0-9]{2}", got), got
+            else:
+                assert got in ("alpha", "beta gamma")
+    assert decode.engine_info()["stats"]["kv_transfers"] >= 9
+    assert_pools_full(cluster)

@@ -20,6 +20,7 @@ from engine.executor.base import make_executor
 from engine.gguf import resolve_model_path
 from engine.models.config import check_tensor_parallel, context_limit, load_model_config
 from engine.pd.handoff import KVHandoff
+from engine.structured.grammar import GrammarCompiler
 from engine.wire import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
 from engine.worker.model_runner import LaunchedStep
 
@@ -82,6 +83,7 @@ class EngineCore:
                                  config.kv_park_timeout_s, config.kv_pull_timeout_s)
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = set(self.model_config.eos_token_ids)
+        self.grammars = GrammarCompiler(self.model_path, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self._seed_rng = random.Random(config.seed)
         self.num_generated_tokens = 0
         self._in_flight: LaunchedStep | None = None  # the launched step not yet read back
@@ -114,6 +116,21 @@ class EngineCore:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if request.params.n != 1:
             raise InvalidRequestError("engine requests carry n=1 (the front fans out n)", param="n")
+        bias = request.params.logit_bias
+        if bias and max(bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+
+    def _attach_grammar(self, seq: Sequence) -> None:
+        """Structured outputs: the sequence's matcher, advanced past the output tokens it already has (a
+        migrated sequence's first token)."""
+        spec = seq.params.structured_outputs
+        if spec is None:
+            return
+        seq.grammar = self.grammars.matcher(spec)
+        for token in seq.output_token_ids:
+            if not seq.grammar.accept(token):
+                raise InvalidRequestError(f"token {token} does not fit the request's structured_outputs",
+                                          param="structured_outputs")
 
     def add_request(self, request: EngineCoreRequest) -> Sequence:
         """Queues a request. With kv_transfer_params it is one half of a PD pair: `do_remote_decode`
@@ -128,6 +145,7 @@ class EngineCore:
                        self._max_output_tokens(params, len(request.prompt_token_ids)),
                        request.arrival_time or time.time())
         seq.remote_decode = bool(kv.get("do_remote_decode"))
+        self._attach_grammar(seq)
         seq.dp_rank = self._least_loaded_slice()
         self.seqs[seq.seq_id] = seq
         self.slices[seq.dp_rank].add(seq)
@@ -156,6 +174,7 @@ class EngineCore:
                        self._max_output_tokens(m.params, len(prompt)),
                        request.arrival_time or time.time())
         seq.append_token(m.first_token)
+        self._attach_grammar(seq)  # the decode side rebuilds the grammar state from the first token
         seq.dp_rank = self._least_loaded_slice()  # any DP group: the migration names the source's
         self.seqs[seq.seq_id] = seq
         self.handoff.admit(seq, m)
@@ -207,6 +226,10 @@ class EngineCore:
         device runs this step while the host turns the previous step's samples into outputs and
         comes back to schedule the next). Without async scheduling a step is read back at once."""
         outputs = self._advance_handoff()
+        if self._in_flight is not None and any(seq.grammar is not None for seq in self._in_flight.seqs):
+            # a constrained row's next mask needs the token in flight: read the step back before the next
+            outputs.extend(self._read_back(self._in_flight))
+            self._in_flight = None
         scheduled = [s.schedule().scheduled for s in self.slices]
         launched = self._launch(scheduled) if any(scheduled) else None
         if self._in_flight is not None:
@@ -248,6 +271,8 @@ class EngineCore:
             seq.append_token(token)
             self.num_generated_tokens += 1
             self._check_stop(seq, token)
+            if seq.grammar is not None and not seq.is_finished:
+                self._advance_grammar(seq, token)
             new_lp = [logprobs[i]] if logprobs is not None and seq.params.logprobs is not None else None
             if seq.remote_decode and not seq.is_finished:
                 outputs.append(self._park(seq, new_lp[0] if new_lp else None))
@@ -299,6 +324,14 @@ class EngineCore:
                 return self._finish(seq, "stop", None)
         if seq.num_output_tokens >= seq.max_output_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length")
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """A finished grammar ends the sequence (its stop token, or nothing more can follow)."""
+        if not seq.grammar.accept(token):
+            log.warning("event=grammar_rejected request=%s token=%d", seq.seq_id, token)
+            return self._finish(seq, "stop")
+        if seq.grammar.terminated:
+            self._finish(seq, "stop")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         # blocks are published to the prefix cache before they go back to the pool

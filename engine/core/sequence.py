@@ -39,6 +39,7 @@ class Sequence:
         self.num_pending_tokens = 0
         self.pending_row = -1
         self.dp_rank = 0  # the data-parallel group (scheduler slice, KV pool) that holds the sequence
+        self.grammar = None  # structured outputs: its matcher (engine/structured/grammar.py), advanced per token
 
     def __len__(self) -> int:
         """Tokens the scheduler plans with: those known on the host plus those still in flight."""

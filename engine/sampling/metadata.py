@@ -38,6 +38,15 @@ def sampling_metadata(seqs, stop_ids_of, vocab_size: int, device: torch.device,
             toks.extend(ids)
     if rows:
         m.min_tokens_mask = tuple(to_device([np.array(rows, np.int64), np.array(toks, np.int64)], np.int64, device))
+    biased = [(r, t, b) for r, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()]
+    if biased:
+        rows, toks, bias = zip(*biased)
+        m.logit_bias = (*to_device([np.array(rows, np.int64), np.array(toks, np.int64)], np.int64, device),
+                        *to_device([np.array(bias, np.float32)], np.float32, device))
+    constrained = [(r, s.grammar) for r, s in enumerate(seqs) if s.grammar is not None]
+    if constrained:  # the matchers are up to date: the core reads a constrained row's tokens back every step
+        from engine.structured.grammar import step_bitmask
+        (m.token_bitmask,) = to_device([step_bitmask(constrained, len(seqs), V)], np.int32, device)
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     m.max_num_logprobs = max(wanted) if wanted else None
     return m

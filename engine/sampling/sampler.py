@@ -38,6 +38,10 @@ class SamplingMetadata:
     # token ids masked out until a row reaches min_tokens: (row indices, token ids)
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None
     max_num_logprobs: int | None = None  # top-N logprobs wanted by some row (None: none)
+    # structured outputs: [B, ceil(V/32)] int32, bit j of word w allows token 32w + j (None: no row constrained)
+    token_bitmask: torch.Tensor | None = None
+    # logit_bias: (row indices, token ids, float32 biases) added to the logits
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -70,7 +74,9 @@ def random_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) ->
     row = row_hash(seeds, steps)
     cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _hash32(row[:, None] ^ _hash32(cols * 0x27D4EB2F + 0x165667B1)[None, :])
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: k + 0.5 is exact in float32 for k < 2^23, so u < 1 always (with 24 bits the top value rounds to
+    # 1.0, its noise -log(u) to 0, and that token would win the race whatever its probability)
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
@@ -83,6 +89,15 @@ def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
         logits = logits - m.frequency_penalty[:, None] * m.output_counts
         logits = logits - m.presence_penalty[:, None] * (m.output_counts > 0)
     return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Disallowed tokens get -inf: the packed bits are expanded on the device in one pass over [B, V] (the host
+    only copies the packed words, V/8 bytes a row)."""
+    B, V = logits.shape
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(B, -1)[:, :V].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
@@ -107,6 +122,11 @@ def sample(logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
     out = SamplerOutput(token_ids=torch.empty(0))
     raw_logprobs = logits.float().log_softmax(dim=-1) if m.max_num_logprobs is not None else None
 
+    if m.logit_bias is not None:
+        rows, tokens, bias = m.logit_bias
+        logits = logits.float().index_put((rows, tokens), bias, accumulate=True)
+    if m.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, m.token_bitmask)
     if m.min_tokens_mask is not None:
         rows, tokens = m.min_tokens_mask
         logits = logits.index_put((rows, tokens), torch.tensor(float("-inf"), device=logits.device,

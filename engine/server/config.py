@@ -50,6 +50,23 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
     request_timeout: float | None = opt(
         None, "a request running longer is aborted (its KV freed) and answered 504, or ends its stream with "
               "that error event; none: no limit")
+    # OpenAI / vLLM front options (vLLM's flag names)
+    chat_template: str | None = opt(None, "a Jinja chat template (a file, or the template itself) replacing the tokenizer's")
+    response_role: str = opt("assistant", "the role of the answer's message")
+    enable_auto_tool_choice: bool = opt(False, 'let the model decide to call tools (tool_choice "auto"); needs '
+                                               "--tool-call-parser")
+    tool_call_parser: Literal["hermes", "qwen3", "llama3_json", "deepseek_v3", "kimi_k2"] | None = opt(
+        None, "how tool calls are read out of the model's text (hermes = Qwen2.5 / Qwen3)")
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = opt(
+        None, "split <think>...</think> off the answer as reasoning_content")
+    generation_config: str = opt("auto", "sampling defaults: auto = the checkpoint's generation_config.json, "
+                                         "vllm = none, or a folder holding a generation_config.json")
+    allowed_origins: list[str] | None = opt(None, "CORS: origins allowed to call the API from a browser (* = any)")
+    root_path: str | None = opt(None, "the path prefix a proxy in front strips (routes answer under it too)")
+    ssl_keyfile: str | None = opt(None, "serve HTTPS with this private key (with --ssl-certfile)")
+    ssl_certfile: str | None = opt(None, "serve HTTPS with this certificate (with --ssl-keyfile)")
+    disable_log_requests: bool = opt(False, "do not log each request (vLLM's flag; requests are logged at debug "
+                                            "level only anyway)")
     core_failure_exit_s: float = opt(
         5.0, "when the engine core dies (a dead worker rank takes it down too): unregister at once, answer 503 "
              "this long, then exit 1 so that a supervisor restarts the engine")
@@ -65,3 +82,9 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
         check_field(self.core_failure_exit_s >= 0, "core_failure_exit_s", "must be >= 0")
         check_field(self.request_timeout is None or self.request_timeout > 0, "request_timeout", "must be > 0")
         check_field(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")
+        check_field(not self.enable_auto_tool_choice or self.tool_call_parser is not None, "enable_auto_tool_choice",
+                    "needs --tool-call-parser")
+        check_field((self.ssl_keyfile is None) == (self.ssl_certfile is None), "ssl_certfile",
+                    "--ssl-keyfile and --ssl-certfile go together")
+        check_field(self.root_path is None or self.root_path.startswith("/"), "root_path", "must start with /")
+        check_field(bool(self.response_role), "response_role", "must not be empty")

@@ -36,6 +36,9 @@ class FrontState:
         self.last_heartbeat = 0.0
         self._tasks: list[asyncio.Task] = []
         self.kv_sources = None  # engine/server/kv_sources.py, once registered with a control plane
+        self.sampling_defaults: dict = {}  # the checkpoint's generation_config.json (vLLM's --generation-config)
+        self.tool_parser = None  # engine/chat/tool_parsers.py (--tool-call-parser)
+        self.reasoning_parser = None  # engine/chat/reasoning.py (--reasoning-parser)
         self.core_died = asyncio.Event()  # the core process exited on its own (the front then exits too)
 
     # ---- startup -------------------------------------------------------------------------------
@@ -57,6 +60,7 @@ class FrontState:
         if self.tokenizer is None:
             self.tokenizer = await asyncio.to_thread(load_tokenizer, self.info.model_path)
         self.client.start(self.tokenizer)
+        self._configure_chat()
         path = self.info.model_path.rstrip("/")
         self.served_model_name = self.config.served_model_name or model_arg or path
         self.metrics.model_name = self.served_model_name
@@ -66,6 +70,19 @@ class FrontState:
         self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._liveness_loop())]
         self.phase = "ready"
         log.info("event=front_ready model=%s max_model_len=%d", self.served_model_name, self.info.max_model_len)
+
+    def _configure_chat(self) -> None:
+        """The chat template override, the checkpoint's sampling defaults and the answer parsers."""
+        from engine.chat.reasoning import REASONING_PARSERS
+        from engine.chat.tool_parsers import TOOL_PARSERS
+        from engine.generation_defaults import generation_defaults
+        cfg = self.config
+        if cfg.chat_template:
+            source = cfg.chat_template
+            self.tokenizer.chat_template = open(source).read() if os.path.isfile(source) else source
+        self.sampling_defaults = generation_defaults(cfg.generation_config, self.info.model_path)
+        self.tool_parser = TOOL_PARSERS[cfg.tool_call_parser]() if cfg.tool_call_parser else None
+        self.reasoning_parser = REASONING_PARSERS[cfg.reasoning_parser]() if cfg.reasoning_parser else None
 
     async def _wait_for_core(self, deadline: float) -> None:
         while True:

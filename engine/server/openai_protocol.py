@@ -5,6 +5,7 @@ received (`refusal: null`, `tool_calls`, ...). Wrong types and bad values of kno
 InvalidRequestErrors that name the offending field (`param`)."""
 from __future__ import annotations
 
+import json
 import re
 import typing
 from typing import Any
@@ -13,6 +14,7 @@ import msgspec
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.structured.params import StructuredOutputsParams
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
@@ -49,6 +51,13 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # prefill/decode hand-off (DLRouter); opaque here, passed through to the engine core
     kv_transfer_params: dict[str, Any] | None = None
 
@@ -81,11 +90,13 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields
     messages: list[ChatMessage]
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
-    tool_choice: str | None = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -95,8 +106,11 @@ class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool = True
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -178,47 +192,109 @@ def _stop_list(stop) -> list[str] | None:
     return stops or None
 
 
-def sampling_params(req: _SamplingFields, logprobs: int | None, default_max_tokens: int | None) -> SamplingParams:
-    """The engine's SamplingParams for an OpenAI request (SamplingParams validates the values)."""
-    _check(req.logit_bias is None or not req.logit_bias, "logit_bias", "logit_bias is not supported")
+def structured_outputs(req: _SamplingFields) -> StructuredOutputsParams | None:
+    """The request's one output constraint, from whichever of its spellings it used (checked: a bad schema,
+    regex or grammar is a 400 here)."""
+    given = {}
+    if req.response_format is not None:
+        spec = _response_format(req.response_format)
+        if spec is not None:
+            given["response_format"] = spec
+    if req.structured_outputs is not None:
+        fields = {k: v for k, v in req.structured_outputs.items() if v is not None and k != "backend"}
+        try:
+            given["structured_outputs"] = msgspec.convert(fields, StructuredOutputsParams)
+        except msgspec.ValidationError as e:
+            raise InvalidRequestError(f"invalid structured_outputs: {e}", param="structured_outputs") from None
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            given[name] = StructuredOutputsParams(**{kind: getattr(req, name)})
+    _check(len(given) <= 1, next(iter(given), "structured_outputs"),
+           f"give one output constraint, not {len(given)} ({', '.join(given)})")
+    if not given:
+        return None
+    spec = next(iter(given.values()))
+    spec.check()
+    return spec
+
+
+def _response_format(fmt: dict) -> StructuredOutputsParams | None:
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        body = fmt.get("json_schema")
+        schema = body.get("schema", body.get("json_schema")) if isinstance(body, dict) else None
+        _check(isinstance(schema, (dict, str)), "response_format.json_schema.schema",
+               "response_format json_schema needs json_schema.schema (a JSON schema object)")
+        return StructuredOutputsParams(json=schema)
+    raise InvalidRequestError('response_format.type must be "text", "json_object" or "json_schema"',
+                              param="response_format.type")
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
+
+
+def sampling_params(req: _SamplingFields, logprobs: int | None, default_max_tokens: int | None,
+                    structured: StructuredOutputsParams | None = None, defaults: dict | None = None) -> SamplingParams:
+    """The engine's SamplingParams for an OpenAI request (SamplingParams validates the values). `defaults`: the
+    checkpoint's generation_config values, used where the request leaves a field unset."""
+    defaults = defaults or {}
     _check(req.stream_options is None or req.stream, "stream_options", "stream_options needs stream=true")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
-        max_tokens = default_max_tokens
+        max_tokens = defaults.get("max_tokens", default_max_tokens)
     _check(req.stop_token_ids is None or len(req.stop_token_ids) <= MAX_STOP_STRINGS, "stop_token_ids",
            f"at most {MAX_STOP_STRINGS} stop token ids are allowed")
 
-    def pick(value, default):
-        return default if value is None else value
+    def pick(value, default, name=None):
+        return defaults.get(name, default) if value is None else value
 
     return SamplingParams(
-        n=req.n, temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0), top_k=pick(req.top_k, 0),
-        min_p=pick(req.min_p, 0.0), seed=req.seed, presence_penalty=pick(req.presence_penalty, 0.0),
-        frequency_penalty=pick(req.frequency_penalty, 0.0), repetition_penalty=pick(req.repetition_penalty, 1.0),
+        n=req.n, temperature=pick(req.temperature, 1.0, "temperature"), top_p=pick(req.top_p, 1.0, "top_p"),
+        top_k=pick(req.top_k, 0, "top_k"), min_p=pick(req.min_p, 0.0, "min_p"), seed=req.seed,
+        presence_penalty=pick(req.presence_penalty, 0.0), frequency_penalty=pick(req.frequency_penalty, 0.0),
+        repetition_penalty=pick(req.repetition_penalty, 1.0, "repetition_penalty"),
         max_tokens=max_tokens, min_tokens=req.min_tokens, stop=_stop_list(req.stop),
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
+        skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+        logit_bias=_logit_bias(req.logit_bias), structured_outputs=structured)
 
 
-def completion_params(req: CompletionRequest) -> SamplingParams:
+def completion_params(req: CompletionRequest, defaults: dict | None = None) -> SamplingParams:
     _check(not req.echo, "echo", "echo is not supported")
     _check(req.suffix is None, "suffix", "suffix is not supported")
     _check(req.best_of is None or req.best_of == req.n, "best_of", "best_of must equal n (or be omitted)")
     _check(req.logprobs is None or 0 <= req.logprobs <= MAX_LOGPROBS, "logprobs",
            f"logprobs must be an integer in [0, {MAX_LOGPROBS}]")
-    return sampling_params(req, req.logprobs, default_max_tokens=16)
+    return sampling_params(req, req.logprobs, default_max_tokens=16, structured=structured_outputs(req),
+                           defaults=defaults)
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, forced: StructuredOutputsParams | None = None,
+                keep_special_tokens: bool = False, defaults: dict | None = None) -> SamplingParams:
+    """`forced`: the constraint a `required` or named tool_choice imposes (it excludes any other);
+    `keep_special_tokens`: the tool parser's markers are special tokens."""
     _check(req.top_logprobs is None or 0 <= req.top_logprobs <= MAX_LOGPROBS, "top_logprobs",
            f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]")
     _check(req.top_logprobs is None or req.logprobs, "top_logprobs", "top_logprobs needs logprobs=true")
-    _check(not req.tools, "tools", "tools are not supported")
-    _check(req.tool_choice in (None, "none", "auto"), "tool_choice", "tool calls are not supported")
-    _check(req.response_format is None or req.response_format.get("type") == "text", "response_format",
-           "only response_format {\"type\": \"text\"} is supported")
+    own = structured_outputs(req)
+    _check(own is None or forced is None, "tool_choice",
+           "a required or named tool_choice already constrains the output; drop response_format / structured_outputs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return sampling_params(req, logprobs, default_max_tokens=None)
+    params = sampling_params(req, logprobs, default_max_tokens=None, structured=forced or own, defaults=defaults)
+    if keep_special_tokens:
+        params = msgspec.structs.replace(params, skip_special_tokens=False)
+    return params
 
 
 def completion_prompts(prompt) -> list[str | list[int]]:
@@ -254,11 +330,28 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
             content = "".join(p.text for p in content)
         _check(content is not None or m.role == "assistant", f"messages[{i}].content", "content is required")
         msg = {"role": m.role, "content": content or ""}
-        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+        for key in ("name", "tool_call_id", "reasoning_content"):
             if getattr(m, key) is not None:
                 msg[key] = getattr(m, key)
+        if m.tool_calls:
+            msg["tool_calls"] = [_history_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m.tool_calls)]
         out.append(msg)
     return out
+
+
+def _history_call(call: dict, at: str) -> dict:
+    """An assistant's earlier tool call as chat templates read it: `function.arguments` as an object (OpenAI
+    sends the JSON text; templates write `arguments | tojson`), as vLLM does."""
+    fn = call.get("function")
+    _check(isinstance(fn, dict) and isinstance(fn.get("name"), str), f"{at}.function",
+           "a tool call needs function.name")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise InvalidRequestError("function.arguments must be a JSON text", param=f"{at}.function.arguments") from None
+    return {**call, "function": {**fn, "arguments": args if args is not None else {}}}
 
 
 def check_prompt_fits(num_prompt_tokens: int, params: SamplingParams, max_model_len: int) -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from engine.chat.output import ChatOutputParser, ChatStream
+from engine.chat.tools import plan_tools
 from engine.errors import (DeadlineExceededError, EngineError, InvalidRequestError, ModelNotFoundError,
                            OverloadedError, error_body)
 from engine.output_processor import child_id
@@ -34,6 +36,7 @@ class Job:
     include_usage: bool
     kv_transfer_params: dict | None
     id: str = ""
+    parser: ChatOutputParser | None = None  # chat answers read for reasoning / tool calls (None: plain text)
     created: int = field(default_factory=lambda: int(time.time()))
     handles: list = field(default_factory=list)
 
@@ -66,7 +69,7 @@ class OpenAIServing:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = proto.decode_body(await request.read(), proto.CompletionRequest, self._ignore_fields)
         self._check_model(req.model)
-        params = proto.completion_params(req)
+        params = proto.completion_params(req, self.state.sampling_defaults)
         prompts = proto.completion_prompts(req.prompt)
         if len(prompts) * params.n > proto.MAX_SAMPLES:
             raise InvalidRequestError(f"at most {proto.MAX_SAMPLES} prompts x n per request", param="n")
@@ -84,25 +87,46 @@ class OpenAIServing:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req = proto.decode_body(await request.read(), proto.ChatCompletionRequest, self._ignore_fields)
         self._check_model(req.model)
-        params = proto.chat_params(req)
-        ids = self._chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        st = self.state
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, st.config.enable_auto_tool_choice)
+        keep_special = plan.mode == "auto" and st.tool_parser.needs_special_tokens
+        params = proto.chat_params(req, plan.structured, keep_special, st.sampling_defaults)
+        kwargs = dict(req.chat_template_kwargs or {})
+        if req.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+        text, ids = self._render_chat(req.messages, plan.tools, req.add_generation_prompt, req.continue_final_message,
+                                      req.chat_template, kwargs)
         self._check_tokens(ids, params)
-        job = Job("chat", self.state.served_model_name, params, [(None, list(ids))], req.stream,
+        parser = ChatOutputParser(plan, st.tool_parser, st.reasoning_parser, text)
+        job = Job("chat", st.served_model_name, params, [(None, list(ids))], req.stream,
                   req.stream_options is not None and req.stream_options.include_usage, req.kv_transfer_params,
-                  id=f"chatcmpl-{uuid.uuid4().hex}")
+                  id=f"chatcmpl-{uuid.uuid4().hex}", parser=None if parser.trivial else parser)
         return await self._run(request, job)
 
-    def _chat_ids(self, messages, add_generation_prompt: bool, template_kwargs: dict | None) -> list[int]:
-        """The prompt token ids of chat messages, rendered by the model's chat template."""
+    def _render_chat(self, messages, tools: list | None = None, add_generation_prompt: bool = True,
+                     continue_final_message: bool = False, chat_template: str | None = None,
+                     template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+        """The prompt text and token ids of chat messages, rendered by the chat template (the request's, the
+        server's --chat-template, or the tokenizer's) exactly as transformers' apply_chat_template does."""
         messages = proto.chat_messages(messages)
+        if continue_final_message and add_generation_prompt:
+            raise InvalidRequestError("continue_final_message needs add_generation_prompt=false",
+                                      param="continue_final_message")
+        if continue_final_message and messages[-1]["role"] != "assistant":
+            raise InvalidRequestError("continue_final_message continues an assistant message; the last is not one",
+                                      param="continue_final_message")
         tok = self.state.tokenizer
-        if not tok.chat_template:
-            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        template = chat_template or tok.chat_template
+        if not template:
+            raise InvalidRequestError("this model has no chat template; use /v1/completions or send chat_template",
+                                      param="messages")
         try:
-            return list(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                                return_dict=False, **(template_kwargs or {})))
+            text = tok.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **(template_kwargs or {}))
         except Exception as e:  # template errors (raise_exception in the template, bad kwargs)
             raise InvalidRequestError(f"the chat template failed: {e}", param="messages") from None
+        return text, list(tok.encode(text, add_special_tokens=False))
 
     # ---- tokenizer endpoints (vLLM's) ------------------------------------------------------------
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -114,7 +138,9 @@ class OpenAIServing:
         if req.prompt is not None:
             ids = list(self.state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         else:
-            ids = self._chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+            tools = plan_tools(req.tools, "none" if not req.tools else "auto", None, True).tools
+            _, ids = self._render_chat(req.messages, tools, req.add_generation_prompt, req.continue_final_message,
+                                       req.chat_template, req.chat_template_kwargs)
         return json_response({"count": len(ids), "max_model_len": self.state.info.max_model_len, "tokens": ids})
 
     async def detokenize(self, request: web.Request) -> web.Response:
@@ -218,8 +244,10 @@ class OpenAIServing:
         for index, _, c in self._choices(job):
             lp = self._logprobs(job, c, 0, len(c.token_ids))
             if job.kind == "chat":
-                choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                msg, called = job.parser.message(c.text) if job.parser else ({"content": c.text}, False)
+                msg["role"] = self.state.config.response_role
+                choices.append({"index": index, "message": msg, "logprobs": lp,
+                                "finish_reason": self._finish_reason(job, c, called), "stop_reason": c.stop_reason})
             else:
                 choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason,
                                 "stop_reason": c.stop_reason})
@@ -231,6 +259,13 @@ class OpenAIServing:
             body["kv_transfer_params"] = kv[0]
         return body
 
+    @staticmethod
+    def _finish_reason(job: Job, c: CompletionOutput, called: bool) -> str | None:
+        """OpenAI's "tool_calls" when the model chose to call (auto / required; a named call stays "stop")."""
+        if called and c.finish_reason == "stop" and job.parser.plan.mode in ("auto", "required"):
+            return "tool_calls"
+        return c.finish_reason
+
     # ---- streaming -----------------------------------------------------------------------------
     def _chunk(self, job: Job, choices: list[dict], usage: dict | None = None) -> bytes:
         body = {"id": job.id, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
@@ -239,11 +274,12 @@ class OpenAIServing:
             body["usage"] = usage
         return b"data: " + json_encoder.encode(body) + b"\n\n"
 
-    def _stream_choice(self, job: Job, index: int, text: str, c: CompletionOutput, lp, finished: bool) -> dict:
-        reason = c.finish_reason if finished else None
+    def _stream_choice(self, job: Job, index: int, text: str | dict, c: CompletionOutput, lp, finished: bool,
+                       called: bool = False) -> dict:
+        reason = self._finish_reason(job, c, called) if finished and job.parser else c.finish_reason if finished else None
         stop_reason = c.stop_reason if finished else None
         if job.kind == "chat":
-            delta = {"content": text} if text else {}
+            delta = text if isinstance(text, dict) else {"content": text} if text else {}
             return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason,
                     "stop_reason": stop_reason}
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason, "stop_reason": stop_reason}
@@ -253,8 +289,10 @@ class OpenAIServing:
         await resp.prepare(request)
         sent_chars: dict[str, int] = {}
         sent_tokens: dict[str, int] = {}
+        streams: dict[str, ChatStream] = {}
         if job.kind == "chat":  # OpenAI opens every choice with the assistant role
-            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            role = self.state.config.response_role
+            first = [{"index": i, "delta": {"role": role, "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(len(job.prompts) * job.params.n)]
             await resp.write(self._chunk(job, first))
         processor = self.state.client.processor
@@ -277,7 +315,12 @@ class OpenAIServing:
                     start, ntok = sent_chars.get(sid, 0), sent_tokens.get(sid, 0)
                     text = c.text[start:max(start, safe)]
                     lp = self._logprobs(job, c, ntok, len(c.token_ids), start) if len(c.token_ids) > ntok else None
-                    if text or lp or finished:
+                    if job.parser is not None:  # reasoning / tool calls: the parsed difference, not raw text
+                        stream = streams.setdefault(sid, ChatStream(job.parser))
+                        delta = stream.delta(c.text[:start + len(text)], finished)
+                        if delta or lp or finished:
+                            choices.append(self._stream_choice(job, index, delta, c, lp, finished, stream.has_calls))
+                    elif text or lp or finished:
                         choices.append(self._stream_choice(job, index, text, c, lp, finished))
                     sent_chars[sid] = -1 if finished else start + len(text)
                     sent_tokens[sid] = len(c.token_ids)

@@ -51,7 +51,7 @@ def _gumbel_argmax_kernel(logits_ptr, seeds_ptr, steps_ptr, temp_ptr, part_val_p
         x = tl.load(logits_ptr + r * stride_l + cols, mask=mask, other=float("-inf")).to(tl.float32)
         c = cols.to(tl.uint32)
         bits = _hash32(row ^ _hash32(c * 0x27D4EB2F + 0x165667B1))
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # < 1 always: see random_uniform
         # argmax p_i / E_i with E_i = -log u_i  ==  argmax x_i / T - log(E_i)
         score = tl.where(greedy, x, x * inv_t - LN2 * _lg2(-LN2 * _lg2(u)))
         score = tl.where(mask, score, float("-inf"))

