@@ -70,7 +70,7 @@ class LLM:
                         ) -> Iterator[RequestOutput]:
         """Yields a request's (cumulative) output every time it changes, in step order."""
         prompts = self._normalise(prompts)
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError("one SamplingParams per prompt, or a single one", param="sampling_params")
@@ -117,6 +117,11 @@ class LLM:
             conv, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
             **(chat_template_kwargs or {})))} for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the checkpoint's generation_config.json defaults (temperature, top_p, ...) when it has them."""
+        from engine.generation_defaults import generation_defaults
+        return SamplingParams(**generation_defaults("auto", self.engine.model_path))
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -290,3 +290,19 @@ def test_auto_tool_choice_needs_the_flag(tiny_qwen3_real_tok, tmp_path):
         assert status == 200 and ok["choices"][0]["message"]["content"] is not None
     finally:
         s.stop()
+
+
+def test_the_readme_tools_example_runs_as_written(server, model):
+    """The README's tools / structured outputs / reasoning example, against this server (its URL and model)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Tools, structured outputs, reasoning"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    block = block.replace("http://127.0.0.1:8000/v1", server.url + "/v1").replace('MODEL = "qwen3"',
+                                                                                 f"MODEL = {model!r}")
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("tool_calls get_weather "), out.stdout

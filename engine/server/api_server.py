@@ -13,6 +13,7 @@ from aiohttp import web
 
 from engine.errors import AuthenticationError, EngineError, InvalidRequestError, ModelNotFoundError, UnavailableError
 from engine.server.front_state import FrontState
+from engine.server.http_options import add_cors, add_routes
 from engine.server.openai_serving import OpenAIServing
 from engine.server.responses import error_response, http_error, json_response
 
@@ -25,11 +26,15 @@ KEYED_ROUTES = frozenset({"/pd/free", "/engine_info"})
 def build_app(state: FrontState) -> web.Application:
     serving = OpenAIServing(state)
     api_key = state.config.api_key.encode() if state.config.api_key else None
+    root = (state.config.root_path or "").rstrip("/")
 
     @web.middleware
     async def errors_and_auth(request: web.Request, handler):
         try:
-            if api_key is not None and (request.path.startswith("/v1/") or request.path in KEYED_ROUTES):
+            path = request.path
+            if root and path.startswith(root + "/"):
+                path = path[len(root):]
+            if api_key is not None and (path.startswith("/v1/") or path in KEYED_ROUTES):
                 scheme, _, token = request.headers.get("Authorization", "").partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key):
                     raise AuthenticationError("missing or invalid API key (Authorization: Bearer ...)")
@@ -125,18 +130,22 @@ def build_app(state: FrontState) -> web.Application:
                             headers={"X-Prometheus-Format": "0.0.4"})
 
     app = web.Application(middlewares=[errors_and_auth], client_max_size=state.config.max_request_bytes)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ping", health)  # vLLM's (SageMaker's) liveness route
-    app.router.add_post("/ping", health)
-    app.router.add_get("/version", version)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/models/{model:.+}", model)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/engine_info", engine_info)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/pd/free", pd_free)
+    add_routes(app, [
+        ("GET", "/health", health),
+        ("GET", "/ping", health),  # vLLM's (SageMaker's) liveness route
+        ("POST", "/ping", health),
+        ("GET", "/version", version),
+        ("GET", "/v1/models", models),
+        ("GET", "/v1/models/{model:.+}", model),
+        ("POST", "/tokenize", tokenize),
+        ("POST", "/detokenize", detokenize),
+        ("POST", "/v1/completions", completions),
+        ("POST", "/v1/chat/completions", chat),
+        ("GET", "/engine_info", engine_info),
+        ("GET", "/metrics", metrics),
+        ("POST", "/pd/free", pd_free),
+    ], state.config.root_path)
+    if state.config.allowed_origins:
+        add_cors(app, state.config.allowed_origins)
     return app
 

@@ -65,8 +65,8 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
     root_path: str | None = opt(None, "the path prefix a proxy in front strips (routes answer under it too)")
     ssl_keyfile: str | None = opt(None, "serve HTTPS with this private key (with --ssl-certfile)")
     ssl_certfile: str | None = opt(None, "serve HTTPS with this certificate (with --ssl-keyfile)")
-    disable_log_requests: bool = opt(False, "do not log each request (vLLM's flag; requests are logged at debug "
-                                            "level only anyway)")
+    disable_log_requests: bool = opt(False, "do not log each request (at --log-level debug a line per request "
+                                            "gives its id, sizes and sampling parameters)")
     core_failure_exit_s: float = opt(
         5.0, "when the engine core dies (a dead worker rank takes it down too): unregister at once, answer 503 "
              "this long, then exit 1 so that a supervisor restarts the engine")

@@ -21,6 +21,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineError, UnavailableError
 from engine.processes import private_ipc_address, remove_ipc_file, stop_process
 from engine.server.api_server import build_app
+from engine.server.http_options import ssl_context
 from engine.server.front_state import FrontState
 from engine.server.config import ZMQ_SECRET_ENV, CoreServerConfig, ServerConfig
 from engine.server.core_client import CoreClient
@@ -67,7 +68,8 @@ async def _serve(config: ServerConfig, engine_config: EngineConfig) -> int:
     await runner.setup()
     code = 0
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = web.TCPSite(runner, config.host, config.port,
+                           ssl_context=ssl_context(config.ssl_certfile, config.ssl_keyfile))
         await site.start()  # up at once: 503 while the core loads
         log.info("event=listening host=%s port=%d", config.host, config.port)
         code = await _run_until_stopped(state, engine_config, stop)

@@ -169,6 +169,9 @@ class OpenAIServing:
                 await self.state.client.abort(h.request_id)
 
     async def _run(self, request: web.Request, job: Job) -> web.StreamResponse:
+        if not self.state.config.disable_log_requests and log.isEnabledFor(logging.DEBUG):
+            log.debug("event=request_received id=%s kind=%s prompts=%d prompt_tokens=%d stream=%s params=%s", job.id,
+                      job.kind, len(job.prompts), sum(len(ids) for _, ids in job.prompts), job.stream, job.params)
         if job.kv_transfer_params and self.state.kv_sources is not None:
             await self.state.kv_sources.check(job.kv_transfer_params)
         shared = asyncio.Queue() if job.stream else None

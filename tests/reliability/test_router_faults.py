@@ -125,7 +125,7 @@ def test_a_missing_role_is_a_503_with_retry_after_and_clients_ride_a_restart(clu
     assert model in json.loads(raw)["data"][0]["id"]
     # the second half of the restart comes up while the client retries (the SDK retries 503s)
     threading.Timer(1.0, lambda: cluster.engine("decode")).start()
-    client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=8, timeout=60)
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=40, timeout=60)
     answer = client.completions.create(model=model, prompt="hello", max_tokens=3)
     assert answer.choices[0].finish_reason in ("length", "stop")
 
