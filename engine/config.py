@@ -29,7 +29,8 @@ def opt(default, help: str, **kw):
 
 @dataclass
 class EngineConfig:
-    model: str = opt("", "HF checkpoint folder or .gguf file; empty: the embedded default model", positional=True)
+    model: str = opt("", "HF checkpoint folder, .gguf file or Hugging Face repo id (the local cache, else the hub); "
+                          "empty: the embedded default model", positional=True)
     tokenizer: str | None = opt(None, "tokenizer folder (default: the model's)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = opt(
         "auto", "weights and activations dtype; auto: the checkpoint's (float32 on CPU for fp16 checkpoints)")

@@ -54,3 +54,24 @@ def test_the_readme_offline_example_runs_as_written(smollm2):
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("\n") >= 4, out.stdout  # two generations, the stream, the chat answer
+
+
+def test_a_hugging_face_repo_id_loads_from_the_local_cache(tiny_llama, tmp_path):
+    """`org/name` resolves through the Hugging Face cache (its real layout: refs/main -> snapshots/<commit>)."""
+    import shutil
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_llama, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = ["--device", "cpu", "--max-tokens", "4", "--temperature", "0"]
+    out = subprocess.run([sys.executable, "-m", "engine.cli.main", "generate", "hello", "--model", "tiny-org/tiny-llama",
+                          *args], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    direct = subprocess.run([sys.executable, "-m", "engine.cli.main", "generate", "hello", "--model", str(tiny_llama),
+                             *args], capture_output=True, text=True, timeout=600)
+    assert out.stdout == direct.stdout and out.stdout.strip()
+    missing = subprocess.run([sys.executable, "-m", "engine.cli.main", "generate", "hello", "--model", "nobody/nothing",
+                              *args], capture_output=True, text=True, timeout=600, env=env)
+    assert missing.returncode != 0 and "HF_HUB_OFFLINE" in missing.stderr and "Traceback" not in missing.stderr

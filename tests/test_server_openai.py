@@ -117,6 +117,24 @@ def test_stop_strings_cut_the_text_streaming_and_not(client, model, reference_ll
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_completion_top_logprobs_always_hold_the_sampled_token(client, model):
+    """vLLM's shape: a row's top_logprobs include the sampled token even when it is not among the top N."""
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=5.0, seed=3, logprobs=1,
+                                    extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert all(tok in top and top[tok] == v for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+    assert all(len(top) in (1, 2) for top in lp.top_logprobs) and any(len(top) == 2 for top in lp.top_logprobs)
+
+
+def test_echo_puts_the_prompt_first(client, model, reference_llm):
+    expected = offline(reference_llm, PROMPT, temperature=0, max_tokens=4)[0].text
+    out = client.completions.create(model=model, prompt=[PROMPT, [5, 6, 7]], max_tokens=4, temperature=0, echo=True)
+    assert out.choices[0].text == PROMPT + expected
+    assert out.choices[1].text.startswith(reference_llm.get_tokenizer().decode([5, 6, 7]))
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == PROMPT + expected
+
+
 def test_logprobs_shapes_and_values(client, model, reference_llm):
     expected = offline(reference_llm, PROMPT, temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)[0]
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3,

@@ -13,7 +13,8 @@ from engine.errors import EngineError
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate a completion offline (default: the embedded model)")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", default="", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="", help="HF folder, .gguf file or Hugging Face repo id (default: "
+                   "SmolLM2-135M-Instruct)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")

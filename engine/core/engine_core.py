@@ -28,11 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model(model: str, progress: bool) -> Path:
-    """The HF folder to load: the embedded default, a checkpoint folder, or a converted .gguf file."""
+    """The HF folder to load: the embedded default, a checkpoint folder, a converted .gguf file, or a Hugging Face
+    repo id (the local cache, else the hub)."""
+    from engine.hub import looks_like_repo_id, resolve_repo_id
     try:
         if not model:
             from engine.default_model import default_model_path
             return default_model_path(progress=progress)
+        if looks_like_repo_id(model):
+            return resolve_repo_id(model)
         return resolve_model_path(model, progress=progress)
     except (FileNotFoundError, ModuleNotFoundError) as e:
         raise ModelNotFoundError(str(e), param="model") from None

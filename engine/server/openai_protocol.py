@@ -271,7 +271,8 @@ def sampling_params(req: _SamplingFields, logprobs: int | None, default_max_toke
 
 
 def completion_params(req: CompletionRequest, defaults: dict | None = None) -> SamplingParams:
-    _check(not req.echo, "echo", "echo is not supported")
+    _check(not (req.echo and req.logprobs is not None), "echo",
+           "echo with logprobs needs the prompt's logprobs, which this server does not compute")
     _check(req.suffix is None, "suffix", "suffix is not supported")
     _check(req.best_of is None or req.best_of == req.n, "best_of", "best_of must equal n (or be omitted)")
     _check(req.logprobs is None or 0 <= req.logprobs <= MAX_LOGPROBS, "logprobs",

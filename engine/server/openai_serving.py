@@ -37,6 +37,7 @@ class Job:
     kv_transfer_params: dict | None
     id: str = ""
     parser: ChatOutputParser | None = None  # chat answers read for reasoning / tool calls (None: plain text)
+    echo: list[str] | None = None  # completions with echo: each prompt's text, put before its samples' text
     created: int = field(default_factory=lambda: int(time.time()))
     handles: list = field(default_factory=list)
 
@@ -82,6 +83,8 @@ class OpenAIServing:
         job = Job("completion", self.state.served_model_name, params, pairs, req.stream,
                   req.stream_options is not None and req.stream_options.include_usage, req.kv_transfer_params,
                   id=f"cmpl-{uuid.uuid4().hex}")
+        if req.echo:
+            job.echo = [text if text is not None else tok.decode(ids) for text, ids in pairs]
         return await self._run(request, job)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -239,7 +242,10 @@ class OpenAIServing:
             offsets.append(pos)
             pos += len(lp.decoded_token or "")
         return {"tokens": [lp.decoded_token for lp, _ in rows], "token_logprobs": [lp.logprob for lp, _ in rows],
-                "top_logprobs": [{e.decoded_token: e.logprob for e in top} for _, top in rows],
+                # vLLM's shape: each row holds the sampled token too, whatever its rank (last: where two
+                # tokens decode to the same text, the sampled one's value stands)
+                "top_logprobs": [{**{e.decoded_token: e.logprob for e in top}, lp.decoded_token: lp.logprob}
+                                 for lp, top in rows],
                 "text_offset": offsets}
 
     def _full_response(self, job: Job) -> dict:
@@ -252,7 +258,8 @@ class OpenAIServing:
                 choices.append({"index": index, "message": msg, "logprobs": lp,
                                 "finish_reason": self._finish_reason(job, c, called), "stop_reason": c.stop_reason})
             else:
-                choices.append({"index": index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason,
+                text = job.echo[index // job.params.n] + c.text if job.echo else c.text
+                choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                                 "stop_reason": c.stop_reason})
         choices.sort(key=lambda ch: ch["index"])
         body = {"id": job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
@@ -298,6 +305,9 @@ class OpenAIServing:
             first = [{"index": i, "delta": {"role": role, "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(len(job.prompts) * job.params.n)]
             await resp.write(self._chunk(job, first))
+        if job.echo:  # the prompts come first
+            await resp.write(self._chunk(job, [{"index": i, "text": job.echo[i // job.params.n], "logprobs": None,
+                                                "finish_reason": None} for i in range(len(job.prompts) * job.params.n)]))
         processor = self.state.client.processor
         try:
             while True:
