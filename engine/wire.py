@@ -38,6 +38,7 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_cached_tokens: int = 0
     error: str | None = None
     kv_transfer_params: dict[str, Any] | None = None  # prefill: {migration, first_token, seq_id}
+    queue_time_s: float | None = None  # with a sequence's first token: how long it waited to be scheduled
 
     @property
     def finished(self) -> bool:

@@ -27,7 +27,7 @@ def flagged(tiny_llama, tmp_path_factory):
     (gen / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 5, "top_k": 3}))
     server = start_server(tiny_llama, root, "--chat-template", str(root / "template.jinja"), "--response-role", "bot",
                           "--generation-config", str(gen), "--allowed-origins", "http://app.example",
-                          "--root-path", "/api", "--disable-log-requests")
+                          "--root-path", "/api", "--disable-log-requests", "--metric-names", "vllm")
     yield server
     server.stop()
 
@@ -77,6 +77,19 @@ def test_root_path_serves_with_and_without_the_prefix(flagged):
         status, _ = flagged.get_json(path)
         assert status == 200, path
     assert flagged.get_json("/other/v1/models")[0] == 404
+
+
+def test_vllm_metric_names(flagged, tiny_llama):
+    flagged.post_json("/v1/completions", {"model": str(tiny_llama), "prompt": "hi", "max_tokens": 3})
+    text = flagged.request("GET", "/metrics")[1].decode()
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count",
+                 "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_count",
+                 "vllm:request_prompt_tokens_count", "vllm:request_generation_tokens_count"):
+        assert name in text, name
+    assert "slipstream:" not in text
 
 
 def test_https_with_a_certificate(tiny_llama, tmp_path):

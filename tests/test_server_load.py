@@ -71,8 +71,11 @@ def test_64_concurrent_streams_complete_correctly_while_health_stays_fast(tiny_s
     assert int(float(count.split()[-1])) >= NUM_STREAMS
     for name in ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc", "prefix_cache_hit_rate",
                  "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_sum",
-                 "generation_tokens_per_second"):
+                 "generation_tokens_per_second", "request_queue_time_seconds_count", "request_prefill_time_seconds_sum",
+                 "request_decode_time_seconds_bucket", "request_prompt_tokens_count", "request_generation_tokens_sum"):
         assert f"slipstream:{name}" in text
+    decode = next(line for line in text.splitlines() if line.startswith("slipstream:request_decode_time_seconds_count"))
+    assert int(float(decode.split()[-1])) >= NUM_STREAMS
 
 
 def _generated(server) -> int:

@@ -343,9 +343,11 @@ class EngineCore:
         self._slice(seq).finish(seq, reason, stop_reason)
 
     def _output(self, seq: Sequence, new_tokens: list[int], logprobs=None) -> EngineCoreOutput:
+        first = bool(new_tokens) and seq.num_output_tokens == len(new_tokens)
         return EngineCoreOutput(request_id=seq.seq_id, new_token_ids=new_tokens, new_logprobs=logprobs,
                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+                                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+                                queue_time_s=seq.queue_time if first else None)
 
     # ---- introspection -----------------------------------------------------------------------
     def stats(self) -> dict:

@@ -2,6 +2,8 @@
 recompute when KV blocks run out. Decode and prefill chunks share one step."""
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -91,6 +93,8 @@ class Scheduler:
             self.waiting.popleft()
             bm.allocate(seq, num_new, prefix)
             seq.status = SequenceStatus.RUNNING
+            if seq.queue_time is None:
+                seq.queue_time = time.monotonic() - seq.created
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new

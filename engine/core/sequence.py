@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import time
 
 from engine.sampling_params import SamplingParams
 
@@ -39,6 +40,8 @@ class Sequence:
         self.num_pending_tokens = 0
         self.pending_row = -1
         self.dp_rank = 0  # the data-parallel group (scheduler slice, KV pool) that holds the sequence
+        self.created = time.monotonic()
+        self.queue_time: float | None = None  # seconds from arrival at the core to its first scheduling
         self.grammar = None  # structured outputs: its matcher (engine/structured/grammar.py), advanced per token
 
     def __len__(self) -> int:

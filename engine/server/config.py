@@ -67,6 +67,8 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
     ssl_certfile: str | None = opt(None, "serve HTTPS with this certificate (with --ssl-keyfile)")
     disable_log_requests: bool = opt(False, "do not log each request (at --log-level debug a line per request "
                                             "gives its id, sizes and sampling parameters)")
+    metric_names: Literal["slipstream", "vllm"] = opt(
+        "slipstream", "/metrics name prefix: slipstream:* or vllm:* (the names vLLM's dashboards and autoscalers read)")
     core_failure_exit_s: float = opt(
         5.0, "when the engine core dies (a dead worker rank takes it down too): unregister at once, answer 503 "
              "this long, then exit 1 so that a supervisor restarts the engine")

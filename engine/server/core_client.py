@@ -49,6 +49,7 @@ class RequestHandle:
         self.finished = False
         self.num_started = 0  # samples that produced their first token
         self.last_token_at: dict[str, float] = {}  # sample id -> monotonic time of its latest token
+        self.first_token_at: dict[str, float] = {}  # sample id -> monotonic time of its first token
         self.kv_transfer_params: dict | None = None  # set by a prefill-role core with the hand-off descriptor
 
 
@@ -228,9 +229,10 @@ class CoreClient:
             handle.last_token_at[out.request_id] = now
             if last is None:
                 handle.num_started += 1
+                handle.first_token_at[out.request_id] = now
             if self.metrics is not None:
                 if last is None:
-                    self.metrics.observe_first_token(now - handle.arrival)
+                    self.metrics.observe_first_token(now - handle.arrival, out.queue_time_s)
                 else:
                     self.metrics.observe_inter_token((now - last) / len(out.new_token_ids))
         failed = {}  # parent request id -> the error that ended one of its samples (e.g. a failed KV pull)

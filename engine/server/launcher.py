@@ -61,7 +61,7 @@ async def _serve(config: ServerConfig, engine_config: EngineConfig) -> int:
         address = config.zmq_address or private_ipc_address("core")
         core_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(CoreServerConfig)}
         proc = spawn_core(engine_config, CoreServerConfig(**{**core_fields, "zmq_address": address}))
-    metrics = Metrics()
+    metrics = Metrics(names=config.metric_names)
     client = CoreClient(address, metrics, secret=config.zmq_secret or os.environ.get(ZMQ_SECRET_ENV))
     state = FrontState(config, client, metrics, proc)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)

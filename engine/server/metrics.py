@@ -7,18 +7,19 @@ import time
 
 from engine.wire import EngineStats
 
-PREFIX = "slipstream:"
+PREFIXES = {"slipstream": "slipstream:", "vllm": "vllm:"}  # vllm: the names vLLM's dashboards and autoscalers read
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                1.0, 2.5)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0)
 
 
 class Histogram:
     def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = PREFIX + name, help, buckets
+        self.name, self.help, self.buckets = name, help, buckets
         self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.count = 0
@@ -28,29 +29,35 @@ class Histogram:
         self.sum += value * times
         self.count += times
 
-    def render(self, labels: str) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+    def render(self, prefix: str, labels: str) -> list[str]:
+        name = prefix + self.name
+        lines = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
         cumulative = 0
         for bound, n in zip(self.buckets, self.counts):
             cumulative += n
-            lines.append(f'{self.name}_bucket{{{labels},le="{bound}"}} {cumulative}')
-        lines.append(f'{self.name}_bucket{{{labels},le="+Inf"}} {self.count}')
-        lines.append(f"{self.name}_sum{{{labels}}} {self.sum}")
-        lines.append(f"{self.name}_count{{{labels}}} {self.count}")
+            lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
+        lines.append(f"{name}_sum{{{labels}}} {self.sum}")
+        lines.append(f"{name}_count{{{labels}}} {self.count}")
         return lines
 
 
-def _metric(kind: str, name: str, help: str, samples: list[tuple[str, float]]) -> list[str]:
-    full = PREFIX + name
-    return [f"# HELP {full} {help}", f"# TYPE {full} {kind}"] + [f"{full}{{{lab}}} {value}" for lab, value in samples]
-
-
 class Metrics:
-    def __init__(self, model_name: str = ""):
+    def __init__(self, model_name: str = "", names: str = "slipstream"):
         self.model_name = model_name
+        self.prefix = PREFIXES[names]
         self.ttft = Histogram("time_to_first_token_seconds", "Time to first token, per sample.", TTFT_BUCKETS)
         self.itl = Histogram("inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS)
         self.e2e = Histogram("e2e_request_latency_seconds", "Request latency, arrival to last token.", E2E_BUCKETS)
+        self.queue = Histogram("request_queue_time_seconds", "Time a sample waited in the engine's queue before "
+                               "its first scheduling.", TTFT_BUCKETS)
+        self.prefill = Histogram("request_prefill_time_seconds", "From first scheduling to the first token.",
+                                 TTFT_BUCKETS)
+        self.decode = Histogram("request_decode_time_seconds", "From the first token to the last, per request.",
+                                E2E_BUCKETS)
+        self.request_prompt = Histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.request_generation = Histogram("request_generation_tokens", "Output tokens per request (all samples).",
+                                            TOKEN_BUCKETS)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished: dict[str, int] = {}
@@ -60,8 +67,11 @@ class Metrics:
         self.tokens_per_s = 0.0
 
     # hooks ----------------------------------------------------------------------------------------
-    def observe_first_token(self, seconds: float) -> None:
+    def observe_first_token(self, seconds: float, queue_seconds: float | None = None) -> None:
         self.ttft.observe(seconds)
+        if queue_seconds is not None:
+            self.queue.observe(queue_seconds)
+            self.prefill.observe(max(0.0, seconds - queue_seconds))
 
     def observe_inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
@@ -69,10 +79,14 @@ class Metrics:
     def request_started(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens += num_prompt_tokens
 
-    def request_finished(self, output, seconds: float) -> None:
+    def request_finished(self, output, seconds: float, decode_seconds: float | None = None) -> None:
         if output is None:
             return
         self.e2e.observe(seconds)
+        if decode_seconds is not None:
+            self.decode.observe(decode_seconds)
+        self.request_prompt.observe(len(output.prompt_token_ids or ()))
+        self.request_generation.observe(sum(len(c.token_ids) for c in output.outputs))
         for c in output.outputs:
             self.generation_tokens += len(c.token_ids)
             reason = c.finish_reason or "unknown"
@@ -96,6 +110,10 @@ class Metrics:
         s = self.stats or EngineStats()
         hit_rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
         lines: list[str] = []
+
+        def _metric(kind: str, name: str, help: str, samples: list[tuple[str, float]]) -> list[str]:
+            full = self.prefix + name
+            return [f"# HELP {full} {help}", f"# TYPE {full} {kind}"] + [f"{full}{{{la}}} {v}" for la, v in samples]
         lines += _metric("gauge", "num_requests_running", "Sequences in the engine's running batch.",
                          [(lab, s.num_running)])
         lines += _metric("gauge", "num_requests_waiting", "Sequences waiting for admission (queue depth).",
@@ -135,6 +153,7 @@ class Metrics:
                          [(lab, s.kv_transfer_ms / 1e3)])
         lines += _metric("gauge", "kv_transfer_gbps", "Mean GB/s of successful KV pulls since start.",
                          [(lab, gbps)])
-        for h in (self.ttft, self.itl, self.e2e):
-            lines += h.render(lab)
+        for h in (self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode, self.request_prompt,
+                  self.request_generation):
+            lines += h.render(self.prefix, lab)
         return "\n".join(lines) + "\n"

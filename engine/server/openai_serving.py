@@ -207,8 +207,10 @@ class OpenAIServing:
                 h.queue.put_nowait(error)
 
     def _record_finished(self, job: Job) -> None:
+        now = time.monotonic()
         for h in job.handles:
-            self.state.metrics.request_finished(h.output, time.monotonic() - h.arrival)
+            decode = now - min(h.first_token_at.values()) if h.first_token_at else None
+            self.state.metrics.request_finished(h.output, now - h.arrival, decode)
 
     # ---- bodies --------------------------------------------------------------------------------
     def _choices(self, job: Job):
