@@ -306,3 +306,66 @@ def test_the_readme_tools_example_runs_as_written(server, model):
     out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("tool_calls get_weather "), out.stdout
+
+
+# ---- /v1/responses --------------------------------------------------------------------------------------------
+FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def test_responses_text_equals_chat(client, model):
+    chat = client.chat.completions.create(model=model, messages=[{"role": "system", "content": "Be brief."},
+                                                                 {"role": "user", "content": "Hello"}],
+                                          max_tokens=8, temperature=0)
+    r = client.responses.create(model=model, instructions="Be brief.", input="Hello", max_output_tokens=8,
+                                temperature=0)
+    assert r.object == "response" and r.output_text == chat.choices[0].message.content
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    events = list(client.responses.create(model=model, instructions="Be brief.", input="Hello", max_output_tokens=8,
+                                          temperature=0, stream=True))
+    assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_function_calls_round_trip(client, model):
+    for stream in (False, True):
+        args = dict(model=model, input="Weather in Paris?", tools=FLAT_TOOLS, tool_choice="required",
+                    parallel_tool_calls=False, max_output_tokens=120, extra_body={"seed": 4})
+        if stream:
+            events = list(client.responses.create(**args, stream=True))
+            output = events[-1].response.output
+            assert any(e.type == "response.function_call_arguments.done" for e in events)
+        else:
+            output = client.responses.create(**args).output
+        (call,) = output
+        assert call.type == "function_call" and call.name in ("get_weather", "add")
+        json.loads(call.arguments)
+    follow = client.responses.create(model=model, tools=FLAT_TOOLS, max_output_tokens=6, input=[
+        {"role": "user", "content": "Weather in Paris?"}, call.model_dump(),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"}])
+    assert follow.output and follow.output[-1].type == "message"
+
+
+def test_responses_structured_text_and_reasoning_items(client, model):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.responses.create(model=model, input="json please", max_output_tokens=30,
+                                text={"format": {"type": "json_schema", "name": "x", "schema": schema}})
+    assert json.loads(r.output_text) in ({"ok": True}, {"ok": False})
+    regex = {"structured_outputs": {"regex": "<think>[a-z ]{3,12}</think>[A-Z]{2,5}"}}
+    regex["seed"] = 2
+    r = client.responses.create(model=model, input="think", max_output_tokens=40, extra_body=regex)
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    events = list(client.responses.create(model=model, input="think", max_output_tokens=40, extra_body=regex,
+                                          stream=True))
+    assert [o.model_dump(exclude={"id"}) for o in events[-1].response.output] == \
+        [o.model_dump(exclude={"id"}) for o in r.output]
+
+
+def test_responses_refuses_what_it_cannot_do(server, model):
+    for body, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
+                        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+                        ({"input": [{"type": "image_generation_call"}]}, "input[0].type")):
+        status, err = server.post_json("/v1/responses", {"model": model, "input": "hi", **body})
+        assert status == 400 and err["error"]["param"] == param, err

@@ -250,4 +250,5 @@ def build_app(config: RouterConfig) -> web.Application:
     app.router.add_post("/nodes/add", add_node)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/responses", completions)
     return app

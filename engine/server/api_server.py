@@ -14,6 +14,7 @@ from aiohttp import web
 from engine.errors import AuthenticationError, EngineError, InvalidRequestError, ModelNotFoundError, UnavailableError
 from engine.server.front_state import FrontState
 from engine.server.http_options import add_cors, add_routes
+from engine.server import responses_api
 from engine.server.openai_serving import OpenAIServing
 from engine.server.responses import error_response, http_error, json_response
 
@@ -97,6 +98,10 @@ def build_app(state: FrontState) -> web.Application:
         state.check_admitting()
         return await serving.chat(request)
 
+    async def responses(request):
+        state.check_admitting()
+        return await responses_api.create(serving, request)
+
     async def engine_info(_request):
         state.check_admitting()
         try:
@@ -141,6 +146,7 @@ def build_app(state: FrontState) -> web.Application:
         ("POST", "/detokenize", detokenize),
         ("POST", "/v1/completions", completions),
         ("POST", "/v1/chat/completions", chat),
+        ("POST", "/v1/responses", responses),
         ("GET", "/engine_info", engine_info),
         ("GET", "/metrics", metrics),
         ("POST", "/pd/free", pd_free),

@@ -18,6 +18,7 @@ from engine.output_processor import child_id
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 from engine.server import openai_protocol as proto
+from engine.server import responses_api
 from engine.server.front_state import FrontState
 from engine.server.responses import json_encoder, json_response
 
@@ -89,6 +90,10 @@ class OpenAIServing:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req = proto.decode_body(await request.read(), proto.ChatCompletionRequest, self._ignore_fields)
+        return await self._run(request, self.chat_job(req))
+
+    def chat_job(self, req: proto.ChatCompletionRequest, kind: str = "chat", id_prefix: str = "chatcmpl-") -> Job:
+        """A chat request, checked, rendered and planned (tools, structured outputs, reasoning)."""
         self._check_model(req.model)
         st = self.state
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, st.config.enable_auto_tool_choice)
@@ -101,10 +106,9 @@ class OpenAIServing:
                                       req.chat_template, kwargs)
         self._check_tokens(ids, params)
         parser = ChatOutputParser(plan, st.tool_parser, st.reasoning_parser, text)
-        job = Job("chat", st.served_model_name, params, [(None, list(ids))], req.stream,
-                  req.stream_options is not None and req.stream_options.include_usage, req.kv_transfer_params,
-                  id=f"chatcmpl-{uuid.uuid4().hex}", parser=None if parser.trivial else parser)
-        return await self._run(request, job)
+        return Job(kind, st.served_model_name, params, [(None, list(ids))], req.stream,
+                   req.stream_options is not None and req.stream_options.include_usage, req.kv_transfer_params,
+                   id=f"{id_prefix}{uuid.uuid4().hex}", parser=None if parser.trivial else parser)
 
     def _render_chat(self, messages, tools: list | None = None, add_generation_prompt: bool = True,
                      continue_final_message: bool = False, chat_template: str | None = None,
@@ -182,6 +186,8 @@ class OpenAIServing:
         deadline = asyncio.get_running_loop().call_later(limit, self._expire, job, limit) if limit else None
         try:
             await self._submit(job, shared)
+            if job.stream and job.kind == "response":
+                return await responses_api.stream(self, request, job, shared)
             if job.stream:
                 return await self._stream(request, job, shared)
             for h in job.handles:
@@ -192,6 +198,8 @@ class OpenAIServing:
                     if item.finished:
                         break
             self._record_finished(job)
+            if job.kind == "response":
+                return json_response(responses_api.full_body(self, job))
             return json_response(self._full_response(job))
         finally:
             if deadline is not None:
