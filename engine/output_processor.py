@@ -69,11 +69,12 @@ class OutputProcessor:
             c.token_ids.extend(out.new_token_ids)
             if out.new_logprobs and c.logprobs is not None:
                 for token, lp in zip(out.new_token_ids, out.new_logprobs):
-                    entry = {tid: Logprob(l, r + 1, self.tokenizer.decode([tid]))
-                             for r, (tid, l) in enumerate(zip(lp.top_ids, lp.top_logprobs))}
-                    entry[token] = Logprob(lp.logprob, lp.rank, self.tokenizer.decode([token]))
-                    c.logprobs.append(entry)
+                    c.logprobs.append(self._entry(token, lp))
                     c.cumulative_logprob += lp.logprob
+            request = child.parent.output
+            if out.prompt_logprobs is not None and request.prompt_logprobs is None:
+                request.prompt_logprobs = [None] + [self._entry(t, lp) for t, lp in
+                                                    zip(request.prompt_token_ids[1:], out.prompt_logprobs)]
             stop = child.detok.add_tokens(out.new_token_ids, check_stop=len(c.token_ids) >= params.min_tokens)
             c.text = child.detok.text
             if stop is not None and out.finish_reason is None:
@@ -89,6 +90,13 @@ class OutputProcessor:
                 state.output.finished = state.num_unfinished == 0
             changed[state.output.request_id] = state.output
         return list(changed.values()), to_abort
+
+    def _entry(self, token: int, lp) -> dict[int, Logprob]:
+        """A token's logprobs as vLLM shapes them: its top-N alternatives (ranks 1..N), then the token itself."""
+        entry = {tid: Logprob(v, r + 1, self.tokenizer.decode([tid]))
+                 for r, (tid, v) in enumerate(zip(lp.top_ids, lp.top_logprobs))}
+        entry[token] = Logprob(lp.logprob, lp.rank, self.tokenizer.decode([token]))
+        return entry
 
     def abort(self, request_id: str) -> list[str]:
         """Forgets a request; returns its unfinished child ids for the engine core to abort."""

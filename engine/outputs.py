@@ -33,3 +33,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    # vLLM's: None for the first prompt token, then {token id: Logprob} of each (the token and its top-N)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -39,6 +39,7 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     kv_transfer_params: dict[str, Any] | None = None  # prefill: {migration, first_token, seq_id}
     queue_time_s: float | None = None  # with a sequence's first token: how long it waited to be scheduled
+    prompt_logprobs: list[TokenLogprobs] | None = None  # with the first token: prompt tokens 1.. (if asked)
 
     @property
     def finished(self) -> bool:
@@ -176,6 +177,10 @@ class WorkerStep(msgspec.Struct, tag="step", array_like=True):
     # and how many of each group's rows are sampled; empty at data_parallel_size 1
     dp_rows: list[int] = []
     dp_samples: list[int] = []
+    # prompt_logprobs (engine/worker/input_batch.py): int64 rows and next tokens, and the most alternatives wanted
+    prompt_idx: bytes = b""
+    prompt_targets: bytes = b""
+    prompt_topn: int = 0
 
 
 class WorkerCall(msgspec.Struct, tag="call", array_like=True):

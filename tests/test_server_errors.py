@@ -70,7 +70,7 @@ CASES = [
      "tool_choice"),
     ("bad-json-schema", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"schema": {"type": 1}}}),
      400, BAD, "structured_outputs.json"),
-    ("echo-with-logprobs", COMPL, compl(echo=True, logprobs=1), 400, BAD, "echo"),
+    ("prompt-logprobs-100", COMPL, compl(prompt_logprobs=100), 400, BAD, "prompt_logprobs"),
     ("body-too-large", COMPL, compl(prompt="x" * (17 << 20)), 413, BAD, None),
 ]
 

@@ -135,6 +135,30 @@ def test_echo_puts_the_prompt_first(client, model, reference_llm):
     assert "".join(c.choices[0].text for c in stream if c.choices) == PROMPT + expected
 
 
+def test_prompt_logprobs_and_echo_with_logprobs(client, model, reference_llm):
+    """vLLM's prompt_logprobs (None for the first token) equal the offline engine's; echo with logprobs puts the
+    prompt's rows first, streamed and not."""
+    want = reference_llm.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2))[0]
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0,
+                                    extra_body={"prompt_logprobs": 2})
+    got = out.model_dump()["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(want.prompt_token_ids)
+    for row, entry, token in zip(got[1:], want.prompt_logprobs[1:], want.prompt_token_ids[1:]):
+        assert row[str(token)]["logprob"] == pytest.approx(entry[token].logprob, abs=1e-4)
+        assert len(row) in (2, 3)  # the top 2, and the prompt token when it is not among them
+    echo = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    lp = echo.choices[0].logprobs
+    n_prompt = len(want.prompt_token_ids)
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == n_prompt + 3
+    assert lp.token_logprobs[1:n_prompt] == pytest.approx(
+        [e[t].logprob for t, e in zip(want.prompt_token_ids[1:], want.prompt_logprobs[1:])], abs=1e-4)
+    assert echo.choices[0].text.startswith(PROMPT) and lp.text_offset[n_prompt] == len(PROMPT)
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1,
+                                            echo=True, stream=True))
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens and "".join(c.choices[0].text for c in chunks if c.choices) == echo.choices[0].text
+
+
 def test_logprobs_shapes_and_values(client, model, reference_llm):
     expected = offline(reference_llm, PROMPT, temperature=0, max_tokens=5, logprobs=3, ignore_eos=True)[0]
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3,

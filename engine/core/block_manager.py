@@ -62,8 +62,9 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of the sequence's tokens (never all of them:
-        the last token is always computed so that there are logits to sample from)."""
-        if not self.enable_prefix_caching:
+        the last token is always computed so that there are logits to sample from). None for a sequence
+        that wants its prompt's logprobs: cached tokens would have none."""
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return []
         bs = self.block_size
         limit = (len(seq) - 1) // bs

@@ -6,6 +6,7 @@ per-request deltas. Text-level work (detokenising, stop strings) belongs to the 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -120,6 +121,9 @@ class EngineCore:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if request.params.n != 1:
             raise InvalidRequestError("engine requests carry n=1 (the front fans out n)", param="n")
+        if request.params.prompt_logprobs is not None and len(self.slices) > 1:
+            raise InvalidRequestError("prompt_logprobs are not computed at data_parallel_size > 1",
+                                      param="prompt_logprobs")
         bias = request.params.logit_bias
         if bias and max(bias) >= vocab:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
@@ -149,6 +153,9 @@ class EngineCore:
                        self._max_output_tokens(params, len(request.prompt_token_ids)),
                        request.arrival_time or time.time())
         seq.remote_decode = bool(kv.get("do_remote_decode"))
+        if seq.remote_decode and seq.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt_logprobs do not cross a prefill/decode hand-off; ask a hybrid engine",
+                                      param="prompt_logprobs")
         self._attach_grammar(seq)
         seq.dp_rank = self._least_loaded_slice()
         self.seqs[seq.seq_id] = seq
@@ -251,6 +258,13 @@ class EngineCore:
         scheduled = [s for rows in per_slice for s in rows]
         dp_rows = [len(rows) for rows in per_slice] if len(per_slice) > 1 else None
         step = self.executor.launch(scheduled, self.stop_ids, self._in_flight, dp_rows)
+        rows = self.runner.prompt_logprob_rows
+        if rows:  # in row order, each sequence's span of its chunk
+            it = iter(rows)
+            for s in scheduled:
+                lo, hi = s.seq.prompt_logprob_span(s.seq.num_computed_tokens, s.num_new_tokens)
+                if hi > lo:
+                    s.seq.prompt_logprobs.extend(itertools.islice(it, hi - lo))
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
             if not s.samples:  # a prefill chunk: its full blocks are reusable already
@@ -347,7 +361,8 @@ class EngineCore:
         return EngineCoreOutput(request_id=seq.seq_id, new_token_ids=new_tokens, new_logprobs=logprobs,
                                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                                 num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-                                queue_time_s=seq.queue_time if first else None)
+                                queue_time_s=seq.queue_time if first else None,
+                                prompt_logprobs=seq.prompt_logprobs if first else None)
 
     # ---- introspection -----------------------------------------------------------------------
     def stats(self) -> dict:

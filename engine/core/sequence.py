@@ -42,6 +42,8 @@ class Sequence:
         self.dp_rank = 0  # the data-parallel group (scheduler slice, KV pool) that holds the sequence
         self.created = time.monotonic()
         self.queue_time: float | None = None  # seconds from arrival at the core to its first scheduling
+        # prompt_logprobs: the logprobs of prompt tokens 1.. as prefill computes them (None: not wanted)
+        self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
         self.grammar = None  # structured outputs: its matcher (engine/structured/grammar.py), advanced per token
 
     def __len__(self) -> int:
@@ -63,6 +65,13 @@ class Sequence:
         """A token is in flight and it is the last this sequence takes (its length limit, or the
         first token of a PD prefill), so no further step needs to feed it."""
         return self.num_pending_tokens > 0 and (self.remote_decode or self.next_output_index >= self.max_output_tokens)
+
+    def prompt_logprob_span(self, start: int, num_new: int) -> tuple[int, int]:
+        """The prompt positions [lo, hi) of a chunk fed from `start` whose next token's logprob is still wanted."""
+        if self.prompt_logprobs is None:
+            return 0, 0
+        lo, hi = max(start, len(self.prompt_logprobs)), min(start + num_new, self.num_prompt_tokens - 1)
+        return lo, max(lo, hi)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -160,7 +160,9 @@ class DistributedExecutor(Executor):
         self.channel.send(WorkerStep(freed=self.sync.take_freed(), handles=handles, new_blocks=new_blocks,
                                      num_computed=batch.num_computed.tobytes(), num_new=batch.num_new.tobytes(),
                                      pending_rows=batch.pending_rows.tobytes(), samples=batch.samples.tobytes(),
-                                     token_ids=batch.token_ids.tobytes(), dp_rows=dp_rows, dp_samples=dp_samples))
+                                     token_ids=batch.token_ids.tobytes(), dp_rows=dp_rows, dp_samples=dp_samples,
+                                     prompt_idx=batch.prompt_idx.tobytes(),
+                                     prompt_targets=batch.prompt_targets.tobytes(), prompt_topn=batch.prompt_topn))
 
     def shutdown(self) -> None:
         if self._stopping:

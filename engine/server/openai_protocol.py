@@ -51,6 +51,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -267,18 +268,19 @@ def sampling_params(req: _SamplingFields, logprobs: int | None, default_max_toke
         max_tokens=max_tokens, min_tokens=req.min_tokens, stop=_stop_list(req.stop),
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
-        logit_bias=_logit_bias(req.logit_bias), structured_outputs=structured)
+        logit_bias=_logit_bias(req.logit_bias), structured_outputs=structured, prompt_logprobs=req.prompt_logprobs)
 
 
 def completion_params(req: CompletionRequest, defaults: dict | None = None) -> SamplingParams:
-    _check(not (req.echo and req.logprobs is not None), "echo",
-           "echo with logprobs needs the prompt's logprobs, which this server does not compute")
     _check(req.suffix is None, "suffix", "suffix is not supported")
     _check(req.best_of is None or req.best_of == req.n, "best_of", "best_of must equal n (or be omitted)")
     _check(req.logprobs is None or 0 <= req.logprobs <= MAX_LOGPROBS, "logprobs",
            f"logprobs must be an integer in [0, {MAX_LOGPROBS}]")
-    return sampling_params(req, req.logprobs, default_max_tokens=16, structured=structured_outputs(req),
-                           defaults=defaults)
+    params = sampling_params(req, req.logprobs, default_max_tokens=16, structured=structured_outputs(req),
+                             defaults=defaults)
+    if req.echo and req.logprobs is not None and params.prompt_logprobs is None:  # echoed prompt rows need them
+        params = msgspec.structs.replace(params, prompt_logprobs=req.logprobs)
+    return params
 
 
 def chat_params(req: ChatCompletionRequest, forced: StructuredOutputsParams | None = None,

@@ -258,19 +258,54 @@ class OpenAIServing:
                                  for lp, top in rows],
                 "text_offset": offsets}
 
+    @staticmethod
+    def _prompt_logprobs(h) -> list | None:
+        """vLLM's `prompt_logprobs` of a choice: None for the first prompt token, then {token id: logprob entry}."""
+        rows = h.output.prompt_logprobs if h.output is not None else None
+        if rows is None:
+            return None
+        return [None if e is None else {str(t): {"logprob": v.logprob, "rank": v.rank, "decoded_token": v.decoded_token}
+                                        for t, v in e.items()} for e in rows]
+
+    def _echo_logprobs(self, job: Job, h) -> dict:
+        """The prompt's rows of an echoed completion's logprobs (the first token has none, as in vLLM)."""
+        n, ids, rows = job.params.logprobs or 0, h.output.prompt_token_ids, h.output.prompt_logprobs or []
+        tokens = [self.state.tokenizer.decode([t]) for t in ids]
+        offsets = [0]
+        for text in tokens[:-1]:
+            offsets.append(offsets[-1] + len(text))
+        top = [None] + [{**{e.decoded_token: e.logprob for e in entry.values() if e.rank is not None and e.rank <= n},
+                         entry[t].decoded_token: entry[t].logprob} for t, entry in zip(ids[1:], rows[1:])]
+        return {"tokens": tokens, "token_logprobs": [None] + [entry[t].logprob for t, entry in zip(ids[1:], rows[1:])],
+                "top_logprobs": top, "text_offset": offsets}
+
+    def _with_echo(self, job: Job, index: int, text: str, lp: dict | None) -> tuple[str, dict | None]:
+        """An echoed choice: the prompt's text before its own, and with logprobs the prompt's rows before its."""
+        h = job.handles[index // job.params.n]
+        prompt = job.echo[index // job.params.n]
+        if lp is not None:
+            head = self._echo_logprobs(job, h)
+            lp = {k: head[k] + lp[k] for k in head}
+        return prompt + text, lp
+
     def _full_response(self, job: Job) -> dict:
         choices = []
         for index, _, c in self._choices(job):
-            lp = self._logprobs(job, c, 0, len(c.token_ids))
+            offset = len(job.echo[index // job.params.n]) if job.echo else 0
+            lp = self._logprobs(job, c, 0, len(c.token_ids), offset)
             if job.kind == "chat":
                 msg, called = job.parser.message(c.text) if job.parser else ({"content": c.text}, False)
                 msg["role"] = self.state.config.response_role
                 choices.append({"index": index, "message": msg, "logprobs": lp,
                                 "finish_reason": self._finish_reason(job, c, called), "stop_reason": c.stop_reason})
             else:
-                text = job.echo[index // job.params.n] + c.text if job.echo else c.text
+                text = c.text
+                if job.echo:
+                    text, lp = self._with_echo(job, index, text, lp)
                 choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                                 "stop_reason": c.stop_reason})
+            if job.params.prompt_logprobs is not None:
+                choices[-1]["prompt_logprobs"] = self._prompt_logprobs(job.handles[index // job.params.n])
         choices.sort(key=lambda ch: ch["index"])
         body = {"id": job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
                 "created": job.created, "model": job.model, "choices": choices, "usage": self._usage(job)}
@@ -315,9 +350,7 @@ class OpenAIServing:
             first = [{"index": i, "delta": {"role": role, "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(len(job.prompts) * job.params.n)]
             await resp.write(self._chunk(job, first))
-        if job.echo:  # the prompts come first
-            await resp.write(self._chunk(job, [{"index": i, "text": job.echo[i // job.params.n], "logprobs": None,
-                                                "finish_reason": None} for i in range(len(job.prompts) * job.params.n)]))
+        echo_pending = bool(job.echo)  # the prompts come first (with their logprobs: once the first token brings them)
         processor = self.state.client.processor
         try:
             while True:
@@ -329,6 +362,14 @@ class OpenAIServing:
                     if isinstance(item, BaseException):
                         raise item
                 choices = []
+                if echo_pending and (job.params.logprobs is None or all(h.output is not None and h.output.prompt_logprobs
+                                                                        is not None for h in job.handles)):
+                    echo_pending = False
+                    await resp.write(self._chunk(job, [
+                        {"index": i, "text": job.echo[i // job.params.n], "finish_reason": None,
+                         "logprobs": None if job.params.logprobs is None else
+                         self._echo_logprobs(job, job.handles[i // job.params.n])}
+                        for i in range(len(job.prompts) * job.params.n)]))
                 for index, sid, c in self._choices(job):
                     if c.finish_reason is not None and sent_chars.get(sid) == -1:
                         continue  # already closed
@@ -337,7 +378,8 @@ class OpenAIServing:
                     safe = len(c.text) if finished or child is None else child.detok.stream_safe_len(False)
                     start, ntok = sent_chars.get(sid, 0), sent_tokens.get(sid, 0)
                     text = c.text[start:max(start, safe)]
-                    lp = self._logprobs(job, c, ntok, len(c.token_ids), start) if len(c.token_ids) > ntok else None
+                    base = len(job.echo[index // job.params.n]) if job.echo else 0
+                    lp = self._logprobs(job, c, ntok, len(c.token_ids), base + start) if len(c.token_ids) > ntok else None
                     if job.parser is not None:  # reasoning / tool calls: the parsed difference, not raw text
                         stream = streams.setdefault(sid, ChatStream(job.parser))
                         delta = stream.delta(c.text[:start + len(text)], finished)

@@ -4,7 +4,7 @@ vectorised numpy (`prepare_host`), with no per-token Python loops."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ class StepBatch:
     pending_rows: np.ndarray  # [B] int64
     samples: np.ndarray  # [B] bool: the row's logits are sampled
     token_ids: np.ndarray  # [T] int64
+    # prompt_logprobs: fed-token rows whose next (prompt) token's logprob is wanted, those tokens, and the most
+    # alternatives any of them wants
+    prompt_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [R] int64
+    prompt_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [R] int64
+    prompt_topn: int = 0
 
     @classmethod
     def from_scheduled(cls, batch) -> "StepBatch":
@@ -41,15 +46,34 @@ class StepBatch:
             ids = np.fromiter(itertools.chain.from_iterable(
                 s.seq.token_ids[st:st + n - 1] + [0] if s.seq.num_pending_tokens else s.seq.token_ids[st:st + n]
                 for s, st, n in zip(batch, start.tolist(), n_new.tolist())), np.int64, T)
-        return cls(start, n_new, pending, np.fromiter((s.samples for s in batch), bool, B), ids)
+        step = cls(start, n_new, pending, np.fromiter((s.samples for s in batch), bool, B), ids)
+        if any(s.seq.prompt_logprobs is not None for s in batch):
+            step.prompt_idx, step.prompt_targets, step.prompt_topn = _prompt_rows(batch, start, n_new)
+        return step
 
     def part(self, lo: int, hi: int) -> "StepBatch":
-        """Rows [lo, hi) (one data-parallel group's share of the step)."""
+        """Rows [lo, hi) (one data-parallel group's share of the step; prompt logprobs are single-group only)."""
         if lo == 0 and hi == len(self.num_new):
             return self
         t0, t1 = int(self.num_new[:lo].sum()), int(self.num_new[:hi].sum())
         return StepBatch(self.num_computed[lo:hi], self.num_new[lo:hi], self.pending_rows[lo:hi],
                          self.samples[lo:hi], self.token_ids[t0:t1])
+
+
+def _prompt_rows(batch, start: np.ndarray, n_new: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rows of prompt positions p (1 <= p + 1 < prompt length) not yet given a logprob: a chunk's rows, less
+    those a preempted sequence already has."""
+    rows, targets, topn, base = [], [], 0, 0
+    for s, st, n in zip(batch, start.tolist(), n_new.tolist()):
+        seq = s.seq
+        if seq.prompt_logprobs is not None:
+            lo, hi = seq.prompt_logprob_span(st, n)
+            if hi > lo:
+                rows.extend(range(base + lo - st, base + hi - st))
+                targets.extend(seq.token_ids[lo + 1:hi + 1])
+                topn = max(topn, seq.params.prompt_logprobs)
+        base += n
+    return np.array(rows, np.int64), np.array(targets, np.int64), topn
 
 
 @dataclass

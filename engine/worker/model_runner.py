@@ -28,6 +28,7 @@ from engine.worker.warmup import warm_up_gemms
 from kernels.attention import AttentionMetadata, AttentionShape, get_attention_backend
 
 log = logging.getLogger(__name__)
+PROMPT_LOGPROB_ROWS = 512
 
 
 def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -108,6 +109,7 @@ class ModelRunner:
                                 and self.backend.supports_cuda_graph and parallel.dp_size == 1)
         self.graphs: DecodeGraphRunner | None = None
         self.last_step = StepStats()
+        self.prompt_logprob_rows: list | None = None  # the last launch's prompt logprobs (rank 0), in row order
 
     def weights_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -178,9 +180,12 @@ class ModelRunner:
         total = sum(dp_samples) if dp_samples else own
         prev_tokens = prev.token_ids if prev is not None else None
         logits = None
+        self.prompt_logprob_rows = None
         if len(batch.num_new):
             x = prepare_host(batch, block_tables, self.config.block_size, self.backend.needs_block_tables)
             hidden, rows = self.forward(x, prev_tokens)
+            if len(batch.prompt_idx):
+                self.prompt_logprob_rows = self._prompt_logprobs(hidden, batch)
             if own:
                 logits = self.model.compute_logits(hidden if rows is None else hidden[rows])
         else:
@@ -200,6 +205,25 @@ class ModelRunner:
             p.broadcast_from_driver(out.token_ids)
         p.broadcast_from_first(out.token_ids)
         return LaunchedStep(seqs or [], out, to_host=p.is_driver)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> list | None:
+        """Logprob, rank and top-N of each wanted prompt token (rank 0; every rank joins the logits collective),
+        PROMPT_LOGPROB_ROWS rows at a time so that a long prompt never holds [T, vocab] float32 logits. Read back
+        at once: a request for its prompt's logprobs costs its prefill steps a host sync."""
+        from engine.wire import TokenLogprobs
+        idx, targets = to_device([batch.prompt_idx, batch.prompt_targets], np.int64, self.device)
+        out = []
+        for lo in range(0, len(idx), PROMPT_LOGPROB_ROWS):
+            logits = self.model.compute_logits(hidden[idx[lo:lo + PROMPT_LOGPROB_ROWS]])
+            if logits is None or not self.parallel.is_driver:
+                continue
+            lp = logits.float().log_softmax(dim=-1)
+            chosen = lp.gather(-1, targets[lo:lo + PROMPT_LOGPROB_ROWS, None])
+            ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+            top_lp, top_ids = lp.topk(batch.prompt_topn, dim=-1) if batch.prompt_topn else (lp[:, :0], lp[:, :0])
+            for c, r, ti, tl in zip(chosen[:, 0].tolist(), ranks, top_ids.long().tolist(), top_lp.tolist()):
+                out.append(TokenLogprobs(c, r, ti, tl))
+        return out if self.parallel.is_driver else None
 
     @torch.inference_mode()
     def prefill_logits(self, scheduled) -> torch.Tensor:

@@ -96,7 +96,10 @@ class Worker:
                           num_new=np.frombuffer(msg.num_new, np.int64),
                           pending_rows=np.frombuffer(msg.pending_rows, np.int64),
                           samples=np.frombuffer(msg.samples, np.bool_),
-                          token_ids=np.frombuffer(msg.token_ids, np.int64)).part(lo, hi)
+                          token_ids=np.frombuffer(msg.token_ids, np.int64),
+                          prompt_idx=np.frombuffer(msg.prompt_idx, np.int64),
+                          prompt_targets=np.frombuffer(msg.prompt_targets, np.int64),
+                          prompt_topn=msg.prompt_topn).part(lo, hi)
         self._prev = self.runner.launch(batch, tables, self._prev, dp_samples=msg.dp_samples or None)
 
     def close(self) -> None:
