@@ -369,3 +369,17 @@ def test_responses_refuses_what_it_cannot_do(server, model):
                         ({"input": [{"type": "image_generation_call"}]}, "input[0].type")):
         status, err = server.post_json("/v1/responses", {"model": model, "input": "hi", **body})
         assert status == 400 and err["error"]["param"] == param, err
+
+
+def test_continue_final_message_and_request_chat_template(qwen3_tok, server, model):
+    partial = [{"role": "user", "content": "Count:"}, {"role": "assistant", "content": "one, two,"}]
+    status, got = server.post_json("/tokenize", {"messages": partial, "add_generation_prompt": False,
+                                                 "continue_final_message": True})
+    want = qwen3_tok.apply_chat_template(partial, continue_final_message=True, tokenize=True, return_dict=False)
+    assert status == 200 and got["tokens"] == list(want)
+    status, err = server.post_json("/v1/chat/completions", {"model": model, "messages": partial,
+                                                            "continue_final_message": True})
+    assert status == 400 and err["error"]["param"] == "continue_final_message"
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    status, got = server.post_json("/tokenize", {"messages": partial, "chat_template": template})
+    assert status == 200 and got["tokens"] == qwen3_tok.encode("<<Count:>><<one, two,>>", add_special_tokens=False)
