@@ -8,7 +8,6 @@ import json
 import re
 
 import jsonschema
-import openai
 import pytest
 import torch
 
@@ -161,6 +160,7 @@ def server(tiny_qwen3_real_tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
+    import openai
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
