@@ -8,6 +8,7 @@ construction (engine/chat/output.py).
 """
 from __future__ import annotations
 
+import abc
 import json
 import re
 from dataclasses import dataclass
@@ -38,12 +39,13 @@ def partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-class ToolParser:
+class ToolParser(abc.ABC):
     name = ""
     needs_special_tokens = False  # its markers are special tokens: keep them in the detokenized text
 
+    @abc.abstractmethod
     def parse(self, text: str, final: bool) -> tuple[str, list[ParsedCall]]:
-        raise NotImplementedError
+        """(content, complete calls) of the output so far (see the module's docstring)."""
 
 
 class MarkerToolParser(ToolParser):
@@ -52,9 +54,14 @@ class MarkerToolParser(ToolParser):
 
     start = end = ""
     section_markers: tuple[str, ...] = ()
+    # a call's text between the markers, with groups `name`, `args` and optionally `id` (its own call id)
+    _body: re.Pattern | None = None
 
     def body(self, text: str) -> ParsedCall | None:
-        raise NotImplementedError
+        """The call between the markers, or None when the text is not one."""
+        m = self._body.match(text)
+        args = _arguments(m.group("args").strip()) if m else None
+        return None if args is None else ParsedCall(m.group("name"), args, id=m.groupdict().get("id"))
 
     def parse(self, text: str, final: bool) -> tuple[str, list[ParsedCall]]:
         content, calls, pos = [], [], 0
@@ -110,12 +117,8 @@ class DeepSeekV3ToolParser(MarkerToolParser):
     needs_special_tokens = True
     start, end = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"
     section_markers = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
-    _body = re.compile(r"^\s*(?:function)?<｜tool▁sep｜>\s*([^\n`]+?)\s*\n```(?:json)?\s*\n?(.*?)\n?```\s*$", re.S)
-
-    def body(self, text: str) -> ParsedCall | None:
-        m = self._body.match(text)
-        args = _arguments(m.group(2)) if m else None
-        return None if args is None else ParsedCall(m.group(1), args)
+    _body = re.compile(r"^\s*(?:function)?<｜tool▁sep｜>\s*(?P<name>[^\n`]+?)\s*\n```(?:json)?\s*\n?(?P<args>.*?)\n?```\s*$",
+                       re.S)
 
 
 class KimiK2ToolParser(MarkerToolParser):
@@ -126,12 +129,8 @@ class KimiK2ToolParser(MarkerToolParser):
     needs_special_tokens = True
     start, end = "<|tool_call_begin|>", "<|tool_call_end|>"
     section_markers = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")
-    _body = re.compile(r"^\s*((?:functions\.)?([\w.\-]+?)(?::\d+)?)\s*<\|tool_call_argument_begin\|>(.*)$", re.S)
-
-    def body(self, text: str) -> ParsedCall | None:
-        m = self._body.match(text)
-        args = _arguments(m.group(3).strip()) if m else None
-        return None if args is None else ParsedCall(m.group(2), args, id=m.group(1))
+    _body = re.compile(r"^\s*(?P<id>(?:functions\.)?(?P<name>[\w.\-]+?)(?::\d+)?)\s*<\|tool_call_argument_begin\|>"
+                       r"(?P<args>.*)$", re.S)
 
 
 class Llama3JsonToolParser(ToolParser):

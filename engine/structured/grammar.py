@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InvalidRequestError
-from engine.structured.params import StructuredOutputsParams
+from engine.structured.params import StructuredOutputsParams, clean_error
 
 log = logging.getLogger(__name__)
 CACHE_SIZE = 256
@@ -42,7 +42,6 @@ class GrammarCompiler:
             try:
                 compiled = self._xgr_compiler().compile_grammar(spec.to_grammar())
             except RuntimeError as e:
-                from engine.structured.params import clean_error
                 raise InvalidRequestError(f"cannot compile structured_outputs: {clean_error(e)}",
                                           param="structured_outputs") from None
             self._cache[key] = compiled
