@@ -76,6 +76,9 @@ class EngineConfig:
     kv_park_timeout_s: float = opt(60.0, "prefill: reclaim KV that no decode engine pulled or freed in time")
     kv_pull_timeout_s: float = opt(30.0, "decode: fail a KV pull that has not finished in time")
     kv_staging_bytes: int = opt(2 << 30, "GPU pools over TCP: pinned host memory that stages KV in and out")
+    kv_transport: Literal["auto", "ipc", "rdma", "tcp"] = opt(
+        "auto", "how KV moves between engines: auto offers CUDA IPC (GPU pools; used between engines on one host) "
+                "and TCP, and a puller takes the best one both sides offer; naming one offers only that one")
 
     def __post_init__(self) -> None:
         check = check_field

@@ -79,14 +79,16 @@ def test_staged_pull_waits_for_slots_then_lands():
         # past the connection's identity probe and takes its 20 slots: the poll that issues its reads
         # leaves it PULLING, and only a later poll can land it and free them. start_pull polls once
         # itself (on a fast machine the probe is already answered there), so poll only while PENDING.
-        a = sink.start_pull(info, staged.remote_ids[:20], list(range(20)), timeout_s=10)
+        a = sink.start_pull(info, list(range(10, 30)), list(range(20)), timeout_s=10,
+                            staged_block_ids=staged.remote_ids[:20])
         deadline = time.monotonic() + 10
         while a.state is TransferState.PENDING:
             a.poll()
             assert time.monotonic() < deadline, "the first pull never started"
             time.sleep(0.0002)
         assert a.state is TransferState.PULLING
-        b = sink.start_pull(info, staged.remote_ids[20:], list(range(40, 60)), timeout_s=10)
+        b = sink.start_pull(info, list(range(30, 50)), list(range(40, 60)), timeout_s=10,
+                            staged_block_ids=staged.remote_ids[20:])
         assert b.state is TransferState.PENDING
         while not (a.state in TERMINAL and b.state in TERMINAL):  # both driven, as the engine does
             assert {a.poll(), b.poll()} != {TransferState.PULLING}, "both pulls hold staging slots at once"
@@ -99,8 +101,10 @@ def test_staged_pull_waits_for_slots_then_lands():
         exp = dst_before.clone()
         exp[0:20], exp[40:60] = src[10:30], src[30:50]
         assert bitwise_equal(dst, exp)
+        with pytest.raises(TransferError, match="no staged block ids"):
+            sink.start_pull(info, list(range(20)), list(range(20)))
         with pytest.raises(TransferError, match="exceeds the staging area"):
-            sink.start_pull(info, list(range(33)), list(range(33)))
+            sink.start_pull(info, list(range(33)), list(range(33)), staged_block_ids=list(range(33)))
 
 
 # -- cross-process -----------------------------------------------------------------------
@@ -209,7 +213,9 @@ def test_validation_errors_transfer_nothing():
             (info, [0.0], [0], "not an integer"),
             ({**info, "num_blocks": 10**6}, [100], [0], "exceeds the peer's advertised region"),
             ({**info, "mr_info": {}}, [0], [0], "malformed"),
-            ({**info, "transport": "rdma"}, [0], [0], "transport"),
+            ({**info, "transports": ["rdma"]}, [0], [0], "no KV transport in common"),
+            ({**info, "transports": ["ipc"], "pool_blocks": 16, "ipc": {}}, [0], [0],
+             "no KV transport in common"),   # a CPU pool pulls over TCP only
         ]
         for peer, remote, local, msg in bad:
             with pytest.raises(TransferError, match=msg):

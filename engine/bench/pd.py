@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-args", default="", help="extra engine flags for every server, e.g. "
                     "\"--dtype bfloat16 --gpu-memory-utilization 0.3\"")
+    ap.add_argument("--kv-transports", default="auto",
+                    help="comma-separated --kv-transport values: one 1P1D pair per value (auto, ipc, tcp, rdma)")
     ap.add_argument("--start-timeout", type=float, default=900.0)
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
@@ -113,38 +115,51 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="slipstream-bench-pd-"))
     if not args.model:
         args.model = str(random_checkpoint(log_dir / "qwen3-0.6b-random"))
+    transports = args.kv_transports.split(",")
     procs: list[Proc] = []
+    rows = []
     try:
         hybrid = Proc(["serve", args.model, *extra], log_dir, "hybrid")
-        prefill = Proc(["serve", args.model, "--role", "prefill", *extra], log_dir, "prefill")
-        decode = Proc(["serve", args.model, "--role", "decode", *extra], log_dir, "decode")
-        router = Proc(["router"], log_dir, "router")
-        procs = [hybrid, prefill, decode, router]
+        pairs = []  # (transport, router): one prefill + decode pair per transport
+        for t in transports:
+            flags = [*extra, "--kv-transport", t]
+            prefill = Proc(["serve", args.model, "--role", "prefill", *flags], log_dir, f"prefill-{t}")
+            decode = Proc(["serve", args.model, "--role", "decode", *flags], log_dir, f"decode-{t}")
+            router = Proc(["router"], log_dir, f"router-{t}")
+            procs += [prefill, decode, router]
+            pairs.append((t, router, prefill, decode))
+        procs.append(hybrid)
         for p in procs:
             p.wait_healthy(args.start_timeout)
-        _post(router.url + "/nodes/add", {"url": prefill.url, "status": {"role": 2}})
-        _post(router.url + "/nodes/add", {"url": decode.url, "status": {"role": 3}})
+        for _, router, prefill, decode in pairs:
+            _post(router.url + "/nodes/add", {"url": prefill.url, "status": {"role": 2}})
+            _post(router.url + "/nodes/add", {"url": decode.url, "status": {"role": 3}})
         vocab = _get(hybrid.url + "/engine_info")["vocab_size"]
         model = _get(hybrid.url + "/v1/models")["data"][0]["id"]
-        for url in (hybrid.url, router.url):  # warm-up: first-use compilation and graph capture are not measured
+        setups = [("hybrid", hybrid.url)] + [(f"1P1D {t}", router.url) for t, router, _, _ in pairs]
+        for _, url in setups:  # warm-up: first-use compilation and graph capture are not measured
             _bench(url, float("inf"), argparse.Namespace(**{**vars(args), "num_prompts": 4}), model, vocab)
-        rows = []
         for rate in rates:
-            for name, url in (("hybrid", hybrid.url), ("1P1D", router.url)):
+            for name, url in setups:
                 s = _bench(url, rate, args, model, vocab)
                 rows.append((rate, name, s))
                 print(f"  done: rate={rate} {name} completed={s['completed']} failed={s['failed']}", file=sys.stderr)
+        for t, _, _, decode in pairs:
+            info = _get(decode.url + "/engine_info")["stats"]
+            gb, ms = info.get("kv_transfer_bytes", 0), info.get("kv_transfer_ms", 0.0)
+            print(f"  KV over {t}: {info.get('kv_transfers', 0)} pulls, {gb / 1e9:.2f} GB, "
+                  f"{gb / ms / 1e6 if ms else 0:.1f} GB/s (per-pull wall time, polling included)", file=sys.stderr)
     finally:
         for p in procs:
             p.stop()
     print(f"slipstream bench pd: model={args.model} prompts={args.num_prompts} input={args.input_len} "
           f"output={args.output_len} (ignore_eos, greedy) engine_args={args.engine_args!r} "
           f"cpus={os.cpu_count()} (all engines on this machine; logs in {log_dir})")
-    print(f"{'rate':>6} {'setup':>7} {'ok':>4} {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>8} "
+    print(f"{'rate':>6} {'setup':>10} {'ok':>4} {'TTFT p50':>9} {'p90':>8} {'p99':>8} {'ITL p50':>8} {'p90':>8} "
           f"{'p99':>8} {'out tok/s':>10}")
     for rate, name, s in rows:
         t, i = s["ttft_ms"], s["itl_ms"]
-        print(f"{rate:>6} {name:>7} {s['completed']:>4} {t['p50']:>9.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} "
+        print(f"{rate:>6} {name:>10} {s['completed']:>4} {t['p50']:>9.1f} {t['p90']:>8.1f} {t['p99']:>8.1f} "
               f"{i['p50']:>8.1f} {i['p90']:>8.1f} {i['p99']:>8.1f} {s['output_throughput_tok_s']:>10.1f}")
     print("(milliseconds)")
     return 0 if all(s["failed"] == 0 for _, _, s in rows) else 1

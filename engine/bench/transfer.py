@@ -1,5 +1,7 @@
-"""KV pull throughput between two processes over DLSlime: GB/s for whole-block pulls of a few
-request sizes, contiguous vs scattered blocks. Run: slipstream bench transfer"""
+"""KV pull throughput between two processes: GB/s for whole-block pulls of a few request sizes,
+contiguous vs scattered blocks, over one transport: CUDA IPC (GPU pools on one host), DLSlime TCP
+(CPU pools, or GPU pools staged through pinned host memory) or RDMA.
+Run: slipstream bench transfer [--transport ipc|tcp|rdma] [--device cpu|cuda]"""
 from __future__ import annotations
 
 import argparse
@@ -13,25 +15,34 @@ import torch
 from engine.pd.transfer import KVTransferAgent, TransferState
 
 
-def _make_pool(num_blocks: int, args) -> torch.Tensor:
+def _make_pool(num_blocks: int, args, fill: bool = True) -> torch.Tensor:
     shape = (num_blocks, args.layers, 2, args.block_size, args.kv_heads, args.head_dim)
-    pool = torch.empty(shape, dtype=getattr(torch, args.dtype))
-    # Each block's bytes hold its block id, so landed data can be checked cheaply.
-    pool.view(num_blocks, -1).view(torch.uint8)[:] = (
-        torch.arange(num_blocks, dtype=torch.int64) % 251).to(torch.uint8)[:, None]
+    pool = torch.zeros(shape, dtype=getattr(torch, args.dtype), device=args.device)
+    if fill:  # each block's bytes hold its block id, so landed data can be checked cheaply
+        pool.view(num_blocks, -1).view(torch.uint8)[:] = (
+            torch.arange(num_blocks, dtype=torch.int64, device=args.device) % 251).to(torch.uint8)[:, None]
     return pool
 
 
 def _landed(dst: torch.Tensor, remote, local) -> bool:
     """First and last byte of every pulled block carry the source block id."""
-    rows = dst.view(dst.shape[0], -1).view(torch.uint8)[local]
+    rows = dst.view(dst.shape[0], -1).view(torch.uint8)[torch.tensor(local, device=dst.device)].cpu()
     want = (torch.tensor(remote) % 251).to(torch.uint8)
     return torch.equal(rows[:, 0], want) and torch.equal(rows[:, -1], want)
 
 
+def _agent(pool: torch.Tensor, args) -> KVTransferAgent:
+    # a GPU pool served over TCP is staged through pinned host memory: room for the whole pool
+    staging = pool.shape[0] if pool.is_cuda and args.transport != "ipc" else 0
+    return KVTransferAgent(pool, host=args.host, transport=args.transport, staging_blocks=staging,
+                           max_range_bytes=args.max_range_mb << 20)
+
+
 def _serve(conn, num_blocks: int, args) -> None:
-    agent = KVTransferAgent(_make_pool(num_blocks, args), host=args.host, transport=args.transport)
-    conn.send(agent.endpoint_info())
+    agent = _agent(_make_pool(num_blocks, args), args)
+    # what a prefill engine does when it parks a request: staged ids (identity when not staged)
+    staged = agent.stage_out(list(range(num_blocks)))
+    conn.send((agent.endpoint_info(), list(staged.remote_ids)))
     conn.recv()
     agent.close()
 
@@ -56,15 +67,25 @@ def _conditions(args, block_bytes: int) -> str:
         f"host {platform.node()}  cpu {_cpu_model()}  cores {os.cpu_count()}  "
         f"load {' '.join(f'{x:.1f}' for x in load)}",
         f"torch {torch.__version__}  dlslime {version('dlslime')}  transport {args.transport} "
-        f"({args.host}, two processes, CPU pools in pageable memory)",
+        f"({args.host}, two processes, {_pools(args)})",
         f"block = {shape} {args.dtype} = {block_bytes / 1e6:.3f} MB; "
         f"<= 32 assignments/call, <= 64 in flight, ranges <= {args.max_range_mb} MB; "
         f"median of {args.repeats}",
     ])
 
 
-def _pull(agent, info, remote, local, timeout_s=120.0):
-    t = agent.start_pull(info, remote, local, timeout_s=timeout_s)
+def _pools(args) -> str:
+    if args.device == "cpu":
+        return "CPU pools in pageable memory"
+    gpu = torch.cuda.get_device_name(0)
+    if args.transport == "ipc":
+        return f"GPU pools on one {gpu}, device-to-device copies"
+    return f"GPU pools on one {gpu}, staged through pinned host memory (stage-out not timed)"
+
+
+def _pull(agent, info, staged, remote, local, timeout_s=120.0):
+    t = agent.start_pull(info, remote, local, timeout_s=timeout_s,
+                         staged_block_ids=[staged[r] for r in remote])
     if t.wait() is not TransferState.DONE:
         raise SystemExit(f"pull {t.state.value}: {t.error}")
     return t
@@ -79,10 +100,16 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tokens", default="128,1024,4096", help="request sizes, comma-separated")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--transport", default="tcp", choices=["tcp", "rdma"])
+    p.add_argument("--transport", default="tcp", choices=["ipc", "tcp", "rdma"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where both pools live (auto: cuda when available; ipc needs cuda)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--max-range-mb", type=int, default=64)
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.transport == "ipc" and args.device != "cuda":
+        p.error("--transport ipc moves GPU pools: it needs --device cuda")
 
     sizes = [int(x) for x in args.tokens.split(",")]
     max_blocks = max(-(-n // args.block_size) for n in sizes)
@@ -92,12 +119,13 @@ def main(argv=None) -> None:
     proc = ctx.Process(target=_serve, args=(child, num_blocks, args), daemon=True)
     proc.start()
     try:
-        info = parent.recv()
-        dst = torch.zeros_like(_make_pool(num_blocks, args))
-        with KVTransferAgent(dst, host=args.host, transport=args.transport,
-                             max_range_bytes=args.max_range_mb << 20) as agent:
+        if not parent.poll(300):
+            raise SystemExit("the source process did not start")
+        info, staged = parent.recv()
+        dst = _make_pool(num_blocks, args, fill=False)
+        with _agent(dst, args) as agent:
             print(_conditions(args, agent.block_bytes))
-            _pull(agent, info, [0], [0])   # connect + identity probe, outside the timings
+            _pull(agent, info, staged, [0], [0])   # connect + identity probe, outside the timings
             print(f"{'tokens':>7} {'blocks':>6} {'MB':>8} {'layout':>10} {'ranges':>6} "
                   f"{'calls':>5} {'ms':>8} {'GB/s':>6}")
             for tokens in sizes:
@@ -106,7 +134,7 @@ def main(argv=None) -> None:
                            # every other block on both sides: nothing coalesces
                            "scattered": (list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2)))}
                 for name, (remote, local) in layouts.items():
-                    runs = [_pull(agent, info, remote, local) for _ in range(args.repeats)]
+                    runs = [_pull(agent, info, staged, remote, local) for _ in range(args.repeats)]
                     ok = _landed(dst, remote, local)
                     ms = statistics.median(t.elapsed_ms for t in runs)
                     t = runs[0]

@@ -80,8 +80,9 @@ class KVHandoff:
     def source_info(self) -> dict:
         """What a decode engine's front checks a migration from this engine against (published in the
         control-plane registration): this engine's id and every rank's KV endpoint."""
+        from engine.pd.topology import ipc_digest as digest
         return {"engine_id": self.engine_id,
-                "endpoints": [[e["agent_id"], e["host"], e["port"]] for e in self.endpoints]}
+                "endpoints": [[e["agent_id"], e["host"], e["port"], digest(e.get("ipc"))] for e in self.endpoints]}
 
     # ---- prefill side ------------------------------------------------------------------------
     def park(self, seq: Sequence, model: str, first_logprobs=None) -> dict:
@@ -95,8 +96,10 @@ class KVHandoff:
             self._rpc("release", seq_id)
             raise RuntimeError("KV staging area full")
         self.parked[seq_id] = _Parked(seq, time.monotonic() + self.park_timeout_s)
+        staged = any(e.get("staged") for e in endpoints[dp * self.tp:(dp + 1) * self.tp])
         m = mig.Migration(version=mig.VERSION, engine_id=self.engine_id, seq_id=seq_id, transfer=endpoints,
-                          kv_spec=self.kv_spec, block_ids=remote, dp_rank=dp,
+                          kv_spec=self.kv_spec, block_ids=[list(block_ids)] * self.tp,
+                          staged_block_ids=remote if staged else None, dp_rank=dp,
                           prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                           first_token=seq.token_ids[seq.num_prompt_tokens], first_logprobs=first_logprobs,
                           params=seq.params, sampling_seed=seq.sampling_seed, model=model)
@@ -160,7 +163,7 @@ class KVHandoff:
                 continue
             pull.seq.block_table = bm.allocate_blocks(n)
             self._rpc("start_pull", pull.key, pull.migration.source_peers(), pull.migration.block_ids,
-                      pull.seq.block_table, self.pull_timeout_s, dp)
+                      pull.seq.block_table, self.pull_timeout_s, dp, pull.migration.staged_block_ids)
             pull.started = True
         started = {p.key: p for p in self.pulls if p.started}
         if not started:

@@ -20,7 +20,7 @@ from engine.kv.spec import AnyKVCacheSpec, KVCacheSpec  # noqa: F401 (KVCacheSpe
 from engine.sampling_params import SamplingParams
 from engine.wire import TokenLogprobs
 
-VERSION = 3
+VERSION = 4
 # a prompt of max_model_len tokens is a few MB at most; anything larger is refused before decoding
 MAX_MIGRATION_CHARS = 32 << 20
 
@@ -31,8 +31,10 @@ class Migration(msgspec.Struct, kw_only=True):
     seq_id: int  # its handle for the parked KV (what /pd/free takes)
     transfer: list[dict[str, Any]]  # every rank of the source engine: its KVTransferAgent.endpoint_info()
     kv_spec: AnyKVCacheSpec  # one rank's pool layout (every rank's is the same)
-    # per tensor-parallel rank of DP group `dp_rank`: the source blocks holding the prompt's KV, in order
+    # per tensor-parallel rank of DP group `dp_rank`: the source pool's blocks holding the prompt's KV, in order
+    # (what CUDA IPC reads), and where a GPU source staged them for DLSlime reads (None: unstaged, read block_ids)
     block_ids: list[list[int]]
+    staged_block_ids: list[list[int]] | None = None
     dp_rank: int = 0  # the source's data-parallel group that holds the KV (its ranks: dp_rank * tp + t)
     prompt_token_ids: list[int]
     first_token: int
@@ -82,7 +84,9 @@ def decode(text: Any) -> Migration:
     if not 0 <= m.dp_rank < len(m.transfer) // len(m.block_ids):
         raise bad(f"dp_rank {m.dp_rank} outside the source's {len(m.transfer) // len(m.block_ids)} DP groups")
     blocks = -(-len(m.prompt_token_ids) // m.kv_spec.block_size) if m.kv_spec.block_size > 0 else -1
-    for ids in m.block_ids:
+    if m.staged_block_ids is not None and len(m.staged_block_ids) != len(m.block_ids):
+        raise bad("one staged block list per tensor-parallel rank expected")
+    for ids in m.block_ids + (m.staged_block_ids or []):
         if not m.prompt_token_ids or len(ids) != blocks:
             raise bad("block count does not cover the prompt")
         if any(b < 0 for b in ids) or len(set(ids)) != len(ids):

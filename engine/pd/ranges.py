@@ -108,20 +108,32 @@ def check_bounds(ranges: Sequence[ByteRange], remote_len: int, local_len: int) -
 
 
 def check_peer_info(info) -> dict:
-    """Peer info as received over the wire: check shape and types before trusting it."""
+    """Peer info as received over the wire: check shape and types before trusting it. The KV
+    region is only required of a peer that offers a DLSlime transport (an IPC-only GPU pool
+    registers none); the IPC descriptor is checked where it is used (engine/pd/ipc.py)."""
     try:
         peer = dict(info)
+        transports = peer.setdefault("transports", [peer.get("transport", "tcp")])
         region = peer.get("region", REGION)
-        mr, id_mr = peer["mr_info"][region], peer["mr_info"][ID_REGION]
+        id_mr = peer["mr_info"][ID_REGION]
         ok = (isinstance(peer["host"], str) and isinstance(peer["port"], int)
-              and isinstance(peer["num_blocks"], int) and peer["num_blocks"] >= 0
-              and isinstance(mr["addr"], int) and isinstance(mr["length"], int)
+              and isinstance(transports, list) and all(isinstance(t, str) for t in transports)
+              and isinstance(peer.get("host_id", ""), str)
               and isinstance(peer["agent_id"], str) and len(peer["agent_id"]) == ID_BYTES
               and id_mr["length"] == ID_BYTES)
+        peer["region_length"] = 0
+        if {"tcp", "rdma"} & set(transports):
+            mr = peer["mr_info"][region]
+            ok = (ok and isinstance(peer["num_blocks"], int) and peer["num_blocks"] >= 0
+                  and isinstance(mr["addr"], int) and isinstance(mr["length"], int))
+            peer["region_length"] = mr["length"]
+        if "ipc" in transports:
+            ok = (ok and isinstance(peer["pool_blocks"], int) and peer["pool_blocks"] >= 0
+                  and isinstance(peer["ipc"], dict))
     except (KeyError, TypeError, ValueError) as e:
         raise TransferError(f"malformed peer endpoint info: missing or bad {e}") from None
     if not ok:
         raise TransferError("malformed peer endpoint info: bad field types")
-    peer.setdefault("transport", "tcp")
-    peer["region"], peer["region_length"] = region, mr["length"]
+    peer["region"] = region
+    peer.setdefault("staged", False)
     return peer

@@ -12,8 +12,9 @@ REJECTED = "rejected"  # a pull refused before any byte moved (bad ids, layout, 
 
 
 class RankKV:
-    def __init__(self, rank: int, host: str, staging_bytes: int, dp_rank: int = 0, tp_rank: int | None = None):
-        self.rank, self.host, self.staging_bytes = rank, host, staging_bytes
+    def __init__(self, rank: int, host: str, staging_bytes: int, dp_rank: int = 0, tp_rank: int | None = None,
+                 transport: str = "auto"):
+        self.rank, self.host, self.staging_bytes, self.transport = rank, host, staging_bytes, transport
         # the handoff addresses one data-parallel group; the ranks of the others skip its calls
         self.dp_rank, self.tp_rank = dp_rank, rank if tp_rank is None else tp_rank
         self.pool: torch.Tensor | None = None
@@ -26,14 +27,15 @@ class RankKV:
 
     @property
     def agent(self):
-        """The DLSlime endpoint serving/pulling this rank's pool, created on first use."""
+        """The transfer agent serving/pulling this rank's pool, created on first use."""
         if self._agent is None:
             from engine.pd.transfer import KVTransferAgent
             # the PyPI dlslime has no CUDA: a GPU pool is served through a pinned host area
             block_bytes = self.pool[0].numel() * self.pool.element_size()
             staging = (min(self.pool.shape[0], max(1, self.staging_bytes // block_bytes)) if self.pool.is_cuda
                        else 0)
-            self._agent = KVTransferAgent(self.pool, host=self.host, staging_blocks=staging)
+            self._agent = KVTransferAgent(self.pool, host=self.host, transport=self.transport,
+                                          staging_blocks=staging)
         return self._agent
 
     def endpoint_info(self) -> dict:
@@ -59,14 +61,16 @@ class RankKV:
 
     # ---- decode side -------------------------------------------------------------------------
     def start_pull(self, key: int, peers: list[dict], remote_ids: list[list[int]], local_ids: list[int],
-                   timeout_s: float, dp: int = 0) -> None:
+                   timeout_s: float, dp: int = 0, staged_ids: list[list[int]] | None = None) -> None:
         """DP group `dp`'s ranks pull their share: from the source rank of the same tensor-parallel index
-        (`peers`: the source group's endpoints). A refusal is kept as the pull's result."""
+        (`peers`: the source group's endpoints; `remote_ids`: its pool blocks, `staged_ids`: where it staged
+        them for DLSlime reads). The agent picks the transport. A refusal is kept as the pull's result."""
         if dp != self.dp_rank:
             return
         try:
+            staged = None if staged_ids is None else staged_ids[self.tp_rank]
             self.pulls[key] = self.agent.start_pull(peers[self.tp_rank], remote_ids[self.tp_rank], local_ids,
-                                                    timeout_s=timeout_s)
+                                                    timeout_s=timeout_s, staged_block_ids=staged)
         except (TransferError, KeyError, TypeError, ValueError, IndexError) as e:
             self.pulls[key] = str(e)
 

@@ -17,47 +17,19 @@ Not thread-safe: one thread (the engine loop) drives an agent and its transfers.
 from __future__ import annotations
 
 import bisect
-import time
 import uuid
-from dataclasses import dataclass
-from enum import Enum
 
 import dlslime
 import torch
 
+from engine.pd import topology
+from engine.pd.pull import POLL_SLEEP_S, TERMINAL, Pull, TransferMetrics, TransferState
 from engine.pd.ranges import (ID_BYTES, ID_REGION, REGION, ByteRange, TransferError,
                               check_block_ids, check_bounds, check_compatible, check_peer_info,
                               check_pull_ids, coalesce, to_byte_ranges)
 
-__all__ = ["TERMINAL", "KVTransferAgent", "PullTransfer", "StagedBlocks", "TransferError",
-           "TransferMetrics", "TransferState"]
-
-POLL_SLEEP_S = 0.0002  # between wait_for(0) polls: 1.5x faster than wait() on 2 cores
-
-
-class TransferState(str, Enum):
-    PENDING = "pending"      # validated, waiting for staging slots or in-flight budget
-    PULLING = "pulling"      # reads issued
-    DONE = "done"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-
-
-TERMINAL = frozenset({TransferState.DONE, TransferState.FAILED, TransferState.TIMED_OUT})
-
-
-@dataclass(frozen=True)
-class TransferMetrics:
-    transfers: int = 0        # pulls finished in each state
-    failed: int = 0
-    timed_out: int = 0
-    bytes: int = 0            # bytes of successful pulls
-    ms: float = 0.0           # summed wall time of successful pulls
-    peak_inflight: int = 0    # most assignments in flight to one peer at once
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.ms / 1e6 if self.ms > 0 else 0.0
+__all__ = ["POLL_SLEEP_S", "TERMINAL", "KVTransferAgent", "PullTransfer", "StagedBlocks",
+           "TransferError", "TransferMetrics", "TransferState"]
 
 
 def _make_endpoint(transport: str, host: str, port: int = 0):
@@ -162,23 +134,16 @@ class _PeerLink:
             self.endpoint.shutdown()
 
 
-class PullTransfer:
-    """Pull of remote blocks into local ones: pending -> pulling -> done | failed | timed_out.
-    Drive it with poll() (non-blocking) or wait(). On failed/timed_out, `error` says why."""
+class PullTransfer(Pull):
+    """Pull of remote blocks into local ones over a DLSlime link (TCP, or RDMA once connected):
+    pending -> pulling -> done | failed | timed_out."""
+    transport = "tcp"
 
     def __init__(self, agent: KVTransferAgent, link: _PeerLink | None, remote: list[int],
                  local: list[int], remote_len: int, timeout_s: float):
+        super().__init__(len(remote), agent.block_bytes, timeout_s, agent._record)
         self._agent, self._link, self._remote_len = agent, link, remote_len
         self._remote, self._local = remote, local
-        self.state = TransferState.PENDING
-        self.error: str | None = None
-        self.bytes = len(remote) * agent.block_bytes
-        self.num_ranges = self.num_calls = 0
-        self.safe_to_free = True   # False: a late write may still land in the local blocks
-        self._t0 = time.monotonic()
-        self._t1: float | None = None
-        self._deadline = self._t0 + timeout_s
-        self._timeout_s = timeout_s
         self._ranges: list[ByteRange] | None = None
         self._next = 0
         self._inflight: list[tuple[object, int]] = []   # (future, assignments)
@@ -187,29 +152,13 @@ class PullTransfer:
         self._event = None                              # ... and its CUDA event
         self._read_error: str | None = None
 
-    @property
-    def elapsed_ms(self) -> float:
-        return ((self._t1 or time.monotonic()) - self._t0) * 1e3
-
-    @property
-    def gbps(self) -> float:
-        ms = self.elapsed_ms
-        return self.bytes / ms / 1e6 if self.state is TransferState.DONE and ms > 0 else 0.0
-
-    def wait(self, timeout: float | None = None) -> TransferState:
-        """Poll until terminal or `timeout` (the pull's own deadline bounds it anyway)."""
-        end = None if timeout is None else time.monotonic() + timeout
-        while self.poll() not in TERMINAL and (end is None or time.monotonic() < end):
-            time.sleep(POLL_SLEEP_S)
-        return self.state
-
     def poll(self) -> TransferState:
         if self.state in TERMINAL:
             return self.state
         self._reap()
         if self._read_error is not None and not self._inflight:
             return self._finish(TransferState.FAILED, self._read_error)
-        if time.monotonic() > self._deadline:
+        if self._expired():
             return self._finish(TransferState.TIMED_OUT, f"pull of {len(self._remote)} blocks "
                                 f"from {self._link.key} not done within {self._timeout_s} s")
         if self._read_error is not None:
@@ -284,6 +233,9 @@ class PullTransfer:
         if self._link is not None:
             self._link.close_if_drained()
 
+    def abort(self, error: str) -> TransferState:
+        return self.state if self.state in TERMINAL else self._finish(TransferState.FAILED, error)
+
     def _land(self) -> TransferState:
         """All reads done: staged pulls still copy staging -> pool (async on CUDA)."""
         staging = self._agent._staging
@@ -315,67 +267,86 @@ class PullTransfer:
             self._agent._staging.free(self._slots)
             self._slots = None
         # else: a staging -> pool copy is still in flight (only on close); leak the slots.
-        self.state, self.error, self._t1 = state, error, time.monotonic()
-        self._agent._record(self)
-        return state
+        return self._end(state, error)
 
 
 class KVTransferAgent:
-    """One DLSlime endpoint serving this engine's KV pool (CPU) or pinned staging area (CUDA
-    pool; `staging_blocks` > 0 required), plus one cached client endpoint per peer we pull from."""
+    """One rank's KV data plane: it serves this rank's pool to pullers and pulls peers' blocks into
+    it, over the transports `transport` allows (topology.offers): CUDA IPC for a GPU pool (exported
+    once), and a DLSlime endpoint serving the CPU pool, or for a GPU pool a pinned staging area
+    (`staging_blocks` > 0 required when TCP is offered). Pulls use the best transport shared with
+    the peer (topology.choose); DLSlime links are cached per peer, IPC mappings per peer agent."""
 
     def __init__(self, pool: torch.Tensor, host: str = "127.0.0.1", port: int = 0,
-                 transport: str = "tcp", staging_blocks: int = 0,
+                 transport: str = "auto", staging_blocks: int = 0,
                  max_assignments_per_call: int = 32, max_inflight_per_peer: int = 64,
                  max_range_bytes: int = 64 << 20):
         if pool.dim() < 2 or not pool.is_contiguous() or pool.numel() == 0:
             raise ValueError("pool must be a non-empty contiguous [num_blocks, ...] tensor")
-        if pool.is_cuda and staging_blocks <= 0:
-            raise ValueError("a CUDA pool needs staging_blocks > 0 (the dlslime wheel has no "
-                             "CUDA: GPU KV is staged through pinned host memory)")
         if not 1 <= max_assignments_per_call <= 32 or not 1 <= max_inflight_per_peer <= 64:
             raise ValueError("DLSlime defects: <= 32 assignments per call, <= 64 in flight")
-        self.pool, self.transport = pool, transport
-        self.host = host
+        # auto leaves RDMA out until its connect-back handshake is wired (see start_pull)
+        nic = transport == "rdma" and bool(dlslime.available_nic())
+        self.transports = topology.offers(transport, pool.is_cuda, nic)
+        # the PyPI dlslime has no CUDA: its transports read a GPU pool through pinned host memory
+        dlslime_offered = any(t in self.transports for t in topology.DLSLIME)
+        staged = dlslime_offered and staging_blocks > 0   # CPU pools stage only when asked (tests)
+        if pool.is_cuda and dlslime_offered and not staged:
+            raise ValueError("a CUDA pool served over TCP needs staging_blocks > 0 (the dlslime "
+                             "wheel has no CUDA: GPU KV is staged through pinned host memory)")
+        self.pool, self.host = pool, host
         self.block_bytes = pool[0].numel() * pool.element_size()
         self.max_assignments_per_call = max_assignments_per_call
         self.max_inflight_per_peer = max_inflight_per_peer
         self.max_range_bytes = max_range_bytes
-        self._staging = _Staging(pool, staging_blocks) if staging_blocks > 0 else None
-        self._region = self._staging.buf if self._staging is not None else pool
-        self.region_bytes = self._region.numel() * self._region.element_size()
-        self._endpoint = _make_endpoint(transport, host, port)
+        self._staging = _Staging(pool, staging_blocks) if staged else None
+        # what DLSlime serves: the staging area, the CPU pool, or nothing (a GPU pool over IPC only)
+        self._region = (self._staging.buf if staged else None if pool.is_cuda else pool)
+        self.region_bytes = 0 if self._region is None else self._region.numel() * self._region.element_size()
+        # the endpoint always listens: its id region answers identity probes and liveness checks
+        self._endpoint = _make_endpoint("rdma" if self.transports == ("rdma",) else "tcp", host, port)
         self.agent_id = uuid.uuid4().hex
         self._id_buf = torch.tensor(list(self.agent_id.encode()), dtype=torch.uint8)
-        if min(self._endpoint.register_memory_region(REGION, self._region.data_ptr(), 0,
-                                                     self.region_bytes),
-               self._endpoint.register_memory_region(ID_REGION, self._id_buf.data_ptr(), 0,
-                                                     ID_BYTES)) < 0:
+        handles = [self._endpoint.register_memory_region(ID_REGION, self._id_buf.data_ptr(), 0, ID_BYTES)]
+        if self._region is not None:
+            handles.append(self._endpoint.register_memory_region(REGION, self._region.data_ptr(), 0,
+                                                                 self.region_bytes))
+        if min(handles) < 0:
             raise TransferError("DLSlime refused to register the KV regions")
+        self._ipc = None
+        if "ipc" in self.transports:
+            from engine.pd.ipc import IpcExport
+            self._ipc = IpcExport(pool, self.agent_id)
+        self._ipc_peers = None   # opened on the first IPC pull
+        self.host_id = topology.host_id()
         self._layout = {"block_shape": list(pool.shape[1:]),
                         "dtype": str(pool.dtype).removeprefix("torch."),
                         "block_bytes": self.block_bytes}
         self._links: dict[str, _PeerLink] = {}
         self._dropped: list[_PeerLink] = []    # broken links with reads still out
-        self._active: set[PullTransfer] = set()
+        self._active: set[Pull] = set()
         self._counts = {s: 0 for s in TERMINAL}
         self._bytes, self._ms, self._peak_inflight = 0, 0.0, 0
         self._closed = False
 
     # -- what peers need ---------------------------------------------------------------
     def endpoint_info(self) -> dict:
-        """JSON-serialisable description a peer needs to validate and pull our blocks.
-        `num_blocks` counts the blocks addressable by remote ids (staging slots if staged)."""
+        """JSON-serialisable description a peer needs to choose a transport, validate and pull
+        our blocks. `num_blocks` counts the blocks DLSlime reads address (staging slots if
+        staged), `pool_blocks` those of the pool (what IPC reads address)."""
         info = self._endpoint.endpoint_info()
         return {"agent_id": self.agent_id, "host": info["host"], "port": info["port"],
-                "transport": self.transport, "region": REGION, "mr_info": info["mr_info"],
-                "num_blocks": self._region.shape[0], "staged": self._staging is not None,
-                "pool_blocks": self.pool.shape[0], **self._layout}
+                "host_id": self.host_id, "transports": list(self.transports),
+                "region": REGION, "mr_info": info["mr_info"],
+                "num_blocks": 0 if self._region is None else self._region.shape[0],
+                "staged": self._staging is not None, "pool_blocks": self.pool.shape[0],
+                "ipc": None if self._ipc is None else self._ipc.descriptor, **self._layout}
 
     def stage_out(self, block_ids, wait: bool = True) -> StagedBlocks | None:
-        """Make pool blocks pullable. CPU pool: the ids themselves, no copy. Staged: copy into
-        staging slots; None while the staging area is full (retry later). With wait=False
-        the GPU -> host copy is left running: publish remote_ids only once ready()."""
+        """Make pool blocks pullable over DLSlime. Unstaged (CPU pool, or IPC only): the ids
+        themselves, no copy. Staged: copy into staging slots; None while the staging area is
+        full (retry later). With wait=False the GPU -> host copy is left running: publish
+        remote_ids only once ready()."""
         ids = check_block_ids(block_ids, self.pool.shape[0], "local")
         if self._staging is None:
             return StagedBlocks(ids, None, None)
@@ -394,25 +365,39 @@ class KVTransferAgent:
         staged.released = True
 
     # -- pulling -------------------------------------------------------------------------
+    def choose(self, peer_info: dict) -> str:
+        """The transport a pull from this peer would use (TransferError: none in common)."""
+        return topology.choose(self.transports, check_peer_info(peer_info), self.host_id)
+
     def start_pull(self, peer_info: dict, remote_block_ids, local_block_ids,
-                   timeout_s: float = 30.0) -> PullTransfer:
-        """Validate, then start pulling. Raises TransferError for anything that must not be
-        issued; runtime problems (unreachable, dead or hung peer) end as failed / timed_out."""
+                   timeout_s: float = 30.0, staged_block_ids=None) -> Pull:
+        """Validate, choose the transport, then start pulling. `remote_block_ids` are blocks of
+        the peer's pool; `staged_block_ids`, where the peer staged them for DLSlime reads (None:
+        unstaged, read the pool ids). Raises TransferError for anything that must not be issued;
+        runtime problems (unreachable, dead or hung peer) end as failed / timed_out."""
         if self._closed:
             raise TransferError("agent is closed")
         peer = check_peer_info(peer_info)
         check_compatible(self._layout, peer)
-        if peer["transport"] != self.transport:
-            raise TransferError(f"peer transport {peer['transport']!r} != {self.transport!r}")
-        if self.transport == "rdma":
+        transport = topology.choose(self.transports, peer, self.host_id)
+        if transport == "ipc":
+            return self._start_ipc(peer, remote_block_ids, local_block_ids, timeout_s)
+        if transport == "rdma":
             # RDMA queue pairs need the source to connect back to us, which needs a control
             # message this data plane does not have yet.
             raise TransferError("rdma pulls need a connect-back handshake; not wired yet")
+        if peer["staged"]:
+            if staged_block_ids is None:
+                raise TransferError("the peer stages its GPU pool for TCP reads, and no staged "
+                                    "block ids were given")
+            remote_block_ids = staged_block_ids
         remote, local = check_pull_ids(remote_block_ids, local_block_ids,
                                        peer["num_blocks"], self.pool.shape[0])
         if self._staging is not None and len(local) > self._staging.capacity:
             raise TransferError(f"pull of {len(local)} blocks exceeds the staging area of "
                                 f"{self._staging.capacity} blocks")
+        if self._region is None:
+            raise TransferError("this engine's GPU pool offers no staging area for TCP pulls")
         remote_len = min(peer["num_blocks"] * self.block_bytes, peer["region_length"])
         if self._staging is None:   # staged pulls are checked once their slots are known
             check_bounds(to_byte_ranges(coalesce(remote, local), self.block_bytes,
@@ -425,6 +410,19 @@ class KVTransferAgent:
         transfer.poll()
         return transfer
 
+    def _start_ipc(self, peer: dict, remote_block_ids, local_block_ids, timeout_s: float) -> Pull:
+        from engine.pd.ipc import IpcPeers, IpcPull, check_descriptor
+        check_descriptor(peer["ipc"])
+        remote, local = check_pull_ids(remote_block_ids, local_block_ids, peer["pool_blocks"],
+                                       self.pool.shape[0])
+        if self._ipc_peers is None:
+            self._ipc_peers = IpcPeers(self.pool)
+        transfer = IpcPull(self._ipc_peers, peer, remote, local, self.block_bytes, timeout_s,
+                           self._record)
+        if transfer.state not in TERMINAL:
+            self._active.add(transfer)
+        return transfer
+
     def _link_to(self, peer: dict) -> tuple[_PeerLink | None, str | None]:
         key = f"{peer['host']}:{peer['port']}"
         link = self._links.get(key)
@@ -432,7 +430,7 @@ class KVTransferAgent:
             return link, None
         if link is not None:        # the peer restarted on the same address
             self._break(link)
-        endpoint = _make_endpoint(self.transport, self.host)
+        endpoint = _make_endpoint("tcp", self.host)
         local_h = endpoint.register_memory_region(REGION, self._region.data_ptr(), 0,
                                                   self.region_bytes)
         endpoint.connect({"host": peer["host"], "port": peer["port"],
@@ -458,7 +456,7 @@ class KVTransferAgent:
             self._dropped = [d for d in self._dropped if not d.closed] + [link]
         link.close_if_drained()
 
-    def _record(self, transfer: PullTransfer) -> None:
+    def _record(self, transfer: Pull) -> None:
         self._active.discard(transfer)
         self._counts[transfer.state] += 1
         if transfer.state is TransferState.DONE:
@@ -477,7 +475,7 @@ class KVTransferAgent:
             return
         self._closed = True
         for transfer in list(self._active):
-            transfer._finish(TransferState.FAILED, "transfer agent closed")
+            transfer.abort("transfer agent closed")
         for link in list(self._links.values()):
             self._break(link)
         for link in self._dropped:
@@ -486,6 +484,8 @@ class KVTransferAgent:
                 link.endpoint.shutdown()
         self._endpoint.shutdown()
         self._links.clear()
+        if self._ipc_peers is not None:
+            self._ipc_peers.close()
 
     def __enter__(self) -> KVTransferAgent:
         return self

@@ -1,7 +1,7 @@
 """The engines a decode front takes migrations from: those registered in its control-plane scope, each with
 the KV endpoints it registered (every rank's DLSlime agent id, host and port). A migration from an unknown
 engine, or one that names a known engine but other endpoints (a listener to pull "KV" from that is not that
-engine's), is a 400 before the core sees it. Engines seen in the last SEEN_GRACE_S stay known, so a Redis
+engine's, or a CUDA IPC handle that is not the pool it exported), is a 400 before the core sees it. Engines seen in the last SEEN_GRACE_S stay known, so a Redis
 restart (records gone until the next heartbeats) rejects nothing."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ctrl_client import CtrlError
 from ctrl_client.discovery import Discovery
 from engine.errors import InvalidRequestError
 from engine.pd import migration as mig
+from engine.pd.topology import ipc_digest as digest
 
 SEEN_GRACE_S = 300.0
 REFRESH_MIN_S = 0.1  # unknown ids trigger a fresh listing at most this often
@@ -54,7 +55,7 @@ class KnownKVSources:
         if entry is None:
             raise InvalidRequestError(f"the migration's source engine {m.engine_id[:12]}... is not registered in this "
                                       "control-plane scope", param="kv_transfer_params")
-        endpoints = [[t.get("agent_id"), t.get("host"), t.get("port")] for t in m.transfer]
+        endpoints = [[t.get("agent_id"), t.get("host"), t.get("port"), digest(t.get("ipc"))] for t in m.transfer]
         if endpoints != entry[0]:
-            raise InvalidRequestError("the migration's KV endpoints are not the ones its source engine registered",
-                                      param="kv_transfer_params")
+            raise InvalidRequestError("the migration's KV endpoints (DLSlime address or CUDA IPC handle) are not the "
+                                      "ones its source engine registered", param="kv_transfer_params")

@@ -57,7 +57,7 @@ class Worker:
         self.runner = ModelRunner(config, model_config, model_path, max_model_len, self.parallel, self.device,
                                   progress and rank == 0)
         self.pd = RankKV(rank, kv_transfer_host(config.kv_transfer_host), config.kv_staging_bytes,
-                         self.parallel.dp_rank, self.parallel.tp_rank)
+                         self.parallel.dp_rank, self.parallel.tp_rank, config.kv_transport)
         self.tables: dict[int, list[int]] = {}  # ranks > 0: rank 0's block tables, by handle
         self._prev: LaunchedStep | None = None  # ranks > 0: the last step that sampled
 
