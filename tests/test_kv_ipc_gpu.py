@@ -14,9 +14,9 @@ from tests.test_kv_transfer import bitwise_equal, expected_after, make_pool, mix
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
 
 
-def _serve(conn, num_blocks: int, seed: int, transport: str) -> None:
+def _serve(conn, num_blocks: int, seed: int, transport: str, staging: int) -> None:
     pool = make_pool(num_blocks, seed).cuda()
-    agent = KVTransferAgent(pool, transport=transport, staging_blocks=0 if transport == "ipc" else 64)
+    agent = KVTransferAgent(pool, transport=transport, staging_blocks=0 if transport == "ipc" else staging)
     staged = agent.stage_out(list(range(8)))    # what a prefill engine does when it parks a request
     conn.send((agent.endpoint_info(), list(staged.remote_ids)))
     conn.recv()     # until told to stop (or killed)
@@ -29,9 +29,9 @@ def source():
     ctx = mp.get_context("spawn")
     started = []
 
-    def start(transport="auto", seed=11, num_blocks=400):
+    def start(transport="auto", seed=11, num_blocks=400, staging=64):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, num_blocks, seed, transport), daemon=True)
+        proc = ctx.Process(target=_serve, args=(child, num_blocks, seed, transport, staging), daemon=True)
         proc.start()
         assert parent.poll(120), "source process did not start"
         started.append((proc, parent))
@@ -75,6 +75,18 @@ def test_tcp_forced_engine_pulls_the_staged_copy(source):
         assert bitwise_equal(dst[10:18].cpu(), make_pool(400, 21)[:8])
 
 
+def test_full_staging_area_still_serves_ipc_and_refuses_tcp(source):
+    _, info, ids = source("auto", seed=71, staging=4)   # 8 blocks parked, 4 staging slots
+    assert info["staged"] and ids == list(range(8))      # unstaged: the pool blocks themselves
+    dst = make_pool(64, 72).cuda()
+    with KVTransferAgent(dst, staging_blocks=16) as sink, \
+            KVTransferAgent(make_pool(64, 73).cuda(), transport="tcp", staging_blocks=16) as tcp_only:
+        with pytest.raises(TransferError, match="was not staged"):
+            tcp_only.start_pull(info, ids, ids)
+        assert sink.start_pull(info, ids, list(range(20, 28)), timeout_s=30).wait() is TransferState.DONE
+        assert bitwise_equal(dst[20:28].cpu(), make_pool(400, 71)[:8])
+
+
 def test_ipc_only_source_and_forged_handles(source):
     _, info, staged = source("ipc", seed=31)
     assert info["transports"] == ["ipc"] and not info["staged"] and staged == list(range(8))
@@ -91,7 +103,7 @@ def test_ipc_only_source_and_forged_handles(source):
         impostor = {**info, "agent_id": "f" * 32}
         t = sink.start_pull(impostor, [0], [0], timeout_s=30)
         assert t.state is TransferState.FAILED and "does not open the pool of the agent" in t.error
-        assert torch.equal(dst, before) and len(sink._ipc_peers) == 0
+        assert bitwise_equal(dst, before) and len(sink._ipc_peers) == 0
         t = sink.start_pull(info, [3], [5], timeout_s=30)
         assert t.wait() is TransferState.DONE, t.error
         assert bitwise_equal(dst[5].cpu(), make_pool(400, 31)[3])
@@ -127,3 +139,62 @@ def test_source_killed_after_mapping_still_reads_what_it_wrote(source):
         sink._ipc_peers.drop(info["agent_id"])
         torch.cuda.synchronize()
         assert torch.isfinite(dst.float()).any()   # the context survived
+
+
+# -- engines: 1P1D over CUDA IPC ---------------------------------------------------------------------------------
+
+GPU_ARGS = ["--device", "cuda", "--gpu-memory-utilization", "0.05"]
+
+
+def test_1p1d_over_ipc_equals_hybrid_and_survives_a_dead_prefill(cluster):
+    """Prefill and decode on one GPU, KV over CUDA IPC only (so every pull that succeeds went over IPC): the same
+    tokens as a hybrid engine on the same GPU, streamed and not; then a prefill engine killed after handing off
+    fails at most that request, and every pool is full again."""
+    from tests.support.server import start_server
+    from tests.test_pd_cluster import assert_pools_full, model_name, post, run_all, url, workload
+    hybrid = start_server(cluster.model, cluster.log_dir, *GPU_ARGS)  # on its own: not in the router's scope
+    try:
+        reqs = workload(32, seed=3)
+        for b in reqs:
+            b["model"] = model_name(hybrid)
+        expected = run_all(url(hybrid, ""), reqs)
+    finally:
+        hybrid.stop()
+    prefill = cluster.engine("prefill", *GPU_ARGS, "--kv-transport", "ipc")
+    decode = cluster.engine("decode", *GPU_ARGS, "--kv-transport", "ipc")
+    router = cluster.start_router()
+    router.wait_engines(2)
+    assert run_all(router.url, reqs) == expected
+    stats = decode.engine_info()["stats"]
+    assert stats["kv_transfers"] >= 32 and stats["kv_transfers_failed"] == 0 and stats["kv_transfer_bytes"] > 0
+    assert_pools_full(cluster)
+
+    body = {"model": model_name(prefill), "prompt": list(range(5, 45)), "max_tokens": 4, "temperature": 0.0,
+            "kv_transfer_params": {"do_remote_decode": True}}
+    kv = post(url(prefill, "/v1/completions"), body)[1]["kv_transfer_params"]
+    prefill.stop(sig=9)
+    status, answer = post(url(decode, "/v1/completions"), {**body, "kv_transfer_params": {"migration": kv["migration"]}})
+    # the decode engine mapped the prefill pool for the earlier pulls: the dead engine's blocks, written before it
+    # answered, may still be read (200); a pull that cannot be made is a 503 for this request alone
+    assert status in (200, 503), answer
+    info = decode.wait_kv_free(timeout=15)
+    assert info["stats"]["num_free_blocks"] == info["stats"]["num_blocks"]
+    assert decode.get_json("/health")[0] == 200
+
+
+def test_block_copy_kernel_matches_the_reference():
+    from engine.pd.ranges import coalesce
+    from kernels.block_copy import copy_blocks, copy_blocks_ref
+    remote, local = mixed_pairs(seed=5)
+    pairs = sorted(zip(remote, local))
+    runs = coalesce([p[0] for p in pairs], [p[1] for p in pairs])
+    for shape, dtype in [((2, 2, 4, 2, 8), torch.bfloat16), ((3, 2, 16, 1, 24), torch.float32),
+                         ((1, 3, 1, 1, 3), torch.float8_e4m3fn)]:    # 9-byte blocks: the reference path
+        nbytes = 400 * torch.empty(shape, dtype=dtype).nbytes
+        g = torch.Generator().manual_seed(61)
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).view(dtype).view(400, *shape).cuda()
+        dst, ref = torch.zeros_like(src), torch.zeros_like(src)
+        copy_blocks(dst, src, runs)
+        copy_blocks_ref(ref, src, runs)
+        torch.cuda.synchronize()
+        assert torch.equal(dst.view(torch.uint8), ref.view(torch.uint8)), (shape, dtype)

@@ -101,7 +101,7 @@ def test_staged_pull_waits_for_slots_then_lands():
         exp = dst_before.clone()
         exp[0:20], exp[40:60] = src[10:30], src[30:50]
         assert bitwise_equal(dst, exp)
-        with pytest.raises(TransferError, match="no staged block ids"):
+        with pytest.raises(TransferError, match="was not staged"):
             sink.start_pull(info, list(range(20)), list(range(20)))
         with pytest.raises(TransferError, match="exceeds the staging area"):
             sink.start_pull(info, list(range(33)), list(range(33)), staged_block_ids=list(range(33)))

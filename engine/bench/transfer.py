@@ -125,7 +125,8 @@ def main(argv=None) -> None:
         dst = _make_pool(num_blocks, args, fill=False)
         with _agent(dst, args) as agent:
             print(_conditions(args, agent.block_bytes))
-            _pull(agent, info, staged, [0], [0])   # connect + identity probe, outside the timings
+            # connect + identity probe (and a first scattered copy: kernel compile), outside the timings
+            _pull(agent, info, staged, [0, 2], [1, 3])
             print(f"{'tokens':>7} {'blocks':>6} {'MB':>8} {'layout':>10} {'ranges':>6} "
                   f"{'calls':>5} {'ms':>8} {'GB/s':>6}")
             for tokens in sizes:

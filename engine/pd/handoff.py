@@ -91,12 +91,14 @@ class KVHandoff:
         dp = seq.dp_rank
         block_ids = seq.block_table[:self.block_managers[dp].blocks_needed(seq.num_prompt_tokens)]
         endpoints = self.endpoints
-        remote = self._rpc("stage_out", seq_id, block_ids, dp)[dp * self.tp:(dp + 1) * self.tp]
-        if any(ids is None for ids in remote):
+        out = self._rpc("stage_out", seq_id, block_ids, dp)[dp * self.tp:(dp + 1) * self.tp]
+        if any(o is None for o in out):
             self._rpc("release", seq_id)
             raise RuntimeError("KV staging area full")
         self.parked[seq_id] = _Parked(seq, time.monotonic() + self.park_timeout_s)
-        staged = any(e.get("staged") for e in endpoints[dp * self.tp:(dp + 1) * self.tp])
+        # every rank staged: DLSlime pullers read the staging slots; else only what reads the pool (IPC) can pull
+        staged = all(o[1] for o in out)
+        remote = [o[0] for o in out]
         m = mig.Migration(version=mig.VERSION, engine_id=self.engine_id, seq_id=seq_id, transfer=endpoints,
                           kv_spec=self.kv_spec, block_ids=[list(block_ids)] * self.tp,
                           staged_block_ids=remote if staged else None, dp_rank=dp,

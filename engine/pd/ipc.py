@@ -22,6 +22,7 @@ import time
 import torch
 
 from engine.pd.pull import Pull, TransferState
+from kernels.block_copy import copy_blocks
 from engine.pd.ranges import ID_BYTES, TransferError, coalesce
 
 IDLE_CLOSE_S = 30.0
@@ -154,8 +155,7 @@ class IpcPull(Pull):
         # the blocks were just allocated here: work queued on the main stream that last used them comes first
         stream.wait_stream(torch.cuda.current_stream(dst.device))
         with torch.cuda.device(dst.device), torch.cuda.stream(stream):
-            for run in runs:
-                dst[run.local:run.local + run.count].copy_(src[run.remote:run.remote + run.count], non_blocking=True)
+            copy_blocks(dst, src, runs)  # one launch for scattered blocks (not one copy each)
             self._event = torch.cuda.Event()
             self._event.record(stream)
         self.num_ranges, self.num_calls = len(runs), 1

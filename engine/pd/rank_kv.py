@@ -42,16 +42,17 @@ class RankKV:
         return self.agent.endpoint_info()
 
     # ---- prefill side ------------------------------------------------------------------------
-    def stage_out(self, key: int, block_ids: list[int], dp: int = 0) -> list[int] | None:
-        """Makes the blocks pullable; returns the ids a peer pulls (None: the staging area is full, or this
-        rank is not in DP group `dp`)."""
+    def stage_out(self, key: int, block_ids: list[int], dp: int = 0) -> tuple[list[int], bool] | None:
+        """Makes the blocks pullable; returns (the ids a DLSlime peer reads, whether they are staging slots rather
+        than the pool blocks themselves). None: the staging area is full and nothing else can serve them, or this
+        rank is not in DP group `dp`."""
         if dp != self.dp_rank:
             return None
         staged = self.agent.stage_out(block_ids)
         if staged is None:
             return None
         self.staged[key] = staged
-        return list(staged.remote_ids)
+        return list(staged.remote_ids), staged.staged
 
     def release(self, key: int) -> None:
         """Idempotent: unknown keys are fine (a rank whose staging was full never held one)."""

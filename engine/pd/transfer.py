@@ -90,6 +90,7 @@ class StagedBlocks:
 
     def __init__(self, remote_ids: list[int], slots: list[int] | None, event):
         self.remote_ids, self.slots, self._event, self.released = remote_ids, slots, event, False
+        self.staged = slots is not None   # remote_ids are staging slots (else pool blocks)
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
@@ -344,15 +345,16 @@ class KVTransferAgent:
 
     def stage_out(self, block_ids, wait: bool = True) -> StagedBlocks | None:
         """Make pool blocks pullable over DLSlime. Unstaged (CPU pool, or IPC only): the ids
-        themselves, no copy. Staged: copy into staging slots; None while the staging area is
-        full (retry later). With wait=False the GPU -> host copy is left running: publish
-        remote_ids only once ready()."""
+        themselves, no copy. Staged: copy into staging slots; while the staging area is full,
+        None (retry later), or unstaged blocks when IPC is offered (`staged` tells). With
+        wait=False the GPU -> host copy is left running: publish remote_ids only once ready()."""
         ids = check_block_ids(block_ids, self.pool.shape[0], "local")
         if self._staging is None:
             return StagedBlocks(ids, None, None)
         slots = self._staging.alloc(len(ids))
         if slots is None:
-            return None
+            # full: over IPC the pool blocks are pullable as they are (TCP pullers are refused)
+            return StagedBlocks(ids, None, None) if self._ipc is not None else None
         staged = StagedBlocks(slots, slots, _copy_blocks(self._staging.buf, slots, self.pool, ids))
         if wait:
             staged.wait()
@@ -388,8 +390,9 @@ class KVTransferAgent:
             raise TransferError("rdma pulls need a connect-back handshake; not wired yet")
         if peer["staged"]:
             if staged_block_ids is None:
-                raise TransferError("the peer stages its GPU pool for TCP reads, and no staged "
-                                    "block ids were given")
+                raise TransferError("the source stages its GPU pool for TCP reads, and this "
+                                    "request's KV was not staged (its staging area was full): "
+                                    "pull over IPC on its host, or raise its --kv-staging-bytes")
             remote_block_ids = staged_block_ids
         remote, local = check_pull_ids(remote_block_ids, local_block_ids,
                                        peer["num_blocks"], self.pool.shape[0])
