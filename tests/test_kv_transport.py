@@ -48,20 +48,25 @@ def test_offers_follow_the_setting_pool_and_machine():
 
 
 def test_choose_takes_the_best_shared_transport():
-    gpu = ("ipc", "tcp")
-    assert topology.choose(gpu, peer(), "h1") == "ipc"
-    assert topology.choose(gpu, peer(), "h2") == "tcp"               # another host: no IPC
-    assert topology.choose(gpu, peer(ipc=None), "h1") == "tcp"       # nothing exported
-    assert topology.choose(("tcp",), peer(), "h1") == "tcp"          # this engine forced to TCP
-    assert topology.choose(("ipc", "rdma", "tcp"), peer(("ipc", "rdma", "tcp")), "h2") == "rdma"
+    gpu, seen = ("ipc", "tcp"), frozenset({"GPU-1234"})
+    assert topology.choose(gpu, peer(), "h1", seen) == "ipc"
+    assert topology.choose(gpu, peer(), "h2", seen) == "tcp"         # another host (or IPC namespace): no IPC
+    assert topology.choose(gpu, peer(), "h1") == "tcp"               # its GPU is not visible here
+    assert topology.choose(gpu, peer(ipc=None), "h1", seen) == "tcp"  # nothing exported
+    assert topology.choose(("tcp",), peer(), "h1", seen) == "tcp"    # this engine forced to TCP
+    assert topology.choose(("ipc", "rdma", "tcp"), peer(("ipc", "rdma", "tcp")), "h2", seen) == "rdma"
     with pytest.raises(TransferError, match="no KV transport in common"):
-        topology.choose(gpu, peer(("ipc",)), "h2")                   # IPC-only source on another host
+        topology.choose(gpu, peer(("ipc",)), "h2", seen)             # IPC-only source on another host
     with pytest.raises(TransferError, match="no KV transport in common"):
-        topology.choose(("ipc",), peer(("tcp",)), "h1")
+        topology.choose(("ipc",), peer(("tcp",)), "h1", seen)
 
 
-def test_host_id_is_stable_and_shared_by_processes():
-    assert topology.host_id() == topology.host_id() and topology.host_id()
+def test_host_id_is_shared_by_processes_of_one_host_and_ipc_namespace():
+    import subprocess
+    import sys
+    other = subprocess.run([sys.executable, "-c", "from engine.pd import topology; print(topology.host_id())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert other == topology.host_id() and "/ipc:" in other
 
 
 def test_peer_info_checks_per_transport():
@@ -151,3 +156,15 @@ def test_decode_front_refuses_forged_ipc_handles_and_unknown_engines():
         check([{**registered, "ipc": None}])
     with pytest.raises(InvalidRequestError, match="not registered"):
         check([registered], engine_id="f" * 32)
+
+
+def test_bench_transfer_prints_its_table_and_refuses_ipc_without_a_gpu():
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "engine.cli.main", "bench", "transfer", "--tokens", "32", "--repeats", "1",
+           "--layers", "2", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "transport tcp" in out.stdout and "contiguous" in out.stdout and "MISMATCH" not in out.stdout
+    out = subprocess.run([*cmd, "--transport", "ipc"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "needs --device cuda" in out.stderr

@@ -10,7 +10,7 @@ BENCHMARKS = {
     "throughput": "offline engine throughput (nano-vllm's workload) beside transformers",
     "serve": "online load against a running server: TTFT / ITL / E2E percentiles and throughput",
     "pd": "1 prefill + 1 decode engine behind the PD router vs one hybrid engine: TTFT / ITL at a few rates",
-    "transfer": "KV-block pull GB/s over DLSlime between two processes (Qwen3-0.6B blocks)",
+    "transfer": "KV-block pull GB/s between two processes over CUDA IPC, TCP or RDMA (Qwen3-0.6B blocks)",
     "attention": "decode attention kernels alone (FlashInfer, Triton, XQA on FP8 pages), GB/s and error per batch size",
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import socket
 
 from engine.pd.ranges import TransferError
@@ -21,13 +22,19 @@ DLSLIME = ("rdma", "tcp")  # the transports DLSlime endpoints carry (one-sided r
 
 @functools.cache
 def host_id() -> str:
-    """The kernel's boot id: equal for every process and container on one machine (containers share the kernel),
-    different across machines and across reboots: the condition for CUDA IPC between two engines."""
+    """Where CUDA IPC works: the kernel's boot id (equal for every process and container on one machine,
+    different across machines and reboots) and the IPC namespace (containers share it only with `ipc: host`;
+    CUDA IPC and torch's shared reference counts need it)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+            boot = f.read().strip()
     except OSError:
-        return f"host:{socket.gethostname()}"
+        boot = f"host:{socket.gethostname()}"
+    try:
+        namespace = os.readlink("/proc/self/ns/ipc")
+    except OSError:
+        namespace = "ipc:?"
+    return f"{boot}/{namespace}"
 
 
 def offers(setting: str, pool_is_cuda: bool, has_rdma_nic: bool) -> tuple[str, ...]:
@@ -44,19 +51,22 @@ def offers(setting: str, pool_is_cuda: bool, has_rdma_nic: bool) -> tuple[str, .
     return tuple(t for t in TRANSPORTS if possible[t])
 
 
-def choose(local: tuple[str, ...], peer: dict, local_host: str) -> str:
-    """The best transport both sides offer. IPC also needs the same host (the peer's `host_id`) and the
-    peer's exported pool (`ipc`); the peer's offers come from its endpoint info (`transports`)."""
+def choose(local: tuple[str, ...], peer: dict, local_host: str, gpus: frozenset[str] = frozenset()) -> str:
+    """The best transport both sides offer. IPC also needs the same host and IPC namespace (the peer's
+    `host_id`), the peer's exported pool (`ipc`) and its GPU among this process's (`gpus`, by UUID); the peer's
+    offers come from its endpoint info (`transports`)."""
     theirs = set(peer.get("transports") or ())
     for t in TRANSPORTS:
         if t not in local or t not in theirs:
             continue
-        if t == "ipc" and (peer.get("host_id") != local_host or not peer.get("ipc")):
+        if t == "ipc" and (peer.get("host_id") != local_host or not isinstance(peer.get("ipc"), dict)
+                           or peer["ipc"].get("device_uuid") not in gpus):
             continue
         return t
     raise TransferError(f"no KV transport in common: the source offers {sorted(theirs)} "
                         f"(host {str(peer.get('host_id'))[:8]}), this engine {list(local)} (host {local_host[:8]}); "
-                        "run both with --kv-transport auto or the same transport")
+                        "IPC needs the same host, IPC namespace and a visible GPU; run both with --kv-transport "
+                        "auto or the same transport")
 
 
 def ipc_digest(descriptor: dict | None) -> str | None:

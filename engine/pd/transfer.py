@@ -1,5 +1,7 @@
-"""KV-block data plane over DLSlime: a KVTransferAgent per engine (rank) serves its KV pool as
-one memory region and pulls remote blocks into local ones as PullTransfer state machines.
+"""KV-block data plane: a KVTransferAgent per engine rank serves its KV pool and pulls remote
+blocks into local ones, over the transport both sides share (engine/pd/topology.py): CUDA IPC
+(engine/pd/ipc.py, IpcPull) or DLSlime (this module: the pool, or its pinned staging area, as one
+memory region, read as PullTransfer state machines).
 
 Measured DLSlime 0.1.23 behaviour this module is shaped by (see shared/notes/dlslime.md):
 - one TcpEndpoint talks to ONE peer: a second connect() silently re-targets it and reads
@@ -314,10 +316,11 @@ class KVTransferAgent:
                                                                  self.region_bytes))
         if min(handles) < 0:
             raise TransferError("DLSlime refused to register the KV regions")
-        self._ipc = None
+        self._ipc, self._gpus = None, frozenset()
         if "ipc" in self.transports:
-            from engine.pd.ipc import IpcExport
+            from engine.pd.ipc import IpcExport, device_uuid
             self._ipc = IpcExport(pool, self.agent_id)
+            self._gpus = frozenset(device_uuid(i) for i in range(torch.cuda.device_count()))
         self._ipc_peers = None   # opened on the first IPC pull
         self.host_id = topology.host_id()
         self._layout = {"block_shape": list(pool.shape[1:]),
@@ -369,7 +372,7 @@ class KVTransferAgent:
     # -- pulling -------------------------------------------------------------------------
     def choose(self, peer_info: dict) -> str:
         """The transport a pull from this peer would use (TransferError: none in common)."""
-        return topology.choose(self.transports, check_peer_info(peer_info), self.host_id)
+        return topology.choose(self.transports, check_peer_info(peer_info), self.host_id, self._gpus)
 
     def start_pull(self, peer_info: dict, remote_block_ids, local_block_ids,
                    timeout_s: float = 30.0, staged_block_ids=None) -> Pull:
@@ -381,7 +384,7 @@ class KVTransferAgent:
             raise TransferError("agent is closed")
         peer = check_peer_info(peer_info)
         check_compatible(self._layout, peer)
-        transport = topology.choose(self.transports, peer, self.host_id)
+        transport = topology.choose(self.transports, peer, self.host_id, self._gpus)
         if transport == "ipc":
             return self._start_ipc(peer, remote_block_ids, local_block_ids, timeout_s)
         if transport == "rdma":
