@@ -160,8 +160,8 @@ def test_1p1d_over_ipc_equals_hybrid_and_survives_a_dead_prefill(cluster):
         expected = run_all(url(hybrid, ""), reqs)
     finally:
         hybrid.stop()
-    prefill = cluster.engine("prefill", *GPU_ARGS, "--kv-transport", "ipc")
-    decode = cluster.engine("decode", *GPU_ARGS, "--kv-transport", "ipc")
+    prefill, decode = cluster.engines_of(("prefill", *GPU_ARGS, "--kv-transport", "ipc"),
+                                         ("decode", *GPU_ARGS, "--kv-transport", "ipc"))
     router = cluster.start_router()
     router.wait_engines(2)
     assert run_all(router.url, reqs) == expected

@@ -87,7 +87,7 @@ def assert_pools_full(cluster) -> None:
 
 
 def test_1p1d_then_2p1d_equal_hybrid(cluster, reference_llm):
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     router = cluster.start_router()
     router.wait_engines(2)
     reqs = workload(32)
@@ -110,8 +110,8 @@ def test_1p1d_then_2p1d_equal_hybrid(cluster, reference_llm):
 def test_1p1d_with_tensor_parallel_2_equals_hybrid(cluster, reference_llm):
     """Both sides at tensor_parallel_size 2: each rank's KV shard moves rank to rank (its own DLSlime
     endpoint, advertised in the migration). A decode engine of another size refuses the migration (400)."""
-    prefill = cluster.engine("prefill", "--tensor-parallel-size", "2")
-    decode = cluster.engine("decode", "--tensor-parallel-size", "2")
+    prefill, decode = cluster.engines_of(("prefill", "--tensor-parallel-size", "2"),
+                                         ("decode", "--tensor-parallel-size", "2"))
     router = cluster.start_router()
     router.wait_engines(2)
     reqs = workload(16, seed=2)
@@ -135,7 +135,7 @@ def test_1p1d_with_tensor_parallel_2_equals_hybrid(cluster, reference_llm):
 
 
 def test_prefill_protocol_as_dlrouter_drives_it(cluster):
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     model = model_name(prefill)
     body = {"model": model, "prompt": [5, 6, 7, 8, 9, 10, 11, 12], "max_tokens": 6, "temperature": 0.7, "stream": False,
             "ignore_eos": True, "kv_transfer_params": {"do_remote_decode": True}}
@@ -167,7 +167,7 @@ def test_prefill_protocol_as_dlrouter_drives_it(cluster):
 
 
 def test_forged_or_corrupted_migration_is_400(cluster):
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     model = model_name(prefill)
     body = {"model": model, "prompt": [5, 6, 7, 8, 9], "max_tokens": 4, "temperature": 0.0,
             "kv_transfer_params": {"do_remote_decode": True}}
@@ -183,7 +183,7 @@ def test_forged_or_corrupted_migration_is_400(cluster):
 
 
 def test_prefill_dies_before_the_pull(cluster):
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     model = model_name(prefill)
     body = {"model": model, "prompt": list(range(5, 45)), "max_tokens": 4, "temperature": 0.0,
             "kv_transfer_params": {"do_remote_decode": True}}
@@ -198,7 +198,7 @@ def test_prefill_dies_before_the_pull(cluster):
 
 
 def test_decode_dies_prefill_reclaims(cluster):
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     router = cluster.start_router()
     router.wait_engines(2)
     decode.stop(sig=9)
@@ -224,8 +224,7 @@ def test_bench_pd_prints_its_table(tiny_llama):
 
 
 def test_router_retries_prefill_on_a_dead_engine(cluster, reference_llm):
-    p1, p2 = cluster.engine("prefill"), cluster.engine("prefill")
-    cluster.engine("decode")
+    p1, p2, _ = cluster.engines_of("prefill", "prefill", "decode")
     router = cluster.start_router()
     router.wait_engines(3)
     p1.stop(sig=9)  # still registered until its key expires: the router meets a dead engine
@@ -241,7 +240,7 @@ def test_router_retries_prefill_on_a_dead_engine(cluster, reference_llm):
 
 
 def test_client_abort_through_the_router_frees_everything(cluster):
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     router = cluster.start_router()
     router.wait_engines(2)
     body = {"model": model_name(prefill), "prompt": list(range(5, 30)), "max_tokens": 400, "ignore_eos": True,
@@ -259,7 +258,7 @@ def test_structured_outputs_through_1p1d_equal_hybrid(cluster, reference_llm):
     state from the prompt and that token, and the answers equal one hybrid engine's (seeded sampling)."""
     import re
     from engine.structured import StructuredOutputsParams
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     router = cluster.start_router()
     router.wait_engines(2)
     schema = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},

@@ -11,8 +11,8 @@ Safety, as for the DLSlime transports:
   handle that opens some other allocation fails there);
 - copies cannot be cancelled: a pull that times out leaves its local blocks unsafe to reuse (quarantined).
 
-An open mapping keeps the peer's pool allocated, even after the peer died: mappings unused for IDLE_CLOSE_S are
-closed, and so is the mapping of a peer whose pull failed.
+An open mapping keeps the peer's pool allocated, even after the peer died: the next pull closes mappings unused
+for IDLE_CLOSE_S, and a failed pull closes its peer's mapping.
 """
 from __future__ import annotations
 

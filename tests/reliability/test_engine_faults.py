@@ -38,8 +38,7 @@ def test_prefill_holding_parked_kv_does_not_spin(server_factory, tiny_llama):
 def test_api_key_guards_pd_free_and_engine_info_and_the_router_presents_its_engine_key(cluster):
     """Defect 6: with --api-key, POST /pd/free and GET /engine_info needed no key, so anyone who could reach
     a prefill engine could free another client's KV."""
-    prefill = cluster.engine("prefill", api_key="engine-secret")
-    cluster.engine("decode", api_key="engine-secret")
+    prefill, _ = cluster.engines_of("prefill", "decode", api_key="engine-secret")
     for method, path, body in (("POST", "/pd/free", {"seq_ids": [1]}), ("GET", "/engine_info", None)):
         status, raw, _ = prefill.request(method, path, body, auth=False)
         assert status == 401, (path, raw)
@@ -67,7 +66,7 @@ def test_request_deadlines_abort_and_free(server_factory, tiny_llama, cluster):
     assert not out.ok and out.ended_cleanly and "timeout_error" in out.error
     engine.wait_kv_free()
 
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     router = cluster.start_router("--request-timeout", "0.5")
     router.wait_engines(2)
     model = prefill.get_json("/v1/models")[1]["data"][0]["id"]
@@ -111,7 +110,7 @@ def test_decode_takes_migrations_only_from_registered_engines(cluster):
     """A decode front registered with a control plane checks a migration's source engine and its KV
     endpoints against the registrations of its scope (a forged one never reaches the core)."""
     from engine.pd import migration as mig
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     model = prefill.get_json("/v1/models")[1]["data"][0]["id"]
     body = {"model": model, "prompt": [5, 6, 7, 8, 9], "max_tokens": 3, "kv_transfer_params": {"do_remote_decode": True}}
     status, answer = prefill.post_json("/v1/completions", body)

@@ -188,7 +188,7 @@ def test_engine_http_endpoints_fuzzed(tiny_server, tiny_llama):
 
 
 def test_router_http_endpoints_fuzzed(cluster):
-    prefill, _ = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, _ = cluster.engines_of("prefill", "decode")
     router = cluster.start_router()
     router.wait_engines(2)
     model = prefill.get_json("/v1/models")[1]["data"][0]["id"]

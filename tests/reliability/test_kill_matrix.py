@@ -36,7 +36,7 @@ def pools_full(engines) -> None:
 @pytest.fixture
 def two_by_two(own_cluster):
     c = own_cluster
-    engines = [c.engine("prefill"), c.engine("prefill"), c.engine("decode"), c.engine("decode")]
+    engines = c.engines_of("prefill", "prefill", "decode", "decode")
     router = c.start_router()
     router.wait_engines(4)
     return c, engines, router

@@ -45,7 +45,7 @@ def assert_no_traceback(path) -> None:
 def test_dead_decode_fails_only_the_requests_it_held(cluster):
     """Defect 1: 1P2D, one decode killed under load. Before, the router kept sending it half the decodes
     until its control-plane entry expired (~60 s of 502s)."""
-    prefill, d1, d2 = cluster.engine("prefill"), cluster.engine("decode"), cluster.engine("decode")
+    prefill, d1, d2 = cluster.engines_of("prefill", "decode", "decode")
     router = cluster.start_router()
     router.wait_engines(3)
     load = Load(router.url, model_of(prefill), concurrency=16).start()
@@ -112,7 +112,7 @@ def test_engine_dying_mid_stream_ends_the_stream_with_an_error_event(cluster):
 def test_a_missing_role_is_a_503_with_retry_after_and_clients_ride_a_restart(cluster):
     """Defect 4: with the only decode engine gone, the router answered 404 ("no engine serves model") while
     /v1/models listed the model; the OpenAI SDK does not retry a 404."""
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     model = model_of(prefill)
     router = cluster.start_router()
     router.wait_engines(2)
@@ -132,7 +132,7 @@ def test_a_missing_role_is_a_503_with_retry_after_and_clients_ride_a_restart(clu
 
 def test_router_logs_a_down_engine_once_not_per_request(cluster):
     """Defect 6: one WARNING per request while an engine was down."""
-    prefill, decode = cluster.engine("prefill"), cluster.engine("decode")
+    prefill, decode = cluster.engines_of("prefill", "decode")
     router = cluster.start_router()
     router.wait_engines(2)
     model = model_of(prefill)

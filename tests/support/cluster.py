@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.server import REPO, ServerProcess, free_port, start_server
+from tests.support.server import REPO, ServerProcess, free_port, launch_server, start_servers
 
 PD_ARGS = ["--kv-park-timeout-s", "3", "--kv-pull-timeout-s", "5", "--ctrl-heartbeat-interval", "0.5"]
 
@@ -57,11 +57,22 @@ class Cluster:
         self.router: Router | None = None
 
     def engine(self, role: str, *args: str, api_key: str | None = None) -> ServerProcess:
-        server = start_server(self.model, self.log_dir, "--role", role, "--ctrl-address", self.ctrl.address,
-                              "--ctrl-scope", self.scope, *PD_ARGS, *args, api_key=api_key)
-        server.role = role
-        self.engines.append(server)
-        return server
+        return self.engines_of((role, *args), api_key=api_key)[0]
+
+    def engines_of(self, *specs, api_key: str | None = None) -> list[ServerProcess]:
+        """Starts engines together (their start-ups overlap): each spec is a role, or (role, *extra args)."""
+        launched = []
+        for spec in specs:
+            role, *args = (spec,) if isinstance(spec, str) else spec
+            server = launch_server(self.model, self.log_dir, "--role", role, "--ctrl-address", self.ctrl.address,
+                                   "--ctrl-scope", self.scope, *PD_ARGS, *args, api_key=api_key)
+            server.role = role
+            launched.append(server)
+        started = start_servers(*launched)
+        for server, spec in zip(started, specs):
+            server.role = spec if isinstance(spec, str) else spec[0]
+        self.engines.extend(started)
+        return started
 
     def start_router(self, *args: str) -> Router:
         port = free_port()

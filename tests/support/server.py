@@ -119,25 +119,42 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def launch_server(model: Path, log_dir: Path, *args: str, api_key: str | None = None) -> ServerProcess:
+    """Starts `slipstream serve MODEL` on a free port without waiting for it (see start_servers)."""
+    extra = list(args) + (["--api-key", api_key] if api_key else [])
+    port = free_port()
+    log = log_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "engine.cli.main", "serve", str(model), "--port", str(port), *ENGINE_ARGS, *extra]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(proc, port, log, api_key)
+    server.launch = (model, log_dir, args, api_key)
+    return server
+
+
+def start_servers(*launched: ServerProcess) -> list[ServerProcess]:
+    """Waits for /health of servers launched together (their start-ups overlap); one whose port was taken
+    meanwhile is relaunched, up to twice."""
+    out = []
+    for server in launched:
+        for attempt in range(3):
+            try:
+                server.wait_healthy()
+                break
+            except RuntimeError:
+                if "cannot listen" not in server.log_tail() or attempt == 2:
+                    for other in launched:
+                        other.stop()
+                    raise
+                model, log_dir, args, api_key = server.launch
+                server = launch_server(model, log_dir, *args, api_key=api_key)
+        out.append(server)
+    return out
+
+
 def start_server(model: Path, log_dir: Path, *args: str, api_key: str | None = None) -> ServerProcess:
     """Starts `slipstream serve MODEL` on a free port and waits for /health (retries a port taken meanwhile)."""
-    extra = list(args) + (["--api-key", api_key] if api_key else [])
-    for attempt in range(3):
-        port = free_port()
-        log = log_dir / f"server-{port}.log"
-        cmd = [sys.executable, "-m", "engine.cli.main", "serve", str(model), "--port", str(port), *ENGINE_ARGS,
-               *extra]
-        with log.open("ab") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        server = ServerProcess(proc, port, log, api_key)
-        try:
-            server.wait_healthy()
-            return server
-        except RuntimeError:
-            if "cannot listen" in server.log_tail() and attempt < 2:
-                continue
-            raise
-    raise AssertionError("unreachable")
+    return start_servers(launch_server(model, log_dir, *args, api_key=api_key))[0]
 
 
 @pytest.fixture(scope="session")
