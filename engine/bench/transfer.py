@@ -127,6 +127,7 @@ def main(argv=None) -> None:
             print(_conditions(args, agent.block_bytes))
             # connect + identity probe (and a first scattered copy: kernel compile), outside the timings
             _pull(agent, info, staged, [0, 2], [1, 3])
+            base = agent.metrics()
             print(f"{'tokens':>7} {'blocks':>6} {'MB':>8} {'layout':>10} {'ranges':>6} "
                   f"{'calls':>5} {'ms':>8} {'GB/s':>6}")
             for tokens in sizes:
@@ -143,7 +144,9 @@ def main(argv=None) -> None:
                           f"{t.num_calls:>5} {ms:>8.1f} {t.bytes / ms / 1e6:>6.2f}"
                           + ("" if ok else "  DATA MISMATCH"))
             m = agent.metrics()
-            print(f"total: {m.transfers} pulls, {m.bytes / 1e9:.2f} GB, {m.gbps:.2f} GB/s, "
+            n, nbytes, ms = m.transfers - base.transfers, m.bytes - base.bytes, m.ms - base.ms
+            print(f"total (warm-up left out): {n} pulls, {nbytes / 1e9:.2f} GB, "
+                  f"{nbytes / ms / 1e6 if ms else 0:.2f} GB/s, "
                   f"peak {m.peak_inflight} assignments in flight")
     finally:
         parent.send("stop")
