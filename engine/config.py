@@ -78,7 +78,8 @@ class EngineConfig:
     kv_staging_bytes: int = opt(2 << 30, "GPU pools over TCP: pinned host memory that stages KV in and out")
     kv_transport: Literal["auto", "ipc", "rdma", "tcp"] = opt(
         "auto", "how KV moves between engines: auto offers CUDA IPC (GPU pools; used between engines on one host) "
-                "and TCP, and a puller takes the best one both sides offer; naming one offers only that one")
+                "and TCP, and a puller takes the best one both sides offer; naming one offers only that one (rdma: "
+                "GPUDirect through DLSlime, needs an RDMA NIC)")
 
     def __post_init__(self) -> None:
         check = check_field

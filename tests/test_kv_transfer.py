@@ -285,3 +285,52 @@ def test_close_fails_active_pulls_and_is_idempotent():
     with pytest.raises(TransferError, match="closed"):
         sink.start_pull(source.endpoint_info(), [0], [0])
     source.close()
+
+
+# -- connect-back links (RDMA's path, run with TCP data endpoints) ----------------------------
+
+def tcp_data_endpoint():
+    import dlslime
+    return dlslime.TcpEndpoint("127.0.0.1", 0)
+
+
+def test_connect_back_link_pulls_exact_bytes():
+    """RDMA's path end to end (mailbox handshake, a data endpoint per puller, identity probe, bounded
+    reads of the pool itself) with only the data endpoints' constructor swapped for TCP's."""
+    src, dst = make_pool(400, 81), make_pool(400, 82)
+    dst_before = dst.clone()
+    remote, local = mixed_pairs(seed=3)
+    with KVTransferAgent(src, transport="rdma", data_endpoint=tcp_data_endpoint) as source, \
+            KVTransferAgent(dst, transport="rdma", data_endpoint=tcp_data_endpoint) as sink:
+        info = source.endpoint_info()
+        assert info["transports"] == ["rdma"] and "hs" in info["mr_info"]
+        t = sink.start_pull(info, remote, local, timeout_s=10)
+        assert t.transport == "rdma" and t.wait() is TransferState.DONE, t.error
+        assert bitwise_equal(dst, expected_after(dst_before, src, remote, local))
+        assert t.num_calls <= len(t._ranges) and source._mailbox.num_served == 1
+        again = sink.start_pull(info, [7], [7], timeout_s=10)       # the link is reused
+        assert again.wait() is TransferState.DONE and source._mailbox.num_served == 1
+        with pytest.raises(TransferError, match="out of range"):
+            sink.start_pull(info, [400], [0])
+        impostor = sink.start_pull({**info, "agent_id": "f" * 32}, [0], [0], timeout_s=10)
+        assert impostor.wait() is TransferState.FAILED and "identity probe" in impostor.error
+        with KVTransferAgent(make_pool(8, 83)) as tcp_only, \
+                pytest.raises(TransferError, match="no KV transport in common"):
+            tcp_only.start_pull(info, [0], [0])
+
+
+def test_mailbox_answers_a_malformed_request_with_an_error():
+    from engine.pd import handshake as hs
+    pool, ident = make_pool(4, 84), torch.zeros(32, dtype=torch.uint8)
+    box = hs.Mailbox(tcp_data_endpoint, pool, ident)
+    try:
+        box.close()   # driven by hand here
+        req = box.buf[:hs.HALF]
+        hs._encode(req, {"agent_id": "short", "info": {}})
+        req[:8] = torch.tensor(list((5).to_bytes(8, "little")), dtype=torch.uint8)
+        assert box.serve_once() == 1 and box.serve_once() == 0     # answered once
+        reply = box.buf[hs.HALF:2 * hs.HALF]
+        assert hs._nonce(reply) == 5 and "expected {agent_id, info}" in hs._decode(reply)["error"]
+        assert box.num_served == 0
+    finally:
+        box.close()

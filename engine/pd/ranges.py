@@ -109,8 +109,9 @@ def check_bounds(ranges: Sequence[ByteRange], remote_len: int, local_len: int) -
 
 def check_peer_info(info) -> dict:
     """Peer info as received over the wire: check shape and types before trusting it. The KV
-    region is only required of a peer that offers a DLSlime transport (an IPC-only GPU pool
-    registers none); the IPC descriptor is checked where it is used (engine/pd/ipc.py)."""
+    region is only required of a peer that offers TCP (an IPC- or RDMA-only GPU pool registers
+    none on its TCP endpoint); the IPC descriptor is checked where it is used (engine/pd/ipc.py),
+    the RDMA data endpoint's regions when the handshake answers (engine/pd/transfer.py)."""
     try:
         peer = dict(info)
         transports = peer.setdefault("transports", [peer.get("transport", "tcp")])
@@ -122,14 +123,15 @@ def check_peer_info(info) -> dict:
               and isinstance(peer["agent_id"], str) and len(peer["agent_id"]) == ID_BYTES
               and id_mr["length"] == ID_BYTES)
         peer["region_length"] = 0
-        if {"tcp", "rdma"} & set(transports):
+        if "tcp" in transports:
             mr = peer["mr_info"][region]
             ok = (ok and isinstance(peer["num_blocks"], int) and peer["num_blocks"] >= 0
                   and isinstance(mr["addr"], int) and isinstance(mr["length"], int))
             peer["region_length"] = mr["length"]
+        if {"ipc", "rdma"} & set(transports):   # both read the pool itself
+            ok = ok and isinstance(peer["pool_blocks"], int) and peer["pool_blocks"] >= 0
         if "ipc" in transports:
-            ok = (ok and isinstance(peer["pool_blocks"], int) and peer["pool_blocks"] >= 0
-                  and isinstance(peer["ipc"], dict))
+            ok = ok and isinstance(peer["ipc"], dict)
     except (KeyError, TypeError, ValueError) as e:
         raise TransferError(f"malformed peer endpoint info: missing or bad {e}") from None
     if not ok:

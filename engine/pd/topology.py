@@ -17,7 +17,6 @@ from engine.pd.ranges import TransferError
 
 TRANSPORTS = ("ipc", "rdma", "tcp")  # best first
 CHOICES = ("auto", *TRANSPORTS)
-DLSLIME = ("rdma", "tcp")  # the transports DLSlime endpoints carry (one-sided reads of a registered region)
 
 
 @functools.cache

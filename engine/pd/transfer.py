@@ -104,20 +104,31 @@ class StagedBlocks:
 
 class _PeerLink:
     """A client endpoint connected to one peer, its registered regions and in-flight budget.
-    Usable once the identity probe (a read of the peer's id region) has come back right."""
+    Usable once the identity probe (a read of the peer's id region) has come back right. A
+    connect-back link (RDMA) first completes its handshake (engine/pd/handshake.py)."""
 
-    def __init__(self, endpoint, local_handle: int, remote_handle: int, peer: dict,
-                 probe_buf: torch.Tensor, probe_future):
+    def __init__(self, endpoint, local_handle: int, remote_handle: int | None, peer: dict,
+                 probe_buf: torch.Tensor, probe_future, handshake=None, probe_handle: int = 0,
+                 remote_len: int = 0):
         self.endpoint, self.local_handle, self.remote_handle = endpoint, local_handle, remote_handle
         self.key, self.agent_id = f"{peer['host']}:{peer['port']}", peer["agent_id"]
         self._probe_buf, self._probe = probe_buf, probe_future
-        self.inflight = 1      # the probe
+        self.handshake, self._probe_handle, self._remote_len = handshake, probe_handle, remote_len
+        self.inflight = 0 if handshake is not None else 1      # the probe
         self.verified = False
         self.broken = False    # out of the cache; shut down once nothing is in flight
         self.closed = False
 
     def check_probe(self) -> str | None:
-        """None while the probe is out or once verified; an error message if it failed."""
+        """None while the handshake or probe is out or once verified; an error message if it failed."""
+        if self.handshake is not None:
+            try:
+                info = self.handshake.advance()
+            except TransferError as e:
+                return str(e)
+            if info is None:
+                return None
+            return self._connected(info)
         if self.verified or self._probe is None:
             return None if self.verified else f"identity probe of {self.key} failed"
         status = self._probe.wait_for(0)
@@ -131,9 +142,29 @@ class _PeerLink:
         return (f"identity probe of {self.key} failed (status {status}): the listener there "
                 "is not the KV agent its endpoint info describes (stale info or restarted)")
 
+    def _connected(self, info: dict) -> str | None:
+        """The source answered the handshake with its data endpoint: connect, then probe it."""
+        handshake, self.handshake = self.handshake, None
+        handshake.control.shutdown()
+        try:
+            mr, id_mr = info["mr_info"][REGION], info["mr_info"][ID_REGION]
+            if mr["length"] < self._remote_len or id_mr["length"] != ID_BYTES:
+                return (f"{self.key}'s data endpoint serves {mr['length']} bytes, less than the "
+                        f"{self._remote_len} its pool needs")
+            self.endpoint.connect(info)
+            self.remote_handle = self.endpoint.register_remote_memory_region(self.key, mr)
+            id_h = self.endpoint.register_remote_memory_region(f"{self.key}/id", id_mr)
+        except (KeyError, TypeError) as e:
+            return f"malformed handshake reply from {self.key}: missing or bad {e}"
+        self._probe = self.endpoint.read([(self._probe_handle, id_h, 0, 0, ID_BYTES)])
+        self.inflight += 1
+        return None
+
     def close_if_drained(self) -> None:
         if self.broken and self.inflight == 0 and not self.closed:
             self.closed = True
+            if self.handshake is not None:
+                self.handshake.control.shutdown()
             self.endpoint.shutdown()
 
 
@@ -143,9 +174,11 @@ class PullTransfer(Pull):
     transport = "tcp"
 
     def __init__(self, agent: KVTransferAgent, link: _PeerLink | None, remote: list[int],
-                 local: list[int], remote_len: int, timeout_s: float):
+                 local: list[int], remote_len: int, timeout_s: float, staging=None,
+                 local_len: int = 0, transport: str = "tcp"):
         super().__init__(len(remote), agent.block_bytes, timeout_s, agent._record)
         self._agent, self._link, self._remote_len = agent, link, remote_len
+        self._staging, self._local_len, self.transport = staging, local_len, transport
         self._remote, self._local = remote, local
         self._ranges: list[ByteRange] | None = None
         self._next = 0
@@ -181,7 +214,7 @@ class PullTransfer(Pull):
         return self.state
 
     def _plan(self) -> bool:
-        staging = self._agent._staging
+        staging = self._staging
         if staging is None:
             dst = self._local
         else:
@@ -192,7 +225,7 @@ class PullTransfer(Pull):
         pairs = sorted(zip(self._remote, dst))   # sorted by remote id: most runs merge
         ranges = to_byte_ranges(coalesce([p[0] for p in pairs], [p[1] for p in pairs]),
                                 self._agent.block_bytes, self._agent.max_range_bytes)
-        check_bounds(ranges, self._remote_len, self._agent.region_bytes)
+        check_bounds(ranges, self._remote_len, self._local_len)
         self._ranges, self.num_ranges = ranges, len(ranges)
         return True
 
@@ -241,7 +274,7 @@ class PullTransfer(Pull):
 
     def _land(self) -> TransferState:
         """All reads done: staged pulls still copy staging -> pool (async on CUDA)."""
-        staging = self._agent._staging
+        staging = self._staging
         if staging is None:
             return self._finish(TransferState.DONE)
         if not self._landing:
@@ -262,12 +295,12 @@ class PullTransfer(Pull):
             if self._slots is None:
                 self.safe_to_free = False
             else:
-                self._agent._staging.quarantine(self._slots)
+                self._staging.quarantine(self._slots)
                 self._slots = None
         if state is TransferState.TIMED_OUT and not self._link.verified:
             self._agent._break(self._link)    # hung at the probe: later pulls reconnect
         if self._slots is not None and (state is TransferState.DONE or self._event is None):
-            self._agent._staging.free(self._slots)
+            self._staging.free(self._slots)
             self._slots = None
         # else: a staging -> pool copy is still in flight (only on close); leak the slots.
         return self._end(state, error)
@@ -283,18 +316,22 @@ class KVTransferAgent:
     def __init__(self, pool: torch.Tensor, host: str = "127.0.0.1", port: int = 0,
                  transport: str = "auto", staging_blocks: int = 0,
                  max_assignments_per_call: int = 32, max_inflight_per_peer: int = 64,
-                 max_range_bytes: int = 64 << 20):
+                 max_range_bytes: int = 64 << 20, data_endpoint=None):
         if pool.dim() < 2 or not pool.is_contiguous() or pool.numel() == 0:
             raise ValueError("pool must be a non-empty contiguous [num_blocks, ...] tensor")
         if not 1 <= max_assignments_per_call <= 32 or not 1 <= max_inflight_per_peer <= 64:
             raise ValueError("DLSlime defects: <= 32 assignments per call, <= 64 in flight")
-        # auto leaves RDMA out until its connect-back handshake is wired (see start_pull)
-        nic = transport == "rdma" and bool(dlslime.available_nic())
+        # data_endpoint: how the connect-back transport's endpoints are made (RDMAEndpoint by
+        # default; tests run the same path with TCP endpoints)
+        self._make_data_endpoint = data_endpoint or (lambda: _make_endpoint("rdma", host))
+        # RDMA only when named: auto leaves it out until it has been measured on a real NIC
+        nic = transport == "rdma" and (data_endpoint is not None or bool(dlslime.available_nic()))
         self.transports = topology.offers(transport, pool.is_cuda, nic)
-        # the PyPI dlslime has no CUDA: its transports read a GPU pool through pinned host memory
-        dlslime_offered = any(t in self.transports for t in topology.DLSLIME)
-        staged = dlslime_offered and staging_blocks > 0   # CPU pools stage only when asked (tests)
-        if pool.is_cuda and dlslime_offered and not staged:
+        # the PyPI dlslime has no CUDA: TCP reads a GPU pool through pinned host memory (RDMA
+        # registers the pool itself: GPUDirect)
+        tcp = "tcp" in self.transports
+        staged = tcp and staging_blocks > 0   # CPU pools stage only when asked (tests)
+        if pool.is_cuda and tcp and not staged:
             raise ValueError("a CUDA pool served over TCP needs staging_blocks > 0 (the dlslime "
                              "wheel has no CUDA: GPU KV is staged through pinned host memory)")
         self.pool, self.host = pool, host
@@ -307,13 +344,19 @@ class KVTransferAgent:
         self._region = (self._staging.buf if staged else None if pool.is_cuda else pool)
         self.region_bytes = 0 if self._region is None else self._region.numel() * self._region.element_size()
         # the endpoint always listens: its id region answers identity probes and liveness checks
-        self._endpoint = _make_endpoint("rdma" if self.transports == ("rdma",) else "tcp", host, port)
+        self._endpoint = _make_endpoint("tcp", host, port)
         self.agent_id = uuid.uuid4().hex
         self._id_buf = torch.tensor(list(self.agent_id.encode()), dtype=torch.uint8)
         handles = [self._endpoint.register_memory_region(ID_REGION, self._id_buf.data_ptr(), 0, ID_BYTES)]
         if self._region is not None:
             handles.append(self._endpoint.register_memory_region(REGION, self._region.data_ptr(), 0,
                                                                  self.region_bytes))
+        self._mailbox = None
+        if "rdma" in self.transports:   # connect-back requests arrive in a mailbox region
+            from engine.pd.handshake import HS_REGION, Mailbox
+            self._mailbox = Mailbox(self._make_data_endpoint, pool, self._id_buf)
+            handles.append(self._endpoint.register_memory_region(
+                HS_REGION, self._mailbox.buf.data_ptr(), 0, self._mailbox.buf.numel()))
         if min(handles) < 0:
             raise TransferError("DLSlime refused to register the KV regions")
         self._ipc, self._gpus = None, frozenset()
@@ -387,10 +430,15 @@ class KVTransferAgent:
         transport = topology.choose(self.transports, peer, self.host_id, self._gpus)
         if transport == "ipc":
             return self._start_ipc(peer, remote_block_ids, local_block_ids, timeout_s)
-        if transport == "rdma":
-            # RDMA queue pairs need the source to connect back to us, which needs a control
-            # message this data plane does not have yet.
-            raise TransferError("rdma pulls need a connect-back handshake; not wired yet")
+        if transport == "rdma":   # the pool itself on both sides, over a connect-back link
+            remote, local = check_pull_ids(remote_block_ids, local_block_ids,
+                                           peer["pool_blocks"], self.pool.shape[0])
+            remote_len = peer["pool_blocks"] * self.block_bytes
+            pool_len = self.pool.numel() * self.pool.element_size()
+            check_bounds(to_byte_ranges(coalesce(remote, local), self.block_bytes,
+                                        self.max_range_bytes), remote_len, pool_len)
+            return self._start_dlslime(peer, "rdma", remote, local, remote_len, timeout_s,
+                                       None, pool_len)
         if peer["staged"]:
             if staged_block_ids is None:
                 raise TransferError("the source stages its GPU pool for TCP reads, and this "
@@ -408,8 +456,14 @@ class KVTransferAgent:
         if self._staging is None:   # staged pulls are checked once their slots are known
             check_bounds(to_byte_ranges(coalesce(remote, local), self.block_bytes,
                                         self.max_range_bytes), remote_len, self.region_bytes)
-        link, error = self._link_to(peer)
-        transfer = PullTransfer(self, link, remote, local, remote_len, timeout_s)
+        return self._start_dlslime(peer, "tcp", remote, local, remote_len, timeout_s,
+                                   self._staging, self.region_bytes)
+
+    def _start_dlslime(self, peer: dict, transport: str, remote: list[int], local: list[int],
+                       remote_len: int, timeout_s: float, staging, local_len: int) -> Pull:
+        link, error = self._link_to(peer, transport)
+        transfer = PullTransfer(self, link, remote, local, remote_len, timeout_s, staging,
+                                local_len, transport)
         self._active.add(transfer)
         if error is not None:
             transfer._finish(TransferState.FAILED, error)
@@ -429,35 +483,50 @@ class KVTransferAgent:
             self._active.add(transfer)
         return transfer
 
-    def _link_to(self, peer: dict) -> tuple[_PeerLink | None, str | None]:
-        key = f"{peer['host']}:{peer['port']}"
+    def _link_to(self, peer: dict, transport: str) -> tuple[_PeerLink | None, str | None]:
+        key = f"{transport}:{peer['host']}:{peer['port']}"
         link = self._links.get(key)
         if link is not None and link.agent_id == peer["agent_id"] and not link.broken:
             return link, None
         if link is not None:        # the peer restarted on the same address
             self._break(link)
-        endpoint = _make_endpoint("tcp", self.host)
-        local_h = endpoint.register_memory_region(REGION, self._region.data_ptr(), 0,
-                                                  self.region_bytes)
-        endpoint.connect({"host": peer["host"], "port": peer["port"],
-                          "mr_info": peer["mr_info"]})
-        if not endpoint.is_connected():
-            endpoint.shutdown()
-            return None, f"cannot connect to KV peer {key}"
-        remote_h = endpoint.register_remote_memory_region(key, peer["mr_info"][peer["region"]])
+        control = _make_endpoint("tcp", self.host)   # to the peer's agent endpoint
+        control.connect({"host": peer["host"], "port": peer["port"], "mr_info": peer["mr_info"]})
+        if not control.is_connected():
+            control.shutdown()
+            return None, f"cannot connect to KV peer {peer['host']}:{peer['port']}"
         probe_buf = torch.zeros(ID_BYTES, dtype=torch.uint8)
-        probe_h = endpoint.register_memory_region("probe", probe_buf.data_ptr(), 0, ID_BYTES)
-        id_h = endpoint.register_remote_memory_region(f"{key}/id", peer["mr_info"][ID_REGION])
-        link = _PeerLink(endpoint, local_h, remote_h, peer, probe_buf,
-                         endpoint.read([(probe_h, id_h, 0, 0, ID_BYTES)]))
+        if transport == "rdma":
+            from engine.pd.handshake import HS_REGION, Handshake
+            if HS_REGION not in peer["mr_info"]:
+                control.shutdown()
+                return None, "the peer serves no connect-back mailbox"
+            data = self._make_data_endpoint()
+            local_h = data.register_memory_region(REGION, self.pool.data_ptr(), 0,
+                                                  self.pool.numel() * self.pool.element_size())
+            probe_h = data.register_memory_region("probe", probe_buf.data_ptr(), 0, ID_BYTES)
+            link = _PeerLink(data, local_h, None, peer, probe_buf, None,
+                             Handshake(control, data, peer, self.agent_id), probe_h,
+                             peer["pool_blocks"] * self.block_bytes)
+        else:
+            local_h = control.register_memory_region(REGION, self._region.data_ptr(), 0,
+                                                     self.region_bytes)
+            remote_h = control.register_remote_memory_region(f"{peer['host']}:{peer['port']}",
+                                                             peer["mr_info"][peer["region"]])
+            probe_h = control.register_memory_region("probe", probe_buf.data_ptr(), 0, ID_BYTES)
+            id_h = control.register_remote_memory_region(f"{peer['host']}:{peer['port']}/id",
+                                                         peer["mr_info"][ID_REGION])
+            link = _PeerLink(control, local_h, remote_h, peer, probe_buf,
+                             control.read([(probe_h, id_h, 0, 0, ID_BYTES)]))
+        link.cache_key = key
         self._links[key] = link
         return link, None
 
     def _break(self, link: _PeerLink) -> None:
         if not link.broken:
             link.broken = True
-            if self._links.get(link.key) is link:
-                del self._links[link.key]
+            if self._links.get(link.cache_key) is link:
+                del self._links[link.cache_key]
             # Shut-down links are let go (their destructor joins DLSlime's I/O threads).
             self._dropped = [d for d in self._dropped if not d.closed] + [link]
         link.close_if_drained()
@@ -488,6 +557,8 @@ class KVTransferAgent:
             if not link.closed:
                 link.closed = True
                 link.endpoint.shutdown()
+        if self._mailbox is not None:
+            self._mailbox.close()
         self._endpoint.shutdown()
         self._links.clear()
         if self._ipc_peers is not None:
