@@ -11,7 +11,9 @@ connect it to the puller's. The request goes over the DLSlime TCP link every age
 - the puller connects its endpoint to that info; the link then starts with the same identity probe as TCP.
 
 Only the data endpoints' constructor differs between RDMA and a test run with TCP endpoints: everything else
-(mailbox, threads, validation, the reads of a pull) is shared.
+(mailbox, threads, validation, the reads of a pull) is shared. Two pullers that pick the same slot at the same
+moment: one of them never sees its nonce answered, and its pull times out (a link is made once per peer pair, so
+this is rare); a retry picks another random slot.
 """
 from __future__ import annotations
 
