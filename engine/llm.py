@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 from typing import Iterator, Sequence as Seq
 
-from tqdm import tqdm
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
@@ -97,12 +96,17 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         prompts = self._normalise(prompts)
         final: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm  # imported for the bar alone: `import engine` needs no tqdm
+            bar = tqdm(total=len(prompts), desc="generating")
         for out in self.generate_stream(prompts, sampling_params):
             if out.finished:
                 final[out.request_id] = out
-                bar.update(1)
-        bar.close()
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
         return [final[k] for k in sorted(final, key=int)]
 
     def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,

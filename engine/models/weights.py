@@ -11,7 +11,6 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
 from engine.errors import UnsupportedModelError
 from engine.layers.linear import copy_checked
@@ -57,7 +56,10 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def iter_checkpoint(path: Path, progress: bool = False) -> Iterator[tuple[str, CheckpointTensor]]:
     files = safetensors_files(path)
-    for file in tqdm(files, desc="loading weights", unit="file", disable=not progress or len(files) < 1):
+    if progress and files:
+        from tqdm import tqdm  # imported for the bar alone: `import engine` needs no tqdm
+        files = tqdm(files, desc="loading weights", unit="file")
+    for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 lazy = f.get_slice(name)
