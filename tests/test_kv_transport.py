@@ -36,7 +36,8 @@ def peer(transports=("ipc", "tcp"), host_id="h1", ipc=IPC, **extra) -> dict:
 def test_offers_follow_the_setting_pool_and_machine():
     assert topology.offers("auto", pool_is_cuda=False, has_rdma_nic=False) == ("tcp",)
     assert topology.offers("auto", pool_is_cuda=True, has_rdma_nic=False) == ("ipc", "tcp")
-    assert topology.offers("auto", pool_is_cuda=True, has_rdma_nic=True) == ("ipc", "rdma", "tcp")
+    assert topology.offers("auto", pool_is_cuda=True, has_rdma_nic=True) == ("ipc", "tcp")   # RDMA only when named
+    assert topology.offers("rdma", pool_is_cuda=True, has_rdma_nic=True) == ("rdma",)
     assert topology.offers("ipc", pool_is_cuda=True, has_rdma_nic=True) == ("ipc",)
     assert topology.offers("tcp", pool_is_cuda=True, has_rdma_nic=True) == ("tcp",)
     with pytest.raises(TransferError, match="not on a GPU"):

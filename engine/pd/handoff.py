@@ -25,6 +25,7 @@ from engine.core.sequence import Sequence
 from engine.errors import InvalidRequestError
 from engine.kv.spec import KVCacheSpec
 from engine.pd import migration as mig
+from engine.pd.topology import ipc_digest
 
 log = logging.getLogger(__name__)
 # a pull in flight is advanced this often (DLSlime's futures are polled, they signal nothing)
@@ -80,9 +81,8 @@ class KVHandoff:
     def source_info(self) -> dict:
         """What a decode engine's front checks a migration from this engine against (published in the
         control-plane registration): this engine's id and every rank's KV endpoint."""
-        from engine.pd.topology import ipc_digest as digest
         return {"engine_id": self.engine_id,
-                "endpoints": [[e["agent_id"], e["host"], e["port"], digest(e.get("ipc"))] for e in self.endpoints]}
+                "endpoints": [[e["agent_id"], e["host"], e["port"], ipc_digest(e.get("ipc"))] for e in self.endpoints]}
 
     # ---- prefill side ------------------------------------------------------------------------
     def park(self, seq: Sequence, model: str, first_logprobs=None) -> dict:

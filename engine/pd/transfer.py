@@ -29,6 +29,7 @@ from engine.pd.pull import POLL_SLEEP_S, TERMINAL, Pull, TransferMetrics, Transf
 from engine.pd.ranges import (ID_BYTES, ID_REGION, REGION, ByteRange, TransferError,
                               check_block_ids, check_bounds, check_compatible, check_peer_info,
                               check_pull_ids, coalesce, to_byte_ranges)
+from kernels.block_copy import copy_blocks_ref
 
 __all__ = ["POLL_SLEEP_S", "TERMINAL", "KVTransferAgent", "PullTransfer", "StagedBlocks",
            "TransferError", "TransferMetrics", "TransferState"]
@@ -49,9 +50,7 @@ def _make_endpoint(transport: str, host: str, port: int = 0):
 def _copy_blocks(dst: torch.Tensor, dst_ids, src: torch.Tensor, src_ids):
     """dst[dst_ids] = src[src_ids], one copy per adjacent run (slices of pinned memory stay
     pinned, so non_blocking really is async). Returns a CUDA event, or None if synchronous."""
-    for run in coalesce(src_ids, dst_ids):
-        dst[run.local:run.local + run.count].copy_(src[run.remote:run.remote + run.count],
-                                                   non_blocking=True)
+    copy_blocks_ref(dst, src, coalesce(src_ids, dst_ids))
     device = dst.device if dst.is_cuda else src.device
     if device.type != "cuda":
         return None
@@ -102,16 +101,21 @@ class StagedBlocks:
             self._event.synchronize()
 
 
+def _link_key(transport: str, peer: dict) -> str:
+    return f"{transport}:{peer['host']}:{peer['port']}"
+
+
 class _PeerLink:
     """A client endpoint connected to one peer, its registered regions and in-flight budget.
     Usable once the identity probe (a read of the peer's id region) has come back right. A
     connect-back link (RDMA) first completes its handshake (engine/pd/handshake.py)."""
 
     def __init__(self, endpoint, local_handle: int, remote_handle: int | None, peer: dict,
-                 probe_buf: torch.Tensor, probe_future, handshake=None, probe_handle: int = 0,
-                 remote_len: int = 0):
+                 probe_buf: torch.Tensor, probe_future, transport: str = "tcp", handshake=None,
+                 probe_handle: int = 0, remote_len: int = 0):
         self.endpoint, self.local_handle, self.remote_handle = endpoint, local_handle, remote_handle
         self.key, self.agent_id = f"{peer['host']}:{peer['port']}", peer["agent_id"]
+        self.cache_key = _link_key(transport, peer)   # the agent's link cache
         self._probe_buf, self._probe = probe_buf, probe_future
         self.handshake, self._probe_handle, self._remote_len = handshake, probe_handle, remote_len
         self.inflight = 0 if handshake is not None else 1      # the probe
@@ -324,8 +328,8 @@ class KVTransferAgent:
         # data_endpoint: how the connect-back transport's endpoints are made (RDMAEndpoint by
         # default; tests run the same path with TCP endpoints)
         self._make_data_endpoint = data_endpoint or (lambda: _make_endpoint("rdma", host))
-        # RDMA only when named: auto leaves it out until it has been measured on a real NIC
-        nic = transport == "rdma" and (data_endpoint is not None or bool(dlslime.available_nic()))
+        # the NIC is probed only where RDMA is asked for (auto leaves it out: topology.offers)
+        nic = data_endpoint is not None or (transport == "rdma" and bool(dlslime.available_nic()))
         self.transports = topology.offers(transport, pool.is_cuda, nic)
         # the PyPI dlslime has no CUDA: TCP reads a GPU pool through pinned host memory (RDMA
         # registers the pool itself: GPUDirect)
@@ -484,8 +488,7 @@ class KVTransferAgent:
         return transfer
 
     def _link_to(self, peer: dict, transport: str) -> tuple[_PeerLink | None, str | None]:
-        key = f"{transport}:{peer['host']}:{peer['port']}"
-        link = self._links.get(key)
+        link = self._links.get(_link_key(transport, peer))
         if link is not None and link.agent_id == peer["agent_id"] and not link.broken:
             return link, None
         if link is not None:        # the peer restarted on the same address
@@ -505,7 +508,7 @@ class KVTransferAgent:
             local_h = data.register_memory_region(REGION, self.pool.data_ptr(), 0,
                                                   self.pool.numel() * self.pool.element_size())
             probe_h = data.register_memory_region("probe", probe_buf.data_ptr(), 0, ID_BYTES)
-            link = _PeerLink(data, local_h, None, peer, probe_buf, None,
+            link = _PeerLink(data, local_h, None, peer, probe_buf, None, transport,
                              Handshake(control, data, peer, self.agent_id), probe_h,
                              peer["pool_blocks"] * self.block_bytes)
         else:
@@ -518,8 +521,7 @@ class KVTransferAgent:
                                                          peer["mr_info"][ID_REGION])
             link = _PeerLink(control, local_h, remote_h, peer, probe_buf,
                              control.read([(probe_h, id_h, 0, 0, ID_BYTES)]))
-        link.cache_key = key
-        self._links[key] = link
+        self._links[link.cache_key] = link
         return link, None
 
     def _break(self, link: _PeerLink) -> None:
