@@ -23,6 +23,7 @@ class LLM:
         self.tokenizer = load_tokenizer(self.config.tokenizer or self.engine.model_path)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self._image_config = None  # multimodal models: the image geometry, read on first use
 
     # ---- input ---------------------------------------------------------------------------------
     def _normalise(self, prompts) -> list[PromptType]:
@@ -32,23 +33,39 @@ class LLM:
             return [prompts]  # one prompt given as token ids
         return list(prompts)
 
-    def _tokenise(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _tokenise(self, prompt: PromptType) -> tuple[str | None, list[int], list]:
+        """(text, token ids, images). A dict prompt may carry vLLM's `multi_modal_data: {"image": img | [img]}`
+        (PIL images), one image placeholder token in the prompt per image."""
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt), []
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+                text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            else:
+                text, ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            images = (prompt.get("multi_modal_data") or {}).get("image")
+            if not images:
+                return text, ids, []
+            return (text, *self._place_images(ids, images if isinstance(images, (list, tuple)) else [images]))
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
+            return None, list(prompt), []
         raise InvalidRequestError("a prompt is a string, a list of token ids or {'prompt_token_ids': [...]}",
                                   param="prompt")
 
+    def _place_images(self, ids: list[int], images: list) -> tuple[list[int], list]:
+        cfg = self.engine.model_config
+        if cfg.vision is None:
+            raise InvalidRequestError("this model does not take images", param="multi_modal_data")
+        from engine.multimodal.processor import ImageProcessorConfig, place_images
+        if self._image_config is None:
+            self._image_config = ImageProcessorConfig.from_model(cfg.vision, self.engine.model_path)
+        return place_images(ids, list(images), self._image_config, cfg.image_token_id)
+
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
         """Queues one request (all n samples) after validating it; returns its id."""
-        text, ids = self._tokenise(prompt)
+        text, ids, images = self._tokenise(prompt)
         request_id = request_id or str(next(self._ids))
-        requests = self.processor.add_request(request_id, text, ids, params)
+        requests = self.processor.add_request(request_id, text, ids, params, images=images)
         try:
             for r in requests:
                 self.engine.validate(r)

@@ -37,7 +37,8 @@ class OutputProcessor:
         self.children: dict[str, _Child] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, arrival_time: float = 0.0) -> list[EngineCoreRequest]:
+                    params: SamplingParams, arrival_time: float = 0.0, images: list | None = None
+                    ) -> list[EngineCoreRequest]:
         """Registers the request and returns its n engine-core requests (one per sample)."""
         state = RequestState(request_id, prompt, prompt_token_ids, params)
         requests = []
@@ -50,7 +51,7 @@ class OutputProcessor:
                 completion.logprobs, completion.cumulative_logprob = [], 0.0
             self.children[cid] = _Child(state, i, cp, detok, completion)
             requests.append(EngineCoreRequest(request_id=cid, prompt_token_ids=prompt_token_ids, params=cp,
-                                              arrival_time=arrival_time))
+                                              arrival_time=arrival_time, images=images or None))
         return requests
 
     def child_ids(self, request_id: str) -> list[str]:

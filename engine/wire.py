@@ -8,6 +8,7 @@ from typing import Any, Union
 
 import msgspec
 
+from engine.multimodal.inputs import ImageInput, StepImage
 from engine.sampling_params import SamplingParams
 
 
@@ -17,6 +18,7 @@ class EngineCoreRequest(msgspec.Struct, kw_only=True):
     params: SamplingParams  # n == 1: the front fans n out into child requests
     arrival_time: float = 0.0
     kv_transfer_params: dict[str, Any] | None = None  # opaque to hybrid engines (prefill/decode hand-off)
+    images: list[ImageInput] | None = None  # multimodal prompts: each image at its placeholder tokens
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
@@ -181,6 +183,10 @@ class WorkerStep(msgspec.Struct, tag="step", array_like=True):
     prompt_idx: bytes = b""
     prompt_targets: bytes = b""
     prompt_topn: int = 0
+    # multimodal steps (input_batch.py): int64 rope offsets per row and [3, T] positions; the image parts fed
+    rope_offsets: bytes = b""
+    mrope_positions: bytes = b""
+    images: list[StepImage] = []
 
 
 class WorkerCall(msgspec.Struct, tag="call", array_like=True):

@@ -54,7 +54,7 @@ CASES = [
     ("content-wrong-type", CHAT, chat(messages=[{"role": "user", "content": 42}]), 400, BAD,
      "messages[0].content"),
     ("image-content", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-     400, BAD, "messages[0].content"),
+     400, BAD, "messages[0].content[0]"),
     ("stream-not-bool", CHAT, chat(stream="yes"), 400, BAD, "stream"),
     ("stream-options-without-stream", CHAT, chat(stream_options={"include_usage": True}), 400, BAD,
      "stream_options"),

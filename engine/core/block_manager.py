@@ -21,8 +21,9 @@ class Block:
         self.token_ids: tuple[int, ...] = ()
 
 
-def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
+def block_hash(parent: int | None, token_ids: tuple[int, ...], extra: tuple = ()) -> int:
+    """`extra`: what else the block's KV depends on (the content hashes of images it covers)."""
+    return hash((parent, token_ids, extra) if extra else (parent, token_ids))
 
 
 class BlockManager:
@@ -57,7 +58,8 @@ class BlockManager:
         hashes, bs = seq.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            extra = seq.image_keys(i * bs, (i + 1) * bs) if seq.images else ()
+            hashes.append(block_hash(hashes[-1] if hashes else None, tuple(seq.token_ids[i * bs:(i + 1) * bs]), extra))
         return hashes
 
     def match_prefix(self, seq: Sequence) -> list[int]:

@@ -20,6 +20,7 @@ from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLong
 from engine.executor.base import make_executor
 from engine.gguf import resolve_model_path
 from engine.models.config import check_tensor_parallel, context_limit, load_model_config
+from engine.multimodal.inputs import mrope_positions
 from engine.pd.handoff import KVHandoff
 from engine.structured.grammar import GrammarCompiler
 from engine.wire import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
@@ -128,6 +129,25 @@ class EngineCore:
         if bias and max(bias) >= vocab:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
 
+    def _attach_images(self, seq: Sequence, images) -> None:
+        """A multimodal prompt's images, checked against its placeholder tokens, and its rope positions."""
+        cfg = self.model_config
+        if not images:
+            return
+        if cfg.vision is None:
+            raise InvalidRequestError(f"this model ({cfg.architectures[0] if cfg.architectures else cfg.model_type}) "
+                                      "does not take images", param="messages")
+        prompt, end = seq.token_ids[:seq.num_prompt_tokens], 0
+        for img in images:
+            if (img.offset < end or img.end > len(prompt) or img.num_tokens <= 0
+                    or any(t != cfg.image_token_id for t in prompt[img.offset:img.end])):
+                raise InvalidRequestError("an image does not sit on its placeholder tokens", param="messages")
+            end = img.end
+        if sum(img.num_tokens for img in images) != prompt.count(cfg.image_token_id):
+            raise InvalidRequestError("the prompt has image placeholder tokens without an image", param="messages")
+        seq.images = list(images)
+        seq.mrope_positions, seq.rope_delta = mrope_positions(len(prompt), seq.images, cfg.vision.spatial_merge_size)
+
     def _attach_grammar(self, seq: Sequence) -> None:
         """Structured outputs: the sequence's matcher, advanced past the output tokens it already has (a
         migrated sequence's first token)."""
@@ -152,6 +172,7 @@ class EngineCore:
         seq = Sequence(request.request_id, request.prompt_token_ids, params, seed,
                        self._max_output_tokens(params, len(request.prompt_token_ids)),
                        request.arrival_time or time.time())
+        self._attach_images(seq, request.images)
         seq.remote_decode = bool(kv.get("do_remote_decode"))
         if seq.remote_decode and seq.prompt_logprobs is not None:
             raise InvalidRequestError("prompt_logprobs do not cross a prefill/decode hand-off; ask a hybrid engine",
@@ -185,6 +206,7 @@ class EngineCore:
                        self._max_output_tokens(m.params, len(prompt)),
                        request.arrival_time or time.time())
         seq.append_token(m.first_token)
+        self._attach_images(seq, m.images)
         self._attach_grammar(seq)  # the decode side rebuilds the grammar state from the first token
         seq.dp_rank = self._least_loaded_slice()  # any DP group: the migration names the source's
         self.seqs[seq.seq_id] = seq

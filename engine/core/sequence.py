@@ -45,6 +45,16 @@ class Sequence:
         # prompt_logprobs: the logprobs of prompt tokens 1.. as prefill computes them (None: not wanted)
         self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
         self.grammar = None  # structured outputs: its matcher (engine/structured/grammar.py), advanced per token
+        # multimodal prompts (engine/multimodal): the images at their placeholder offsets, the prompt's
+        # (time, height, width) rope positions [3, prompt] and what positions past the prompt add to their index
+        self.images: list = []
+        self.mrope_positions = None
+        self.rope_delta = 0
+
+    def image_keys(self, start: int, end: int) -> tuple[str, ...]:
+        """Content hashes of the images whose placeholders overlap prompt tokens [start, end): part of the prefix
+        cache key of a block, so that prompts differing only in an image never share KV."""
+        return tuple(img.content_hash for img in self.images if img.offset < end and start < img.end)
 
     def __len__(self) -> int:
         """Tokens the scheduler plans with: those known on the host plus those still in flight."""

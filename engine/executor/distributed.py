@@ -162,7 +162,11 @@ class DistributedExecutor(Executor):
                                      pending_rows=batch.pending_rows.tobytes(), samples=batch.samples.tobytes(),
                                      token_ids=batch.token_ids.tobytes(), dp_rows=dp_rows, dp_samples=dp_samples,
                                      prompt_idx=batch.prompt_idx.tobytes(),
-                                     prompt_targets=batch.prompt_targets.tobytes(), prompt_topn=batch.prompt_topn))
+                                     prompt_targets=batch.prompt_targets.tobytes(), prompt_topn=batch.prompt_topn,
+                                     rope_offsets=b"" if batch.rope_offsets is None else batch.rope_offsets.tobytes(),
+                                     mrope_positions=(b"" if batch.mrope_positions is None
+                                                      else batch.mrope_positions.tobytes()),
+                                     images=batch.images))
 
     def shutdown(self) -> None:
         if self._stopping:

@@ -88,6 +88,8 @@ class ModelConfig:
     dtype: torch.dtype  # the checkpoint's weights dtype
     eos_token_ids: tuple[int, ...]
     hf: Any
+    vision: Any = None  # the vision tower's config (multimodal checkpoints), with the image placeholder token:
+    image_token_id: int | None = None
 
     @classmethod
     def from_hf(cls, hf_config, path: Path | None = None) -> "ModelConfig":
@@ -111,7 +113,8 @@ class ModelConfig:
                                                                                        False))),
             attention_bias=bool(getattr(text, "attention_bias", False)), mlp_bias=bool(getattr(text, "mlp_bias", False)),
             rope=RopeConfig.from_hf(text), dtype=checkpoint_dtype(text, hf_config), eos_token_ids=tuple(sorted(eos)),
-            hf=text)
+            hf=text, vision=getattr(hf_config, "vision_config", None),
+            image_token_id=getattr(hf_config, "image_token_id", None))
 
 
 def context_limit(config: ModelConfig) -> int:

@@ -36,10 +36,14 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(backend, self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
+                cos_sin: torch.Tensor | None = None) -> torch.Tensor:
+        """`cos_sin`: a step's own rotary table that `positions` index (multimodal rope), instead of the
+        model's table."""
         # q/k norm, rotary and the K/V write: one fused launch on the GPU
         norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
-        q = attention_input(self.qkv_proj(x), positions, self.rotary.cos_sin_cache, self.attn.kv_cache,
+        table = self.rotary.cos_sin_cache if cos_sin is None else cos_sin
+        q = attention_input(self.qkv_proj(x), positions, table, self.attn.kv_cache,
                             meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim, *norm,
                             self.attn.k_scale, self.attn.v_scale)
         return self.o_proj(self.attn(q, meta).reshape(-1, self.q_size))
@@ -65,12 +69,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, meta):
+    def forward(self, positions, hidden, residual, meta, cos_sin=None):
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
+        # a step's own rotary table (multimodal rope) only reaches attention that takes one (not MLA)
+        hidden = self.self_attn(positions, hidden, meta, *(() if cos_sin is None else (cos_sin,)))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

@@ -104,7 +104,7 @@ class KVHandoff:
                           staged_block_ids=remote if staged else None, dp_rank=dp,
                           prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                           first_token=seq.token_ids[seq.num_prompt_tokens], first_logprobs=first_logprobs,
-                          params=seq.params, sampling_seed=seq.sampling_seed, model=model)
+                          params=seq.params, sampling_seed=seq.sampling_seed, model=model, images=seq.images)
         return {"migration": mig.encode(m), "first_token": m.first_token, "seq_id": seq_id}
 
     def free(self, seq_ids) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from engine.errors import InvalidRequestError
+from engine.multimodal.inputs import ImageInput
 from engine.kv.spec import AnyKVCacheSpec, KVCacheSpec  # noqa: F401 (KVCacheSpec: tests build specs here)
 from engine.sampling_params import SamplingParams
 from engine.wire import TokenLogprobs
@@ -42,6 +43,9 @@ class Migration(msgspec.Struct, kw_only=True):
     params: SamplingParams
     sampling_seed: int
     model: str = ""
+    # a multimodal prompt's images: their positions set the decode side's rope, and a preempted sequence
+    # recomputes its prompt from them
+    images: list[ImageInput] = []
 
     @property
     def tensor_parallel_size(self) -> int:

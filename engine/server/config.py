@@ -61,6 +61,12 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
         None, "split <think>...</think> off the answer as reasoning_content")
     generation_config: str = opt("auto", "sampling defaults: auto = the checkpoint's generation_config.json, "
                                          "vllm = none, or a folder holding a generation_config.json")
+    allowed_media_domains: list[str] | None = opt(
+        None, "hosts (and their subdomains) the server may fetch http(s) image URLs from; none: only data: URLs")
+    max_images_per_prompt: int = opt(8, "images one chat request may carry (more: 400)")
+    max_image_bytes: int = opt(20 << 20, "largest encoded image, data: URL or fetched (larger: 400)")
+    max_image_pixels: int = opt(64 << 20, "largest decoded image, width x height (larger: 400)")
+    media_fetch_timeout: float = opt(10.0, "seconds to fetch one remote image")
     allowed_origins: list[str] | None = opt(None, "CORS: origins allowed to call the API from a browser (* = any)")
     root_path: str | None = opt(None, "the path prefix a proxy in front strips (routes answer under it too)")
     ssl_keyfile: str | None = opt(None, "serve HTTPS with this private key (with --ssl-certfile)")
@@ -90,3 +96,7 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
                     "--ssl-keyfile and --ssl-certfile go together")
         check_field(self.root_path is None or self.root_path.startswith("/"), "root_path", "must start with /")
         check_field(bool(self.response_role), "response_role", "must not be empty")
+        check_field(self.max_images_per_prompt >= 0, "max_images_per_prompt", "must be >= 0")
+        check_field(self.max_image_bytes >= 1024, "max_image_bytes", "must be >= 1024")
+        check_field(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        check_field(self.media_fetch_timeout > 0, "media_fetch_timeout", "must be > 0")

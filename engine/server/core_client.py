@@ -126,12 +126,14 @@ class CoreClient:
 
     # ---- requests ------------------------------------------------------------------------------
     async def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                  kv_transfer_params: dict | None = None, queue: asyncio.Queue | None = None) -> RequestHandle:
+                  kv_transfer_params: dict | None = None, queue: asyncio.Queue | None = None,
+                  images: list | None = None) -> RequestHandle:
         if self.dead_reason is not None:
             raise UnavailableError(self.dead_reason)
         now = time.time()
         handle = RequestHandle(request_id, params.n, time.monotonic(), queue)
-        requests = self.processor.add_request(request_id, prompt, prompt_token_ids, params, arrival_time=now)
+        requests = self.processor.add_request(request_id, prompt, prompt_token_ids, params, arrival_time=now,
+                                              images=images)
         for r in requests:
             r.kv_transfer_params = kv_transfer_params
         self.handles[request_id] = handle

@@ -39,6 +39,7 @@ class FrontState:
         self.sampling_defaults: dict = {}  # the checkpoint's generation_config.json (vLLM's --generation-config)
         self.tool_parser = None  # engine/chat/tool_parsers.py (--tool-call-parser)
         self.reasoning_parser = None  # engine/chat/reasoning.py (--reasoning-parser)
+        self.images = None  # engine/multimodal/front.py ImageFront: the model takes images
         self.core_died = asyncio.Event()  # the core process exited on its own (the front then exits too)
 
     # ---- startup -------------------------------------------------------------------------------
@@ -61,6 +62,7 @@ class FrontState:
             self.tokenizer = await asyncio.to_thread(load_tokenizer, self.info.model_path)
         self.client.start(self.tokenizer)
         self._configure_chat()
+        self.images = await asyncio.to_thread(self._image_front)
         path = self.info.model_path.rstrip("/")
         self.served_model_name = self.config.served_model_name or model_arg or path
         self.metrics.model_name = self.served_model_name
@@ -83,6 +85,14 @@ class FrontState:
         self.sampling_defaults = generation_defaults(cfg.generation_config, self.info.model_path)
         self.tool_parser = TOOL_PARSERS[cfg.tool_call_parser]() if cfg.tool_call_parser else None
         self.reasoning_parser = REASONING_PARSERS[cfg.reasoning_parser]() if cfg.reasoning_parser else None
+
+    def _image_front(self):
+        from engine.multimodal.front import ImageFront
+        from engine.multimodal.image_loader import MediaPolicy
+        cfg = self.config
+        policy = MediaPolicy(tuple(cfg.allowed_media_domains or ()), cfg.max_image_bytes, cfg.max_image_pixels,
+                             cfg.media_fetch_timeout)
+        return ImageFront.for_model(self.info.model_path, policy, cfg.max_images_per_prompt)
 
     async def _wait_for_core(self, deadline: float) -> None:
         while True:

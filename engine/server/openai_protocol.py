@@ -320,17 +320,17 @@ def _is_token(t) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the tokenizer's chat template takes them (text content only)."""
+def chat_messages(messages: list[ChatMessage], images: list[tuple[str, str]] | None = None) -> list[dict]:
+    """Messages as the tokenizer's chat template takes them. Text parts are joined; with `images` (a list to fill:
+    the model takes images) image_url parts stay in place as {"type": "image"} parts, as multimodal templates
+    read them, and their (url, field path) are appended to `images` in prompt order."""
     _check(len(messages) > 0, "messages", "messages must not be empty")
     out = []
     for i, m in enumerate(messages):
         _check(m.role in CHAT_ROLES, f"messages[{i}].role", f"role must be one of {', '.join(CHAT_ROLES)}")
         content = m.content
         if isinstance(content, list):
-            _check(all(p.type == "text" and p.text is not None for p in content), f"messages[{i}].content",
-                   "only text content parts are supported")
-            content = "".join(p.text for p in content)
+            content = _content_parts(content, f"messages[{i}].content", images)
         _check(content is not None or m.role == "assistant", f"messages[{i}].content", "content is required")
         msg = {"role": m.role, "content": content or ""}
         for key in ("name", "tool_call_id", "reasoning_content"):
@@ -339,6 +339,29 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
         if m.tool_calls:
             msg["tool_calls"] = [_history_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m.tool_calls)]
         out.append(msg)
+    return out
+
+
+def _content_parts(parts: list[ContentPart], at: str, images: list[tuple[str, str]] | None) -> str | list[dict]:
+    has_image = False
+    for j, p in enumerate(parts):
+        if p.type == "image_url":
+            _check(images is not None, f"{at}[{j}]", "this model does not take images")
+            _check(isinstance(p.image_url, dict) and isinstance(p.image_url.get("url"), str),
+                   f"{at}[{j}].image_url", 'an image part is {"type": "image_url", "image_url": {"url": "..."}}')
+            has_image = True
+        else:
+            _check(p.type == "text" and p.text is not None, f"{at}[{j}]",
+                   "content parts are text" + (" or image_url" if images is not None else ""))
+    if not has_image:
+        return "".join(p.text for p in parts)
+    out = []
+    for j, p in enumerate(parts):
+        if p.type == "image_url":
+            images.append((p.image_url["url"], f"{at}[{j}].image_url"))
+            out.append({"type": "image"})
+        else:
+            out.append({"type": "text", "text": p.text})
     return out
 
 

@@ -39,6 +39,9 @@ class Job:
     id: str = ""
     parser: ChatOutputParser | None = None  # chat answers read for reasoning / tool calls (None: plain text)
     echo: list[str] | None = None  # completions with echo: each prompt's text, put before its samples' text
+    # chat with images: the image parts' (url, field path), loaded and placed on the prompt before it is sent
+    image_urls: list[tuple[str, str]] = field(default_factory=list)
+    images: list | None = None  # the placed ImageInputs (engine/multimodal/inputs.py)
     created: int = field(default_factory=lambda: int(time.time()))
     handles: list = field(default_factory=list)
 
@@ -102,20 +105,24 @@ class OpenAIServing:
         kwargs = dict(req.chat_template_kwargs or {})
         if req.reasoning_effort is not None:
             kwargs.setdefault("reasoning_effort", req.reasoning_effort)
-        text, ids = self._render_chat(req.messages, plan.tools, req.add_generation_prompt, req.continue_final_message,
-                                      req.chat_template, kwargs)
+        text, ids, urls = self._render_chat(req.messages, plan.tools, req.add_generation_prompt,
+                                            req.continue_final_message, req.chat_template, kwargs)
         self._check_tokens(ids, params)
+        if urls:
+            st.images.check_count(len(urls))
         parser = ChatOutputParser(plan, st.tool_parser, st.reasoning_parser, text)
         return Job(kind, st.served_model_name, params, [(None, list(ids))], req.stream,
                    req.stream_options is not None and req.stream_options.include_usage, req.kv_transfer_params,
-                   id=f"{id_prefix}{uuid.uuid4().hex}", parser=None if parser.trivial else parser)
+                   id=f"{id_prefix}{uuid.uuid4().hex}", parser=None if parser.trivial else parser, image_urls=urls)
 
     def _render_chat(self, messages, tools: list | None = None, add_generation_prompt: bool = True,
                      continue_final_message: bool = False, chat_template: str | None = None,
-                     template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+                     template_kwargs: dict | None = None) -> tuple[str, list[int], list[tuple[str, str]]]:
         """The prompt text and token ids of chat messages, rendered by the chat template (the request's, the
-        server's --chat-template, or the tokenizer's) exactly as transformers' apply_chat_template does."""
-        messages = proto.chat_messages(messages)
+        server's --chat-template, or the tokenizer's) exactly as transformers' apply_chat_template does; and the
+        image parts' (url, field path) for a model that takes images (one placeholder token each so far)."""
+        urls = [] if self.state.images is not None else None
+        messages = proto.chat_messages(messages, urls)
         if continue_final_message and add_generation_prompt:
             raise InvalidRequestError("continue_final_message needs add_generation_prompt=false",
                                       param="continue_final_message")
@@ -133,7 +140,7 @@ class OpenAIServing:
                                            continue_final_message=continue_final_message, **(template_kwargs or {}))
         except Exception as e:  # template errors (raise_exception in the template, bad kwargs)
             raise InvalidRequestError(f"the chat template failed: {e}", param="messages") from None
-        return text, list(tok.encode(text, add_special_tokens=False))
+        return text, list(tok.encode(text, add_special_tokens=False)), urls or []
 
     # ---- tokenizer endpoints (vLLM's) ------------------------------------------------------------
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -146,8 +153,10 @@ class OpenAIServing:
             ids = list(self.state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         else:
             tools = plan_tools(req.tools, "none" if not req.tools else "auto", None, True).tools
-            _, ids = self._render_chat(req.messages, tools, req.add_generation_prompt, req.continue_final_message,
-                                       req.chat_template, req.chat_template_kwargs)
+            _, ids, urls = self._render_chat(req.messages, tools, req.add_generation_prompt,
+                                             req.continue_final_message, req.chat_template, req.chat_template_kwargs)
+            if urls:  # counted as the engine will see the prompt: each image as its placeholder tokens
+                ids, _ = await self.state.images.place(ids, urls)
         return json_response({"count": len(ids), "max_model_len": self.state.info.max_model_len, "tokens": ids})
 
     async def detokenize(self, request: web.Request) -> web.Response:
@@ -167,7 +176,8 @@ class OpenAIServing:
             raise OverloadedError(f"more than {limit} requests are waiting; retry later")
         for i, (text, ids) in enumerate(job.prompts):
             rid = job.id if len(job.prompts) == 1 else f"{job.id}-{i}"
-            job.handles.append(await client.add(rid, text, ids, job.params, job.kv_transfer_params, queue=queue))
+            job.handles.append(await client.add(rid, text, ids, job.params, job.kv_transfer_params, queue=queue,
+                                                images=job.images))
             self.state.metrics.request_started(len(ids))
 
     async def _abort_unfinished(self, job: Job) -> None:
@@ -181,6 +191,10 @@ class OpenAIServing:
                       job.kind, len(job.prompts), sum(len(ids) for _, ids in job.prompts), job.stream, job.params)
         if job.kv_transfer_params and self.state.kv_sources is not None:
             await self.state.kv_sources.check(job.kv_transfer_params)
+        if job.image_urls:
+            ids, job.images = await self.state.images.place(job.prompts[0][1], job.image_urls)
+            job.prompts = [(None, ids)]
+            self._check_tokens(ids, job.params)
         shared = asyncio.Queue() if job.stream else None
         limit = self.state.config.request_timeout
         deadline = asyncio.get_running_loop().call_later(limit, self._expire, job, limit) if limit else None

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.multimodal.inputs import StepImage, step_images
 from engine.worker.host_copy import to_device
 from kernels.attention import PagedHostMeta
 
@@ -29,6 +30,11 @@ class StepBatch:
     prompt_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [R] int64
     prompt_targets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [R] int64
     prompt_topn: int = 0
+    # multimodal rope: what each row adds to its token positions (None: nothing), and, for a step that feeds
+    # image tokens, every fed token's (time, height, width) positions; the image parts the step feeds
+    rope_offsets: np.ndarray | None = None  # [B] int64
+    mrope_positions: np.ndarray | None = None  # [3, T] int64
+    images: list[StepImage] = field(default_factory=list)
 
     @classmethod
     def from_scheduled(cls, batch) -> "StepBatch":
@@ -49,6 +55,8 @@ class StepBatch:
         step = cls(start, n_new, pending, np.fromiter((s.samples for s in batch), bool, B), ids)
         if any(s.seq.prompt_logprobs is not None for s in batch):
             step.prompt_idx, step.prompt_targets, step.prompt_topn = _prompt_rows(batch, start, n_new)
+        if any(s.seq.mrope_positions is not None for s in batch):
+            _multimodal_rows(step, batch)
         return step
 
     def part(self, lo: int, hi: int) -> "StepBatch":
@@ -57,7 +65,39 @@ class StepBatch:
             return self
         t0, t1 = int(self.num_new[:lo].sum()), int(self.num_new[:hi].sum())
         return StepBatch(self.num_computed[lo:hi], self.num_new[lo:hi], self.pending_rows[lo:hi],
-                         self.samples[lo:hi], self.token_ids[t0:t1])
+                         self.samples[lo:hi], self.token_ids[t0:t1],
+                         rope_offsets=None if self.rope_offsets is None else self.rope_offsets[lo:hi],
+                         mrope_positions=None if self.mrope_positions is None else self.mrope_positions[:, t0:t1],
+                         images=[StepImage(row=i.row - t0, start=i.start, length=i.length, image=i.image)
+                                 for i in self.images if t0 <= i.row < t1])
+
+
+def _multimodal_rows(step: StepBatch, batch) -> None:
+    """Rope offsets of rows of multimodal sequences; with image tokens in the step, the [3, T] positions and
+    the image parts. Outside images all three axes share one position, its index plus the offset that the
+    images before it introduced (past the prompt: the sequence's rope delta)."""
+    offsets = np.zeros(len(batch), np.int64)
+    rows = []
+    base = 0
+    for r, s in enumerate(batch):
+        seq, st, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+        if seq.mrope_positions is not None:
+            offsets[r] = seq.mrope_positions[0, st] - st if st < seq.num_prompt_tokens else seq.rope_delta
+            parts = step_images(seq.images, st, n, base)
+            if parts:
+                step.images.extend(parts)
+                rows.append((r, base, seq, st, n))
+        base += n
+    step.rope_offsets = offsets
+    if rows:
+        T = len(step.token_ids)
+        cu = np.concatenate([[0], np.cumsum(step.num_new)])
+        flat = np.arange(T, dtype=np.int64) + np.repeat(step.num_computed - cu[:-1] + offsets, step.num_new)
+        pos3 = np.repeat(flat[None, :], 3, axis=0)
+        for r, b, seq, st, n in rows:
+            k = min(n, seq.num_prompt_tokens - st)  # prompt tokens of the chunk (a recompute may go past it)
+            pos3[:, b:b + k] = seq.mrope_positions[:, st:st + k]
+        step.mrope_positions = pos3
 
 
 def _prompt_rows(batch, start: np.ndarray, n_new: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -92,6 +132,9 @@ class StepInputs:
     # sampled tokens[pending_src], filled on the device
     pending_dst: np.ndarray  # [P] int64
     pending_src: np.ndarray  # [P] int64
+    # multimodal steps (engine/multimodal): rope positions per axis and the image parts fed
+    mrope_positions: np.ndarray | None = None  # [3, T] int64
+    images: list[StepImage] = field(default_factory=list)
 
 
 def prepare_host(b: StepBatch, block_tables: list[list[int]], block_size: int, with_block_tables: bool) -> StepInputs:
@@ -113,12 +156,15 @@ def prepare_host(b: StepBatch, block_tables: list[list[int]], block_size: int, w
     slot_mapping = kv_indices[token_base + positions // bs].astype(np.int64) * bs + positions % bs
     host = PagedHostMeta(cu_q.astype(np.int32), kv_indptr.astype(np.int32), kv_indices,
                          (end - (pages - 1) * bs).astype(np.int32), end.astype(np.int32))
+    if b.rope_offsets is not None:  # rope positions differ from KV positions (multimodal rope); slots are set
+        positions = positions + (b.rope_offsets if is_decode else np.repeat(b.rope_offsets, n_new))
     tables = None
     if with_block_tables:
         tables = np.zeros((B, int(pages.max())), np.int32)
         tables[np.arange(tables.shape[1])[None, :] < pages[:, None]] = kv_indices
     return StepInputs(b.token_ids, positions, slot_mapping, cu_q[1:][b.samples] - 1, host, tables,
-                      int(n_new.max()), is_decode, cu_q[1:][pending] - 1, b.pending_rows[pending])
+                      int(n_new.max()), is_decode, cu_q[1:][pending] - 1, b.pending_rows[pending],
+                      b.mrope_positions, b.images)
 
 
 def fill_pending(input_ids: torch.Tensor, dst: np.ndarray, src: np.ndarray, prev_tokens: torch.Tensor | None) -> None:

@@ -19,9 +19,12 @@ from engine.kv.spec import KVCacheSpec, dtype_name, kv_cache_dtype
 from engine.models.config import ModelConfig
 from engine.models.registry import model_class
 from engine.models.weights import load_model
+from engine.multimodal.processor import ImageProcessorConfig
+from engine.multimodal.step import build_step
 from engine.sampling.metadata import sampling_metadata
 from engine.sampling.sampler import SamplerOutput, sample
 from engine.worker.cuda_graph import DecodeGraphRunner, DecodeInputs, capture_sizes
+from engine.worker.encoder_cache import EncoderCache
 from engine.worker.host_copy import to_device
 from engine.worker.input_batch import StepBatch, StepInputs, fill_pending, prepare_host
 from engine.worker.warmup import warm_up_gemms
@@ -29,6 +32,7 @@ from kernels.attention import AttentionMetadata, AttentionShape, get_attention_b
 
 log = logging.getLogger(__name__)
 PROMPT_LOGPROB_ROWS = 512
+ENCODER_CACHE_MIN_TOKENS = 16384  # image embedding rows the runner keeps (at least)
 
 
 def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -110,6 +114,10 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         self.last_step = StepStats()
         self.prompt_logprob_rows: list | None = None  # the last launch's prompt logprobs (rank 0), in row order
+        self.image_config = self.encoder_cache = None
+        if model_config.vision is not None:  # multimodal: the device half of image preprocessing, and the cache
+            self.image_config = ImageProcessorConfig.from_model(model_config.vision, model_path)
+            self.encoder_cache = EncoderCache(max(ENCODER_CACHE_MIN_TOKENS, config.max_num_batched_tokens))
 
     def weights_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -155,7 +163,8 @@ class ModelRunner:
         all_rows = len(x.logits_idx) == len(x.input_ids)
         self.last_step = StepStats(x.is_decode, len(x.host.seq_lens), len(x.input_ids), int(x.host.seq_lens.sum()))
         fill = lambda ids: fill_pending(ids, x.pending_dst, x.pending_src, prev_tokens)
-        if self.graphs is not None and x.is_decode:
+        multimodal = bool(x.images) or x.mrope_positions is not None
+        if self.graphs is not None and x.is_decode and not multimodal:
             hidden = self.graphs.run(DecodeInputs(x.input_ids, x.positions, x.slot_mapping, x.host, x.block_tables),
                                      fill)
             if hidden is not None:
@@ -164,7 +173,15 @@ class ModelRunner:
         ids, pos, meta, logits_idx = self._device_inputs(x)
         fill(ids)
         meta.plan = self.backend.plan(meta)
-        return self.model(ids, pos, meta), None if all_rows else logits_idx
+        return self._run_model(ids, pos, meta, x), None if all_rows else logits_idx
+
+    def _run_model(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   x: StepInputs) -> torch.Tensor:
+        """The eager forward; a step with image tokens or multimodal rope hands the model its MultiModalStep."""
+        if x.images or x.mrope_positions is not None:
+            mm = build_step(self.model, x.images, x.mrope_positions, self.encoder_cache, self.image_config, self.device)
+            return self.model(ids, positions, meta, mm)
+        return self.model(ids, positions, meta)
 
     @torch.inference_mode()
     def launch(self, batch: StepBatch, block_tables: list[list[int]], prev: LaunchedStep | None = None,
@@ -232,4 +249,4 @@ class ModelRunner:
                          self.config.block_size, self.backend.needs_block_tables)
         input_ids, positions, meta, _ = self._device_inputs(x)
         meta.plan = self.backend.plan(meta)
-        return self.model.compute_logits(self.model(input_ids, positions, meta)).float()
+        return self.model.compute_logits(self._run_model(input_ids, positions, meta, x)).float()

@@ -99,7 +99,11 @@ class Worker:
                           token_ids=np.frombuffer(msg.token_ids, np.int64),
                           prompt_idx=np.frombuffer(msg.prompt_idx, np.int64),
                           prompt_targets=np.frombuffer(msg.prompt_targets, np.int64),
-                          prompt_topn=msg.prompt_topn).part(lo, hi)
+                          prompt_topn=msg.prompt_topn,
+                          rope_offsets=np.frombuffer(msg.rope_offsets, np.int64) if msg.rope_offsets else None,
+                          mrope_positions=(np.frombuffer(msg.mrope_positions, np.int64).reshape(3, -1)
+                                           if msg.mrope_positions else None),
+                          images=msg.images).part(lo, hi)
         self._prev = self.runner.launch(batch, tables, self._prev, dp_samples=msg.dp_samples or None)
 
     def close(self) -> None:

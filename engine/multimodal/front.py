@@ -1,0 +1,49 @@
+"""The API front's multimodal half: for a model with a vision tower, the image parts of chat messages are
+loaded (engine/multimodal/image_loader.py), resized on a worker thread, and placed on the rendered prompt's
+placeholder tokens. Limits (images per request, bytes, pixels, remote domains) are the operator's."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from engine.errors import InvalidRequestError
+from engine.multimodal.image_loader import MediaPolicy, load_image
+from engine.multimodal.inputs import ImageInput, expand_placeholders
+from engine.multimodal.processor import ImageProcessorConfig
+
+
+class ImageFront:
+    def __init__(self, processor: ImageProcessorConfig, image_token_id: int, policy: MediaPolicy, max_images: int):
+        self.processor = processor
+        self.image_token_id = image_token_id
+        self.policy = policy
+        self.max_images = max_images
+
+    @classmethod
+    def for_model(cls, path: str, policy: MediaPolicy, max_images: int) -> "ImageFront | None":
+        """None for a text-only model (or one whose checkpoint folder this front cannot read)."""
+        from engine.models.config import load_model_config
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            return None
+        cfg = load_model_config(folder)
+        if cfg.vision is None or cfg.image_token_id is None:
+            return None
+        return cls(ImageProcessorConfig.from_model(cfg.vision, folder), cfg.image_token_id, policy, max_images)
+
+    def check_count(self, num_images: int) -> None:
+        if num_images > self.max_images:
+            raise InvalidRequestError(f"{num_images} images in one request; the limit is {self.max_images}",
+                                      param="messages")
+
+    async def place(self, token_ids: list[int], urls: list[tuple[str, str]]) -> tuple[list[int], list[ImageInput]]:
+        """The prompt's placeholders expanded and its images placed; `urls`: (url, the part's field path)."""
+        self.check_count(len(urls))
+        images = await asyncio.gather(*(load_image(url, self.policy, param) for url, param in urls))
+        processed = []
+        for img, (_, param) in zip(images, urls):
+            try:
+                processed.append(await asyncio.to_thread(self.processor.process, img))
+            except InvalidRequestError as e:
+                raise InvalidRequestError(e.message, param=param) from None
+        return expand_placeholders(token_ids, self.image_token_id, processed)

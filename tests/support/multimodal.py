@@ -1,0 +1,101 @@
+"""A tiny random Qwen3-VL checkpoint (vision tower with deepstack taps, multimodal rope), saved as a real Hugging
+Face folder: config.json, safetensors, preprocessor_config.json and a tokenizer whose chat template writes
+<|vision_start|><|image_pad|><|vision_end|> for an image part, as Qwen3-VL's does; and test images."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.support.models import CORPUS
+
+VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+PATCH, MERGE = 8, 2
+PREPROCESSOR = {"patch_size": PATCH, "temporal_patch_size": 2, "merge_size": MERGE,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                "size": {"shortest_edge": 16 * 16 * 4, "longest_edge": 96 * 96},
+                "image_processor_type": "Qwen2VLImageProcessor"}
+
+
+def build_vl_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                                  *VISION_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = VL_CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def build_qwen3_vl(path: Path, seed: int = 0, dtype=torch.float32) -> Path:
+    import transformers
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_vl_tokenizer(path)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                  spatial_merge_size=MERGE, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                                        video_token_id=ids["<|video_pad|>"],
+                                        vision_start_token_id=ids["<|vision_start|>"],
+                                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+                                        eos_token_id=tok.eos_token_id)
+    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = transformers.Qwen3VLForConditionalGeneration(config).to(dtype)
+    with torch.no_grad():  # non-trivial norms and biases, larger weights: every part of the tower matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.2)
+            elif "visual" in name or "embed_tokens" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(str(path), safe_serialization=True)
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    return path
+
+
+def make_image(width: int, height: int, seed: int):
+    """A deterministic RGB image with structure (gradients plus noise), as a PIL image."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], -1)
+    noise = rng.integers(0, 64, (height, width, 3))
+    return Image.fromarray(((base + noise) % 256).astype(np.uint8), "RGB")
+
+
+def data_url(image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory) -> Path:
+    return build_qwen3_vl(tmp_path_factory.mktemp("qwen3-vl") / "model")
