@@ -89,16 +89,16 @@ def test_vision_tower_matches_transformers(tiny_qwen3_vl, llm_cache, hf_vl):
     images = [make_image(*s, seed=i) for i, s in enumerate(SIZES[:3])]
     processed = [cfg.process(img) for img in images]
     patches = torch.cat([image_patches(ImageInput(content_hash=d, offset=0, num_tokens=n, grid_thw=g, height=h,
-                                                  width=w, pixels=px), cfg, torch.device("cpu"))
+                                                  width=w, pixels=px), cfg, llm.engine.runner.device)
                          for n, g, h, w, px, d in processed])
     ref_px = hf_processor()(images=images, return_tensors="pt")
     with torch.no_grad():
         embeds, deepstack = llm.engine.runner.model.encode_images(patches, [tuple(p[1]) for p in processed])
         ref = hf_vl.model.get_image_features(ref_px["pixel_values"], ref_px["image_grid_thw"], return_dict=True)
-    torch.testing.assert_close(embeds, torch.cat(ref.pooler_output), atol=EMBED_ATOL, rtol=0)
+    torch.testing.assert_close(embeds.cpu(), torch.cat(ref.pooler_output), atol=EMBED_ATOL, rtol=0)
     assert len(deepstack) == len(ref.deepstack_features) == 2
     for ours, theirs in zip(deepstack, ref.deepstack_features):
-        torch.testing.assert_close(ours, torch.cat(theirs), atol=EMBED_ATOL, rtol=0)
+        torch.testing.assert_close(ours.cpu(), torch.cat(theirs), atol=EMBED_ATOL, rtol=0)
 
 
 def test_mrope_positions_match_get_rope_index(tiny_qwen3_vl, llm_cache, hf_vl):
@@ -208,3 +208,18 @@ def test_disaggregated_equals_hybrid(tiny_qwen3_vl, llm_cache):
     for rid, _, _, expected in migrations:
         assert tokens[rid] == expected, rid
     assert prefill.free_parked([s for _, _, s, _ in migrations]) == len(migrations)
+
+
+def test_readme_example(tiny_qwen3_vl, tmp_path, monkeypatch, capsys):
+    """The README's Qwen3-VL block, as written, with the tiny checkpoint for the hub name and a generated photo."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- example: tests/test_qwen3_vl.py[^>]*-->\n```python\n(.*?)```", readme, re.S).group(1)
+    make_image(64, 48, 7).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    code = block.replace('LLM("Qwen/Qwen3-VL-2B-Instruct")',
+                         f'LLM({str(tiny_qwen3_vl)!r}, device="cpu", kv_cache_memory_bytes=16 << 20)')
+    assert code != block
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()

@@ -50,8 +50,9 @@ class VisionAttention(nn.Module):
         qf, kf = q.float(), k.float()
         q = (qf * cos + _rotate_half(qf) * sin).to(v.dtype)
         k = (kf * cos + _rotate_half(kf) * sin).to(v.dtype)
-        # full (bidirectional) attention within each image
-        out = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
+        # full (bidirectional) attention within each image; [1, heads, tokens, dim]: SDPA's fused kernels take
+        # 4-D inputs only (3-D ones fall back to the unfused path, which materialises the score matrix)
+        out = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qi, ki, vi)))[0].transpose(0, 1)
                for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return self.proj(torch.cat(out).reshape(T, -1))
 
