@@ -10,7 +10,7 @@ from typing import Any, Literal
 import msgspec
 
 EngineRole = Literal["hybrid", "prefill", "decode"]  # what an engine core serves
-Role = Literal[EngineRole, "encoder"]
+Role = Literal[EngineRole, "encode"]  # encode: a vision encoder (encoder/)
 
 # Addresses a peer cannot connect to; an engine bound to one must advertise a real address.
 UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})

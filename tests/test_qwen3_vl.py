@@ -75,11 +75,11 @@ def test_patches_equal_the_reference_processor(size, tiny_qwen3_vl, llm_cache):
     llm = llm_cache.get(tiny_qwen3_vl)
     cfg = image_config(llm)
     img = make_image(*size, seed=sum(size))
-    n, grid, h, w, pixels, digest = cfg.process(img)
+    image = cfg.process(img)
     ref = hf_processor()(images=[img], return_tensors="pt")
-    assert list(grid) == ref["image_grid_thw"][0].tolist() and n == grid[1] * grid[2] // 4
-    ours = image_patches(ImageInput(content_hash=digest, offset=0, num_tokens=n, grid_thw=grid, height=h, width=w,
-                                    pixels=pixels), cfg, torch.device("cpu"))
+    grid = image.grid_thw
+    assert list(grid) == ref["image_grid_thw"][0].tolist() and image.num_tokens == grid[1] * grid[2] // 4
+    ours = image_patches(image, cfg, torch.device("cpu"))
     torch.testing.assert_close(ours, ref["pixel_values"], atol=1e-6, rtol=0)
 
 
@@ -88,12 +88,10 @@ def test_vision_tower_matches_transformers(tiny_qwen3_vl, llm_cache, hf_vl):
     cfg = image_config(llm)
     images = [make_image(*s, seed=i) for i, s in enumerate(SIZES[:3])]
     processed = [cfg.process(img) for img in images]
-    patches = torch.cat([image_patches(ImageInput(content_hash=d, offset=0, num_tokens=n, grid_thw=g, height=h,
-                                                  width=w, pixels=px), cfg, llm.engine.runner.device)
-                         for n, g, h, w, px, d in processed])
+    patches = torch.cat([image_patches(p, cfg, llm.engine.runner.device) for p in processed])
     ref_px = hf_processor()(images=images, return_tensors="pt")
     with torch.no_grad():
-        embeds, deepstack = llm.engine.runner.model.encode_images(patches, [tuple(p[1]) for p in processed])
+        embeds, deepstack = llm.engine.runner.model.encode_images(patches, [tuple(p.grid_thw) for p in processed])
         ref = hf_vl.model.get_image_features(ref_px["pixel_values"], ref_px["image_grid_thw"], return_dict=True)
     torch.testing.assert_close(embeds.cpu(), torch.cat(ref.pooler_output), atol=EMBED_ATOL, rtol=0)
     assert len(deepstack) == len(ref.deepstack_features) == 2

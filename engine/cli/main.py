@@ -1,4 +1,6 @@
-"""`slipstream` entry point: one subcommand per module in engine.cli (each has `register(subparsers)`)."""
+"""`slipstream` entry point: one subcommand per module (each has `register(subparsers)`): those of engine.cli, and
+the encoder role's own (encoder/cli.py), named here by module path so that the engine package never imports
+the encoder's."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +9,8 @@ import logging
 import sys
 
 # subcommand modules, in --help order; each defines register(subparsers) that sets `func`
-COMMANDS = ["generate", "serve", "engine_cmd", "router", "up", "status", "bench"]
+COMMANDS = ["engine.cli.generate", "engine.cli.serve", "engine.cli.engine_cmd", "encoder.cli", "engine.cli.router",
+            "engine.cli.up", "engine.cli.status", "engine.cli.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"engine.cli.{name}")
+            module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == f"engine.cli.{name}":
+            if e.name == name:
                 continue  # a subcommand not in this build
             raise
         module.register(sub)

@@ -189,6 +189,7 @@ class Qwen3VLForConditionalGeneration(Qwen3ForCausalLM):
         self.lm_head = (self.model.language_model.embed_tokens if cfg.tie_word_embeddings
                         else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel))
         self.spatial_merge_size = cfg.vision.spatial_merge_size
+        self.num_deepstack = len(cfg.vision.deepstack_visual_indexes)
         # which rope axis (0 time, 1 height, 2 width) each rotary frequency follows: interleaved T H W T H W ...,
         # height and width each over the first 3 * section of the frequencies
         section = (cfg.hf.rope_parameters or {}).get("mrope_section", [24, 20, 20])

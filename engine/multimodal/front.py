@@ -10,17 +10,21 @@ from engine.errors import InvalidRequestError
 from engine.multimodal.image_loader import MediaPolicy, load_image
 from engine.multimodal.inputs import ImageInput, expand_placeholders
 from engine.multimodal.processor import ImageProcessorConfig
+from engine.multimodal.remote import EmbeddingPuller, image_inputs, parse
 
 
 class ImageFront:
-    def __init__(self, processor: ImageProcessorConfig, image_token_id: int, policy: MediaPolicy, max_images: int):
+    def __init__(self, processor: ImageProcessorConfig, image_token_id: int, policy: MediaPolicy, max_images: int,
+                 puller: EmbeddingPuller | None = None):
         self.processor = processor
         self.image_token_id = image_token_id
         self.policy = policy
         self.max_images = max_images
+        self.puller = puller  # EPD: pulls what an encoder server computed (engine/multimodal/remote.py)
 
     @classmethod
-    def for_model(cls, path: str, policy: MediaPolicy, max_images: int) -> "ImageFront | None":
+    def for_model(cls, path: str, policy: MediaPolicy, max_images: int,
+                  puller: EmbeddingPuller | None = None) -> "ImageFront | None":
         """None for a text-only model (or one whose checkpoint folder this front cannot read)."""
         from engine.models.config import load_model_config
         folder = Path(path)
@@ -29,7 +33,7 @@ class ImageFront:
         cfg = load_model_config(folder)
         if cfg.vision is None or cfg.image_token_id is None:
             return None
-        return cls(ImageProcessorConfig.from_model(cfg.vision, folder), cfg.image_token_id, policy, max_images)
+        return cls(ImageProcessorConfig.from_model(cfg.vision, folder), cfg.image_token_id, policy, max_images, puller)
 
     def check_count(self, num_images: int) -> None:
         if num_images > self.max_images:
@@ -41,9 +45,26 @@ class ImageFront:
         self.check_count(len(urls))
         images = await asyncio.gather(*(load_image(url, self.policy, param) for url, param in urls))
         processed = []
-        for img, (_, param) in zip(images, urls):
+        for img, (_, param) in zip(images, urls):  # (resizing runs on a thread: the event loop keeps serving)
             try:
                 processed.append(await asyncio.to_thread(self.processor.process, img))
             except InvalidRequestError as e:
                 raise InvalidRequestError(e.message, param=param) from None
         return expand_placeholders(token_ids, self.image_token_id, processed)
+
+    async def place_encoded(self, token_ids: list[int], urls: list[tuple[str, str]], encoded
+                            ) -> tuple[list[int], list[ImageInput]]:
+        """EPD: the prompt's images as an encoder server encoded them (`kv_transfer_params.encoded_images`), their
+        embeddings pulled from its region; the request's image parts are not fetched again."""
+        enc = parse(encoded)
+        if len(enc.images) != len(urls):
+            raise InvalidRequestError(f"encoded_images holds {len(enc.images)} images for the request's "
+                                      f"{len(urls)} image parts", param="kv_transfer_params")
+        if self.puller is None:
+            raise InvalidRequestError("this server does not take encoded_images", param="kv_transfer_params")
+        pulled = await self.puller.pull(enc)
+        return expand_placeholders(token_ids, self.image_token_id, image_inputs(pulled, enc.dtype))
+
+    def close(self) -> None:
+        if self.puller is not None:
+            self.puller.close()

@@ -19,7 +19,10 @@ class ImageInput(msgspec.Struct, kw_only=True, array_like=True):
     grid_thw: tuple[int, int, int]  # patches along time, height, width (before the spatial merge)
     height: int
     width: int
-    pixels: bytes  # uint8 RGB [height, width, 3]
+    pixels: bytes  # uint8 RGB [height, width, 3] (empty when the embeddings came from an encoder server)
+    # EPD: the embedding rows an encoder computed, [num_tokens, hidden * (1 + deepstack taps)] of this dtype
+    embedding: bytes = b""
+    embedding_dtype: str = ""
 
     @property
     def end(self) -> int:
@@ -35,11 +38,11 @@ def content_hash(pixels: np.ndarray, grid_thw: tuple[int, int, int]) -> str:
     return h.hexdigest()
 
 
-def expand_placeholders(token_ids: list[int], image_token_id: int, images: list[tuple[int, tuple, int, int, bytes, str]]
+def expand_placeholders(token_ids: list[int], image_token_id: int, images: list[ImageInput]
                         ) -> tuple[list[int], list[ImageInput]]:
     """The prompt with each single image placeholder token (as the chat template writes it) repeated to its
-    image's token count, and the images placed at their offsets. `images`: (num_tokens, grid_thw, height,
-    width, pixels, content_hash) in prompt order. The placeholder count must equal the image count."""
+    image's token count, and the images (in prompt order) placed at their offsets. The placeholder count
+    must equal the image count."""
     from engine.errors import InvalidRequestError
     slots = [i for i, t in enumerate(token_ids) if t == image_token_id]
     if len(slots) != len(images):
@@ -48,11 +51,10 @@ def expand_placeholders(token_ids: list[int], image_token_id: int, images: list[
     out: list[int] = []
     placed: list[ImageInput] = []
     prev = 0
-    for slot, (n, grid, h, w, pixels, digest) in zip(slots, images):
+    for slot, img in zip(slots, images):
         out.extend(token_ids[prev:slot])
-        placed.append(ImageInput(content_hash=digest, offset=len(out), num_tokens=n, grid_thw=tuple(grid),
-                                 height=h, width=w, pixels=pixels))
-        out.extend([image_token_id] * n)
+        placed.append(msgspec.structs.replace(img, offset=len(out)))
+        out.extend([image_token_id] * img.num_tokens)
         prev = slot + 1
     out.extend(token_ids[prev:])
     return out, placed

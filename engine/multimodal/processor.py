@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InvalidRequestError
-from engine.multimodal.inputs import content_hash
+from engine.multimodal.inputs import ImageInput, content_hash
 
 MAX_ASPECT_RATIO = 200
 
@@ -67,8 +67,8 @@ class ImageProcessorConfig:
     def num_tokens(self, grid_thw: tuple[int, int, int]) -> int:
         return grid_thw[0] * grid_thw[1] * grid_thw[2] // self.merge_size ** 2
 
-    def process(self, image) -> tuple[int, tuple[int, int, int], int, int, bytes, str]:
-        """A PIL image -> (num_tokens, grid_thw, height, width, uint8 RGB pixels, content hash), the tuple
+    def process(self, image) -> ImageInput:
+        """A PIL image -> an ImageInput (resized uint8 RGB pixels, grid, token count, content hash) that
         engine.multimodal.inputs.expand_placeholders places in the prompt."""
         from PIL import Image
         image = image.convert("RGB")
@@ -77,7 +77,8 @@ class ImageProcessorConfig:
             image = image.resize((w, h), Image.Resampling.BICUBIC)
         pixels = np.asarray(image, dtype=np.uint8)
         grid = (1, h // self.patch_size, w // self.patch_size)
-        return self.num_tokens(grid), grid, h, w, pixels.tobytes(), content_hash(pixels, grid)
+        return ImageInput(content_hash=content_hash(pixels, grid), offset=0, num_tokens=self.num_tokens(grid),
+                          grid_thw=grid, height=h, width=w, pixels=pixels.tobytes())
 
 
 def place_images(token_ids: list[int], images: list, cfg: ImageProcessorConfig, image_token_id: int

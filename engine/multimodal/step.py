@@ -40,6 +40,12 @@ def encode_missing(model, parts: list[StepImage], cache: EncoderCache, cfg: Imag
                 todo[key] = p.image
             else:
                 found[key] = entry
+    for key, img in list(todo.items()):  # EPD: an encoder server computed these rows
+        if img.embedding:
+            rows = torch.frombuffer(bytearray(img.embedding), dtype=getattr(torch, img.embedding_dtype))
+            found[key] = split_rows(rows.view(img.num_tokens, -1).to(device), model.num_deepstack)
+            cache.put(key, found[key], keys)
+            del todo[key]
     if todo:
         images = list(todo.values())
         patches = torch.cat([image_patches(img, cfg, device) for img in images])
@@ -50,6 +56,16 @@ def encode_missing(model, parts: list[StepImage], cache: EncoderCache, cfg: Imag
             found[key] = ImageEmbedding(e, [d[i] for d in split_ds])
             cache.put(key, found[key], keys)
     return found
+
+
+def join_rows(embeds: torch.Tensor, deepstack: list[torch.Tensor]) -> torch.Tensor:
+    """One row per image token: its embedding, then its deepstack features (what an encoder server ships)."""
+    return torch.cat([embeds, *deepstack], dim=-1)
+
+
+def split_rows(rows: torch.Tensor, taps: int) -> ImageEmbedding:
+    parts = rows.chunk(1 + taps, dim=-1)
+    return ImageEmbedding(parts[0], list(parts[1:]))
 
 
 def build_step(model, parts: list[StepImage], mrope_positions: np.ndarray | None, cache: EncoderCache,

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from engine.errors import AuthenticationError, EngineError, InvalidRequestError, OverloadedError
 from engine.router.config import RouterConfig
-from engine.router.pool import ROLE_BY_NUMBER, EnginePool, Node
+from engine.router.pool import ROLES, ROLE_BY_NUMBER, EnginePool, Node
 from engine.router.proxy import UPSTREAM_ERRORS, Proxy, describe
 from engine.server.responses import error_response, http_error
 
@@ -138,7 +138,7 @@ async def _discover(app: web.Application) -> None:
 
     def on_change(added, removed) -> None:
         app[POOL].replace_discovered([node_from_entity(e) for e in watcher.engines.values()
-                                      if e.metadata.role in ("hybrid", "prefill", "decode")])
+                                      if e.metadata.role in ROLES])
 
     watcher.subscribe(on_change)
     try:
@@ -242,7 +242,8 @@ def build_app(config: RouterConfig) -> web.Application:
     app = web.Application(client_max_size=64 << 20, middlewares=[errors_and_auth])
     app[CONFIG], app[POOL] = config, EnginePool()
     app[STATS] = {"requests_total": 0, "inflight": 0, "rejected_total": 0, "prefill_retries_total": 0,
-                  "stage_retries_total": 0, "streams_cut_total": 0, "pd_free_total": 0}
+                  "stage_retries_total": 0, "streams_cut_total": 0, "pd_free_total": 0,
+                  "encode_free_total": 0}
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)

@@ -10,14 +10,14 @@ import time
 from dataclasses import dataclass, field
 
 ROLE_BY_NUMBER = {1: "hybrid", 2: "prefill", 3: "decode"}  # DLRouter's /nodes/add
-ROLES = ("hybrid", "prefill", "decode")
+ROLES = ("hybrid", "prefill", "decode", "encode")  # encode: vision encoders (EPD)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
 
 
 @dataclass
 class Node:
     url: str
-    role: str  # hybrid | prefill | decode
+    role: str  # hybrid | prefill | decode | encode
     models: set[str] = field(default_factory=set)  # accepted `model` values (empty: any)
     source: str = "manual"  # manual | ctrl
     entity_id: str = ""  # its control-plane record (discovered nodes)

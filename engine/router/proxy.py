@@ -60,9 +60,25 @@ class Proxy:
         model = body.get("model")
         roles = self.pool.roles_for(model)
         deadline = time.monotonic() + self.request_timeout_s
+        if "encode" in roles and has_images(body) and roles & {"hybrid", "prefill"}:
+            # EPD: an encoder turns the images into embeddings first; prefill (or hybrid) pulls them
+            encoder, encoded = await self.encode_stage(body, model, deadline)
+            if isinstance(encoded, web.Response):
+                return encoded  # the encoder's verdict on the request (a bad image: 400)
+            try:
+                return await self.route(request, body, model, roles, deadline, encoded)
+            finally:
+                asyncio.ensure_future(self.free_encoded(encoder, encoded.get("lease_id")))
+        return await self.route(request, body, model, roles, deadline)
+
+    async def route(self, request: web.Request, body: dict, model, roles: set[str], deadline: float,
+                    encoded: dict | None = None) -> web.StreamResponse:
         if {"prefill", "decode"} <= roles:
-            return await self.two_stage(request, body, model, deadline)
+            return await self.two_stage(request, body, model, deadline, encoded)
         if "hybrid" in roles:
+            if encoded is not None:
+                body = {**body, "kv_transfer_params": {**(body.get("kv_transfer_params") or {}),
+                                                        "encoded_images": encoded}}
             return await self.forward(request, "hybrid", model, body, deadline)
         if roles:  # the model is served, but a role of its pipeline has no engine (a rolling restart)
             missing = "decode" if "prefill" in roles else "prefill"
@@ -71,11 +87,14 @@ class Proxy:
             raise ModelNotFoundError(f"no engine serves model {model!r}", param="model")
         raise UnavailableError("no engine is registered yet", retry_after=self.retry_after_s)
 
-    async def two_stage(self, request: web.Request, body: dict, model, deadline: float) -> web.StreamResponse:
+    async def two_stage(self, request: web.Request, body: dict, model, deadline: float,
+                        encoded: dict | None = None) -> web.StreamResponse:
         """DLRouter's flow: prefill with do_remote_decode (non-streamed), decode with the migration, then
-        /pd/free on the prefill engine (always: completion, error and client abort alike)."""
+        /pd/free on the prefill engine (always: completion, error and client abort alike). In EPD mode the
+        prefill engine also gets the encoder's descriptor (`encoded_images`)."""
         p_body = {k: v for k, v in body.items() if k != "stream_options"}
-        p_body.update(stream=False, kv_transfer_params={"do_remote_decode": True})
+        p_body.update(stream=False, kv_transfer_params={"do_remote_decode": True,
+                                                        **({"encoded_images": encoded} if encoded else {})})
         prefill, status, answer = await self.prefill_stage(request.path, p_body, model, deadline)
         kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         if status != 200 or not isinstance(kv, dict) or "migration" not in kv:
@@ -181,6 +200,48 @@ class Proxy:
         await out.write_eof()
         return out
 
+    async def encode_stage(self, body: dict, model, deadline: float) -> tuple[Node | None, dict | web.Response]:
+        """The request's images encoded on one encoder (another if one fails first): its descriptor, or its
+        answer when it refused the request (a bad image, too many images)."""
+        tried: set[str] = set()
+        last: web.Response | None = None
+        e_body = {"model": model, "messages": body.get("messages")}
+        while True:
+            node = self.pool.pick("encode", model, exclude=tried)
+            if node is None:
+                if last is not None:
+                    return None, last
+                raise self.no_engine("encode", model)
+            tried.add(node.url)
+            node.inflight += 1
+            try:
+                resp = await within(self.session.post(node.url + "/v1/encode", json=e_body, headers=self.headers),
+                                    deadline)
+                async with resp:
+                    data = await within(resp.read(), deadline)
+                    if resp.status == 200:
+                        return node, json.loads(data)
+                    answer = web.Response(body=data, status=resp.status, content_type="application/json")
+                    if resp.status not in (429, 503):
+                        return node, answer
+                    last = answer
+                    raise StageFailed(f"answered {resp.status}: {data[:200]!r}", down=False)
+            except (StageFailed, *UPSTREAM_ERRORS, ValueError) as e:
+                self.engine_failed(node, describe(e), getattr(e, "down", True))
+                self.stats["stage_retries_total"] += 1
+            finally:
+                node.inflight -= 1
+
+    async def free_encoded(self, node: Node, lease_id) -> None:
+        try:
+            async with self.session.post(node.url + "/v1/encode/free", json={"lease_ids": [lease_id]},
+                                         headers=self.headers) as resp:
+                await resp.read()
+            self.stats["encode_free_total"] += 1
+        except UPSTREAM_ERRORS as e:
+            self.logs.warning(f"free:{node.url}", "POST %s/v1/encode/free failed: %s (the lease times out)",
+                              node.url, describe(e))
+
     async def free(self, node: Node, seq_id) -> None:
         try:
             async with self.session.post(node.url + "/pd/free", json={"seq_ids": [seq_id]},
@@ -190,6 +251,15 @@ class Proxy:
         except UPSTREAM_ERRORS as e:
             self.logs.warning(f"free:{node.url}", "POST %s/pd/free failed: %s (its KV is reclaimed on timeout)",
                               node.url, describe(e))
+
+
+def has_images(body: dict) -> bool:
+    """Whether a chat request carries image parts."""
+    for m in body.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            return True
+    return False
 
 
 async def within(aw, deadline: float):

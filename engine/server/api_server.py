@@ -112,6 +112,10 @@ def build_app(state: FrontState) -> web.Application:
         body.pop("call_id", None)
         body["front"] = {"in_flight": state.client.num_in_flight, "phase": state.phase,
                          "heartbeat_age_s": round(time.monotonic() - state.last_heartbeat, 3)}
+        region = state.images.puller.region if state.images is not None and state.images.puller else None
+        if region is not None:  # EPD: the front's embedding region (blocks in use only while a pull lands)
+            body["front"]["embedding_region"] = {"blocks": region.num_blocks, "free_blocks": region.num_free,
+                                                 "quarantined_blocks": len(state.images.puller.quarantined)}
         return json_response(body)
 
     async def pd_free(request):

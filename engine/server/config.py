@@ -31,7 +31,33 @@ class CoreServerConfig:
 
 
 @dataclass
-class ServerConfig(CtrlConfig, CoreServerConfig):
+class MediaConfig:
+    """Image inputs: where they may come from and how big they may be (the API front and the encoder server)."""
+
+    allowed_media_domains: list[str] | None = opt(
+        None, "hosts (and their subdomains) the server may fetch http(s) image URLs from; none: only data: URLs")
+    max_images_per_prompt: int = opt(8, "images one chat request may carry (more: 400)")
+    max_image_bytes: int = opt(20 << 20, "largest encoded image, data: URL or fetched (larger: 400)")
+    max_image_pixels: int = opt(64 << 20, "largest decoded image, width x height (larger: 400)")
+    media_fetch_timeout: float = opt(10.0, "seconds to fetch one remote image")
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # a mixin: keep the other bases' checks
+            parent()
+        check_field(self.max_images_per_prompt >= 0, "max_images_per_prompt", "must be >= 0")
+        check_field(self.max_image_bytes >= 1024, "max_image_bytes", "must be >= 1024")
+        check_field(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        check_field(self.media_fetch_timeout > 0, "media_fetch_timeout", "must be > 0")
+
+    def media_policy(self):
+        from engine.multimodal.image_loader import MediaPolicy
+        return MediaPolicy(tuple(self.allowed_media_domains or ()), self.max_image_bytes, self.max_image_pixels,
+                           self.media_fetch_timeout)
+
+
+@dataclass
+class ServerConfig(CtrlConfig, MediaConfig, CoreServerConfig):
     host: str = opt("127.0.0.1", "HTTP bind address (0.0.0.0 only when asked)")
     port: int = opt(8000, "HTTP port")
     served_model_name: str | None = opt(None, "model name clients send (default: the model path); the path "
@@ -47,6 +73,9 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
     kv_source_check: Literal["registered", "off"] = opt(
         "registered", "with --ctrl-address: take migrations only from engines registered in this scope, with the KV "
                       "endpoints they registered (a forged one is a 400); off: any")
+    encoded_images_pull_timeout: float = opt(30.0, "EPD: seconds to pull one request's image embeddings from an "
+                                                   "encoder server")
+    embedding_region_tokens: int = opt(16384, "EPD: image tokens of embeddings this front can hold while it pulls")
     request_timeout: float | None = opt(
         None, "a request running longer is aborted (its KV freed) and answered 504, or ends its stream with "
               "that error event; none: no limit")
@@ -61,12 +90,6 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
         None, "split <think>...</think> off the answer as reasoning_content")
     generation_config: str = opt("auto", "sampling defaults: auto = the checkpoint's generation_config.json, "
                                          "vllm = none, or a folder holding a generation_config.json")
-    allowed_media_domains: list[str] | None = opt(
-        None, "hosts (and their subdomains) the server may fetch http(s) image URLs from; none: only data: URLs")
-    max_images_per_prompt: int = opt(8, "images one chat request may carry (more: 400)")
-    max_image_bytes: int = opt(20 << 20, "largest encoded image, data: URL or fetched (larger: 400)")
-    max_image_pixels: int = opt(64 << 20, "largest decoded image, width x height (larger: 400)")
-    media_fetch_timeout: float = opt(10.0, "seconds to fetch one remote image")
     allowed_origins: list[str] | None = opt(None, "CORS: origins allowed to call the API from a browser (* = any)")
     root_path: str | None = opt(None, "the path prefix a proxy in front strips (routes answer under it too)")
     ssl_keyfile: str | None = opt(None, "serve HTTPS with this private key (with --ssl-certfile)")
@@ -96,7 +119,3 @@ class ServerConfig(CtrlConfig, CoreServerConfig):
                     "--ssl-keyfile and --ssl-certfile go together")
         check_field(self.root_path is None or self.root_path.startswith("/"), "root_path", "must start with /")
         check_field(bool(self.response_role), "response_role", "must not be empty")
-        check_field(self.max_images_per_prompt >= 0, "max_images_per_prompt", "must be >= 0")
-        check_field(self.max_image_bytes >= 1024, "max_image_bytes", "must be >= 1024")
-        check_field(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
-        check_field(self.media_fetch_timeout > 0, "media_fetch_timeout", "must be > 0")

@@ -88,11 +88,12 @@ class FrontState:
 
     def _image_front(self):
         from engine.multimodal.front import ImageFront
-        from engine.multimodal.image_loader import MediaPolicy
+        from engine.multimodal.region import blocks_for
+        from engine.multimodal.remote import EmbeddingPuller
         cfg = self.config
-        policy = MediaPolicy(tuple(cfg.allowed_media_domains or ()), cfg.max_image_bytes, cfg.max_image_pixels,
-                             cfg.media_fetch_timeout)
-        return ImageFront.for_model(self.info.model_path, policy, cfg.max_images_per_prompt)
+        puller = EmbeddingPuller(cfg.advertise_host or cfg.host, blocks_for(cfg.embedding_region_tokens),
+                                 cfg.encoded_images_pull_timeout)
+        return ImageFront.for_model(self.info.model_path, cfg.media_policy(), cfg.max_images_per_prompt, puller)
 
     async def _wait_for_core(self, deadline: float) -> None:
         while True:
@@ -110,6 +111,8 @@ class FrontState:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.images is not None:
+            self.images.close()
 
     # ---- core health ---------------------------------------------------------------------------
     def _check_process(self) -> None:

@@ -47,15 +47,23 @@ class KnownKVSources:
         self.known = {k: v for k, v in self.known.items() if self._refreshed - v[1] < SEEN_GRACE_S}
 
     async def check(self, kv_transfer_params) -> None:
-        text = kv_transfer_params.get("migration") if isinstance(kv_transfer_params, dict) else None
-        if text is None:
-            return
-        m = mig.decode(text)
-        entry = await self._lookup(m.engine_id)
+        """A migration's source engine, and an EPD request's encoder (`encoded_images`), must be registered here
+        with the endpoints the request names."""
+        params = kv_transfer_params if isinstance(kv_transfer_params, dict) else {}
+        if params.get("migration") is not None:
+            m = mig.decode(params["migration"])
+            await self._check_source("migration's source engine", m.engine_id, m.transfer)
+        if params.get("encoded_images") is not None:
+            from engine.multimodal.remote import parse
+            enc = parse(params["encoded_images"])
+            await self._check_source("encoded_images' encoder", enc.encoder_id, [enc.source])
+
+    async def _check_source(self, what: str, engine_id: str, transfer: list[dict]) -> None:
+        entry = await self._lookup(engine_id)
         if entry is None:
-            raise InvalidRequestError(f"the migration's source engine {m.engine_id[:12]}... is not registered in this "
-                                      "control-plane scope", param="kv_transfer_params")
-        endpoints = [[t.get("agent_id"), t.get("host"), t.get("port"), digest(t.get("ipc"))] for t in m.transfer]
+            raise InvalidRequestError(f"the {what} {engine_id[:12]}... is not registered in this control-plane scope",
+                                      param="kv_transfer_params")
+        endpoints = [[t.get("agent_id"), t.get("host"), t.get("port"), digest(t.get("ipc"))] for t in transfer]
         if endpoints != entry[0]:
-            raise InvalidRequestError("the migration's KV endpoints (DLSlime address or CUDA IPC handle) are not the "
-                                      "ones its source engine registered", param="kv_transfer_params")
+            raise InvalidRequestError(f"the {what} names transfer endpoints (DLSlime address or CUDA IPC handle) other "
+                                      "than the ones it registered", param="kv_transfer_params")

@@ -191,10 +191,19 @@ class OpenAIServing:
                       job.kind, len(job.prompts), sum(len(ids) for _, ids in job.prompts), job.stream, job.params)
         if job.kv_transfer_params and self.state.kv_sources is not None:
             await self.state.kv_sources.check(job.kv_transfer_params)
+        kv = job.kv_transfer_params or {}
+        if job.image_urls and kv.get("migration") is not None:
+            job.image_urls = []  # decode half of a PD pair: the migration carries the images (or their embeddings)
         if job.image_urls:
-            ids, job.images = await self.state.images.place(job.prompts[0][1], job.image_urls)
+            if kv.get("encoded_images") is not None:  # EPD: an encoder server has the embeddings
+                ids, job.images = await self.state.images.place_encoded(job.prompts[0][1], job.image_urls,
+                                                                        kv["encoded_images"])
+            else:
+                ids, job.images = await self.state.images.place(job.prompts[0][1], job.image_urls)
             job.prompts = [(None, ids)]
             self._check_tokens(ids, job.params)
+        if job.kv_transfer_params and "encoded_images" in job.kv_transfer_params:  # the front's business only
+            job.kv_transfer_params = {k: v for k, v in job.kv_transfer_params.items() if k != "encoded_images"} or None
         shared = asyncio.Queue() if job.stream else None
         limit = self.state.config.request_timeout
         deadline = asyncio.get_running_loop().call_later(limit, self._expire, job, limit) if limit else None

@@ -99,3 +99,39 @@ def data_url(image, fmt: str = "PNG") -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl(tmp_path_factory) -> Path:
     return build_qwen3_vl(tmp_path_factory.mktemp("qwen3-vl") / "model")
+
+
+class EncoderProcess:
+    """A running `slipstream encoder` (its own HTTP surface: /health, /v1/encode, /encoder_info, /metrics)."""
+
+    def __init__(self, model: Path, log_dir: Path, *args: str):
+        import subprocess
+        import sys
+        from tests.support.server import REPO, ServerProcess, free_port
+        self.port = free_port()
+        self.log = log_dir / f"encoder-{self.port}.log"
+        cmd = [sys.executable, "-m", "engine.cli.main", "encoder", str(model), "--port", str(self.port),
+               "--device", "cpu", *args]
+        with self.log.open("ab") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        self.http = ServerProcess(proc, self.port, self.log)  # raw HTTP and stop() (no engine core here)
+        self.proc, self.url = proc, self.http.url
+
+    def wait_healthy(self, timeout: float = 120.0) -> "EncoderProcess":
+        import time
+        deadline = time.monotonic() + timeout
+        while self.http.health() != 200:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.http.stop()
+                raise RuntimeError(f"encoder did not start:\n{self.http.log_tail()}")
+            time.sleep(0.05)
+        return self
+
+    def info(self) -> dict:
+        status, body = self.http.get_json("/encoder_info")
+        assert status == 200, body
+        return body
+
+    def stop(self, sig=None) -> None:
+        import signal
+        self.http.stop(sig or signal.SIGTERM)
