@@ -19,7 +19,7 @@ PREFIX = "model.visual."
 class VisionEncoder:
     def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, progress: bool = False):
         from engine.models.qwen3_vl import Qwen3VLVisionModel
-        from engine.models.weights import iter_checkpoint, load_weights
+        from engine.models.weights import fill_random, is_random_weights, iter_checkpoint, load_weights
         cfg = load_model_config(path)
         if cfg.vision is None or "Qwen3VLForConditionalGeneration" not in cfg.architectures:
             raise UnsupportedModelError(f"{path} has no vision tower the encoder supports (Qwen3-VL)", param="model")
@@ -28,9 +28,13 @@ class VisionEncoder:
         with torch.device("meta"):
             tower = Qwen3VLVisionModel(cfg.vision)
         tower = tower.to_empty(device=device).to(dtype)
-        weights = ((name[len(PREFIX):], t) for name, t in iter_checkpoint(path, progress) if name.startswith(PREFIX))
-        with torch.no_grad():
-            load_weights(tower, weights)
+        if is_random_weights(path):  # a shape-only checkpoint (benchmarks)
+            fill_random(tower, 0, device)
+        else:
+            weights = ((name[len(PREFIX):], t) for name, t in iter_checkpoint(path, progress)
+                       if name.startswith(PREFIX))
+            with torch.no_grad():
+                load_weights(tower, weights)
         self.tower = tower.eval()
         self.row_width = cfg.hidden_size * (1 + len(cfg.vision.deepstack_visual_indexes))
 

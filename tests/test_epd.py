@@ -135,6 +135,24 @@ def test_hybrid_engine_takes_encoded_images(epd, tiny_qwen3_vl, tmp_path, llm_ca
         hybrid.stop()
 
 
+def test_prefill_takes_embeddings_only_from_registered_encoders(epd, tiny_qwen3_vl):
+    """A forged descriptor (an unknown encoder, or a known one at another address) is a 400 before any pull."""
+    c, encoder = epd
+    prefill = next(e for e in c.engines if e.role == "prefill")
+    urls = [data_url(IMAGES[0])]
+    status, encoded = encoder.http.post_json("/v1/encode", {"images": [{"url": u} for u in urls]})
+    assert status == 200
+    stranger = {**encoded, "encoder_id": "f" * 32}
+    elsewhere = {**encoded, "source": {**encoded["source"], "port": encoded["source"]["port"] + 1}}
+    for forged, why in ((stranger, "not registered"), (elsewhere, "not the ones")):
+        status, err = prefill.post_json("/v1/chat/completions", {
+            "model": str(tiny_qwen3_vl), "max_tokens": 2, "messages": [{"role": "user", "content": content(urls)}],
+            "kv_transfer_params": {"do_remote_decode": True, "encoded_images": forged}})
+        assert status == 400 and why in err["error"]["message"], err
+    encoder.http.post_json("/v1/encode/free", {"lease_ids": [encoded["lease_id"]]})
+    wait_free(encoder, c.engines)
+
+
 def test_a_dead_encoder_is_a_clear_error_and_text_keeps_flowing(epd, tiny_qwen3_vl):
     """(Last in this module: it kills the module's encoder.) Killed after it encoded (the prefill front's pull fails: 502), then for good (no encoder: 503); text
     requests are served throughout, and every pool is free afterwards."""

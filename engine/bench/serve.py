@@ -58,7 +58,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict, head
                     return res
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                choice = chunk["choices"][0] if chunk.get("choices") else {}
+                if choice.get("text") or (choice.get("delta") or {}).get("content"):  # completions or chat
                     now = time.perf_counter()
                     if last is None:
                         res.ttft = now - t0

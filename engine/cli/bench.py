@@ -12,6 +12,7 @@ BENCHMARKS = {
     "pd": "1 prefill + 1 decode engine behind the PD router vs one hybrid engine: TTFT / ITL at a few rates",
     "transfer": "KV-block pull GB/s between two processes over CUDA IPC, TCP or RDMA (Qwen3-0.6B blocks)",
     "encoder": "the Qwen3-VL vision tower alone: images/s and TFLOP/s at batch 1, 8, 32 for 448 and 1024 px images",
+    "epd": "image TTFT / ITL of one hybrid engine vs encoder + prefill + decode behind the router, at a few rates",
     "attention": "decode attention kernels alone (FlashInfer, Triton, XQA on FP8 pages), GB/s and error per batch size",
 }
 

@@ -120,24 +120,33 @@ def load_weights(model: nn.Module, weights) -> None:
         raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
+def is_random_weights(path: Path | None) -> bool:
+    return path is not None and (path / RANDOM_WEIGHTS_MARKER).is_file()
+
+
+def fill_random(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Small random matrices, ones elsewhere (benchmarks of a shape). Drawn where the weights live: a 0.6B
+    model's draws take seconds on a CPU, milliseconds on a GPU."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02))
+            else:
+                p.fill_(1.0)
+
+
 def load_model(model_cls, model_config, parallel, path: Path | None, backend, dtype: torch.dtype,
                device: torch.device, max_positions: int, progress: bool = False) -> nn.Module:
     """Builds the model without initialising its weights, then fills this rank's shards from the
     checkpoint (or with small random values for a random-weights folder: benchmarks of a shape)."""
-    if path is not None and (path / RANDOM_WEIGHTS_MARKER).is_file():
+    if is_random_weights(path):
         path = None
     with torch.device("meta"):
         model = model_cls(model_config, parallel, backend, max_positions, device)
     model = model.to_empty(device=device).to(dtype)
     if path is None:
-        # drawn where the weights live: a 0.6B model's draws take seconds on a CPU, milliseconds on a GPU
-        gen = torch.Generator(device=device).manual_seed(parallel.tp_rank)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02))
-                else:
-                    p.fill_(1.0)
+        fill_random(model, parallel.tp_rank, device)
     else:
         weights = iter_checkpoint(path, progress and parallel.is_first)
         block = block_size_of(model_config.hf)

@@ -62,14 +62,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def add_node(request: web.Request) -> web.Response:
-    """DLRouter's manual registration: {"url": ..., "status": {"role": 1|2|3}}."""
+    """DLRouter's manual registration: {"url": ..., "status": {"role": 1|2|3}} (4: an encoder, ours only)."""
     try:
         body = await request.json()
         url, role = body["url"], ROLE_BY_NUMBER[int(body.get("status", {}).get("role", 1))]
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError("url")
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise InvalidRequestError('expected {"url": "http://host:port", "status": {"role": 1|2|3}}') from None
+        raise InvalidRequestError('expected {"url": "http://host:port", "status": {"role": 1|2|3|4}}') from None
     node = Node(url=url.rstrip("/"), role=role)
     try:  # as DLRouter does: ask the node what it serves (an unreachable node serves any model)
         async with request.app[SESSION].get(node.url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5),

@@ -9,7 +9,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-ROLE_BY_NUMBER = {1: "hybrid", 2: "prefill", 3: "decode"}  # DLRouter's /nodes/add
+ROLE_BY_NUMBER = {1: "hybrid", 2: "prefill", 3: "decode", 4: "encode"}  # DLRouter's /nodes/add (and 4: ours)
 ROLES = ("hybrid", "prefill", "decode", "encode")  # encode: vision encoders (EPD)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
 

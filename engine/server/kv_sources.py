@@ -65,5 +65,5 @@ class KnownKVSources:
                                       param="kv_transfer_params")
         endpoints = [[t.get("agent_id"), t.get("host"), t.get("port"), digest(t.get("ipc"))] for t in transfer]
         if endpoints != entry[0]:
-            raise InvalidRequestError(f"the {what} names transfer endpoints (DLSlime address or CUDA IPC handle) other "
-                                      "than the ones it registered", param="kv_transfer_params")
+            raise InvalidRequestError(f"the transfer endpoints (DLSlime address or CUDA IPC handle) of the {what} are "
+                                      "not the ones it registered", param="kv_transfer_params")
