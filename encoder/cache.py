@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import OverloadedError
+from engine.errors import OverloadedError, UnavailableError
 from engine.multimodal.region import EmbeddingRegion, blocks_for
 
 
@@ -53,8 +53,15 @@ class EmbeddingCache:
 
     def pin(self, lease_id: str, key: str) -> None:
         """Adds an entry to a lease (the request that holds it needs the entry until it is freed)."""
+        if lease_id not in self.leases:
+            raise UnavailableError("the request's lease expired while its images were encoded; retry")
         self.entries[key].leases += 1
         self.leases[lease_id][0].append(key)
+
+    def renew(self, lease_id: str) -> None:
+        """The lease's clock starts again (when its descriptor is handed out, not when encoding began)."""
+        keys, _ = self.leases[lease_id]
+        self.leases[lease_id] = (keys, time.monotonic() + self.lease_timeout_s)
 
     def lease(self, keys: list[str]) -> str:
         lease_id = f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
@@ -66,7 +73,7 @@ class EmbeddingCache:
     def free(self, lease_ids) -> int:
         """Ends leases (unknown or already freed ids are ignored: free is idempotent); how many ended."""
         n = 0
-        for lease_id in lease_ids:
+        for lease_id in lease_ids if isinstance(lease_ids, list) else ():
             held = self.leases.pop(lease_id, None) if isinstance(lease_id, str) else None
             if held is not None:
                 n += 1

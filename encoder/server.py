@@ -78,6 +78,7 @@ class EncoderServer:
         except BaseException:
             self.cache.free([lease])
             raise
+        self.cache.renew(lease)
         self.requests += 1
         self.images += len(images)
         out = EncodedImages(encoder_id=self.encoder_id, lease_id=lease, source=self.agent.endpoint_info(),
@@ -183,7 +184,10 @@ class EncoderServer:
 
         async def free(request: web.Request) -> web.Response:
             body = await read_json(request)
-            return json_response({"freed": self.cache.free(body.get("lease_ids") or [])})
+            ids = body.get("lease_ids")
+            if not isinstance(ids, list):
+                raise InvalidRequestError('expected {"lease_ids": [...]}', param="lease_ids")
+            return json_response({"freed": self.cache.free(ids)})
 
         async def health(_):
             if self.draining:
@@ -271,7 +275,8 @@ class EncoderServer:
         self.draining = True  # /health 503, new requests refused; unregister first so that routers stop sending
         await self._unregister()
         deadline = time.monotonic() + self.config.drain_timeout
-        while self.inflight and time.monotonic() < deadline:
+        while (self.inflight or self.cache.leases) and time.monotonic() < deadline:  # prefills may still pull
+            self.cache.expire()
             await asyncio.sleep(0.05)
         expiry.cancel()
         await self.batcher.stop()

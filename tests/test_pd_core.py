@@ -113,7 +113,9 @@ def test_corrupted_or_forged_migration_is_rejected(pair):
     bad_geometry = mig.encode(mig.Migration(**{**{f: getattr(m, f) for f in m.__struct_fields__},
                                               "kv_spec": KVCacheSpec(1, 1, 1, 4, "float32")}))
     other_tp = mig.encode(mig.Migration(**{**{f: getattr(m, f) for f in m.__struct_fields__},
-                                          "transfer": m.transfer * 2, "block_ids": m.block_ids * 2}))
+                                          "transfer": m.transfer * 2, "block_ids": m.block_ids * 2,
+                                          # a GPU source staged its blocks: one staged list per rank too
+                                          "staged_block_ids": m.staged_block_ids and m.staged_block_ids * 2}))
     out_of_range = mig.encode(mig.Migration(**{**{f: getattr(m, f) for f in m.__struct_fields__},
                                               "block_ids": [[10 ** 6, 10 ** 6 + 1]]}))
     flipped = good[:20] + ("A" if good[20] != "A" else "B") + good[21:]

@@ -93,10 +93,11 @@ def test_vision_tower_matches_transformers(tiny_qwen3_vl, llm_cache, hf_vl):
     with torch.no_grad():
         embeds, deepstack = llm.engine.runner.model.encode_images(patches, [tuple(p.grid_thw) for p in processed])
         ref = hf_vl.model.get_image_features(ref_px["pixel_values"], ref_px["image_grid_thw"], return_dict=True)
-    torch.testing.assert_close(embeds.cpu(), torch.cat(ref.pooler_output), atol=EMBED_ATOL, rtol=0)
+    joined = lambda t: t if torch.is_tensor(t) else torch.cat(t)  # transformers versions split per image or not
+    torch.testing.assert_close(embeds.cpu(), joined(ref.pooler_output), atol=EMBED_ATOL, rtol=0)
     assert len(deepstack) == len(ref.deepstack_features) == 2
     for ours, theirs in zip(deepstack, ref.deepstack_features):
-        torch.testing.assert_close(ours.cpu(), torch.cat(theirs), atol=EMBED_ATOL, rtol=0)
+        torch.testing.assert_close(ours.cpu(), joined(theirs), atol=EMBED_ATOL, rtol=0)
 
 
 def test_mrope_positions_match_get_rope_index(tiny_qwen3_vl, llm_cache, hf_vl):
@@ -132,6 +133,41 @@ def test_small_chunks_split_images_and_encode_each_once(tiny_qwen3_vl, llm_cache
     got = llm.generate([p], greedy(8))[0].outputs[0].token_ids
     assert got == hf_generate(hf_vl, llm, p, 8)[0]
     assert cache.misses - misses == 2  # 36 + 16 image tokens over 8-token chunks, yet one encoding each
+
+
+def test_preemption_recomputes_image_prompts(tiny_qwen3_vl, llm_cache, hf_vl):
+    """A preempted sequence recomputes its prompt and outputs in one chunk: image tokens take their 3-D positions,
+    the outputs after the prompt index + rope delta (then its decode goes on from there)."""
+    llm = llm_cache.get(tiny_qwen3_vl, num_kv_blocks=24, block_size=4, max_model_len=64, max_num_batched_tokens=64,
+                        enable_prefix_caching=False)
+    ps = [prompt(llm, [make_image(70, 45, 20 + i)], "hi") for i in range(3)]
+    before = llm.engine.slices[0].num_preemptions
+    outs = llm.generate(ps, greedy(12))
+    assert llm.engine.slices[0].num_preemptions > before
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == hf_generate(hf_vl, llm, p, 12)[0]
+
+
+def test_recompute_chunk_past_the_prompt_takes_the_rope_delta(tiny_qwen3_vl, llm_cache):
+    """One chunk feeding an image, the rest of the prompt and two output tokens (a preempted sequence's
+    recompute): output positions are index + rope delta on all three axes."""
+    from types import SimpleNamespace
+
+    from engine.core.sequence import Sequence
+    from engine.worker.input_batch import StepBatch
+    llm = llm_cache.get(tiny_qwen3_vl)
+    images = [make_image(70, 45, 1)]
+    p = prompt(llm, images)
+    ids, placed = place_images(p["prompt_token_ids"], images, image_config(llm), llm.engine.model_config.image_token_id)
+    seq = Sequence("s", ids, greedy(), 0, 100)
+    seq.images = placed
+    seq.mrope_positions, seq.rope_delta = mrope_positions(len(ids), placed, 2)
+    assert seq.rope_delta < 0  # the image's 12 tokens take 4 positions
+    seq.token_ids += [5, 6]
+    step = StepBatch.from_scheduled([SimpleNamespace(seq=seq, num_new_tokens=len(seq.token_ids), samples=True)])
+    L = len(ids)
+    assert step.mrope_positions[:, :L].tolist() == seq.mrope_positions.tolist()
+    assert step.mrope_positions[:, L:].tolist() == [[L + seq.rope_delta, L + 1 + seq.rope_delta]] * 3
 
 
 def test_prefix_cache_keys_blocks_by_image(tiny_qwen3_vl, llm_cache):
@@ -202,10 +238,12 @@ def test_disaggregated_equals_hybrid(tiny_qwen3_vl, llm_cache):
                                               images=placed or None, kv_transfer_params={"do_remote_decode": True}))
         out = next(x for x in run_until(prefill, lambda o: any(x.finished for x in o)) if x.finished)
         migrations.append((f"r{i}", out.kv_transfer_params["migration"], out.kv_transfer_params["seq_id"], expected))
-    tokens, _ = decode_stage(decode, [(rid, m) for rid, m, _, _ in migrations])
-    for rid, _, _, expected in migrations:
-        assert tokens[rid] == expected, rid
-    assert prefill.free_parked([s for _, _, s, _ in migrations]) == len(migrations)
+    try:
+        tokens, finals = decode_stage(decode, [(rid, m) for rid, m, _, _ in migrations])
+        for rid, _, _, expected in migrations:
+            assert tokens[rid] == expected, (rid, finals[rid].error)
+    finally:
+        assert prefill.free_parked([s for _, _, s, _ in migrations]) == len(migrations)
 
 
 def test_readme_example(tiny_qwen3_vl, tmp_path, monkeypatch, capsys):
@@ -221,3 +259,33 @@ def test_readme_example(tiny_qwen3_vl, tmp_path, monkeypatch, capsys):
     assert code != block
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_decode_preemption_of_a_migrated_image_prompt_is_a_clear_error(tiny_qwen3_vl, llm_cache):
+    """The migration carries where the images sit, not their pixels: a decode engine that must preempt such a
+    sequence cannot recompute it, so the request ends with an error saying so (and frees its KV); the other
+    request finishes with the hybrid tokens."""
+    pytest.importorskip("dlslime", reason="dlslime (and the system library libibverbs1) is needed for KV transfer")
+    from tests.test_pd_core import OPTS, decode_stage, run_until
+    hybrid = llm_cache.get(tiny_qwen3_vl, **OPTS)
+    prefill = llm_cache.get(tiny_qwen3_vl, role="prefill", **OPTS).engine
+    decode = llm_cache.get(tiny_qwen3_vl, role="decode", **{**OPTS, "num_kv_blocks": 24, "max_model_len": 64}).engine
+    migrations = []
+    for i in range(2):
+        images = [make_image(70, 45, 30 + i)]
+        p = prompt(hybrid, images, "hi")
+        ids, placed = place_images(p["prompt_token_ids"], images, image_config(hybrid),
+                                   hybrid.engine.model_config.image_token_id)
+        expected = hybrid.generate([p], greedy(12))[0].outputs[0].token_ids
+        prefill.add_request(EngineCoreRequest(request_id=f"q{i}", prompt_token_ids=ids, params=greedy(12),
+                                              images=placed, kv_transfer_params={"do_remote_decode": True}))
+        out = next(x for x in run_until(prefill, lambda o: any(x.finished for x in o)) if x.finished)
+        migrations.append((f"q{i}", out.kv_transfer_params["migration"], out.kv_transfer_params["seq_id"], expected))
+    try:
+        tokens, finals = decode_stage(decode, [(rid, m) for rid, m, _, _ in migrations])
+    finally:
+        assert prefill.free_parked([s for _, _, s, _ in migrations]) == 2
+    errors = [rid for rid, _, _, _ in migrations if finals[rid].finish_reason == "error"]
+    assert len(errors) == 1 and "cannot recompute" in finals[errors[0]].error
+    ok = next(m for m in migrations if m[0] not in errors)
+    assert tokens[ok[0]] == ok[3]

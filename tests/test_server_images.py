@@ -22,18 +22,25 @@ MAX_IMAGES = 3
 @pytest.fixture(scope="module")
 def image_host():
     """A local HTTP server with one PNG (the 'remote' image) at /cat.png."""
-    png = io.BytesIO()
-    make_image(50, 40, 9).save(png, format="PNG")
-    body = png.getvalue()
+    import numpy as np
+    from PIL import Image
+    files = {}
+    for name, img in (("/cat.png", make_image(50, 40, 9)),  # small, and ~145 kB of noise (many reads)
+                      ("/big.png", Image.fromarray(np.random.default_rng(0).integers(0, 256, (220, 220, 3), np.uint8)))):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        files[name] = buf.getvalue()
+    assert 100_000 < len(files["/big.png"]) < 200_000
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            ok = self.path == "/cat.png"
-            self.send_response(200 if ok else 404)
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
             self.send_header("Content-Type", "image/png")
             self.end_headers()
-            if ok:
-                self.wfile.write(body)
+            for i in range(0, len(body or b""), 4096):  # in pieces, as a real server's body arrives
+                self.wfile.write(body[i:i + 4096])
+                self.wfile.flush()
 
         def log_message(self, *args):
             pass
@@ -96,8 +103,9 @@ def test_chat_with_images_matches_offline(num_images, client, tiny_qwen3_vl, llm
 
 def test_remote_image_from_allowed_host(client, tiny_qwen3_vl, image_host):
     out = client.chat.completions.create(model=str(tiny_qwen3_vl), max_tokens=4, temperature=0, messages=[
-        {"role": "user", "content": content([image_host + "/cat.png"])}])
+        {"role": "user", "content": content([image_host + "/cat.png", image_host + "/big.png"])}])
     assert out.choices[0].finish_reason in ("length", "stop")
+    assert out.usage.prompt_tokens > 36  # the big one is there, whole (a truncated PNG would be a 400)
 
 
 def bad_cases(image_host: str):

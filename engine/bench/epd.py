@@ -93,7 +93,7 @@ def random_vl_checkpoint(folder: Path, shape: str) -> Path:
 def image_url(side: int, rng: np.random.Generator) -> str:
     from PIL import Image
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side, side, 3), np.uint8), "RGB").save(buf, format="PNG")
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), np.uint8)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -263,7 +263,9 @@ class EngineCore:
             # a constrained row's next mask needs the token in flight: read the step back before the next
             outputs.extend(self._read_back(self._in_flight))
             self._in_flight = None
-        scheduled = [s.schedule().scheduled for s in self.slices]
+        plans = [s.schedule() for s in self.slices]
+        outputs.extend(self._fail_unrecomputable(plan.preempted for plan in plans))
+        scheduled = [plan.scheduled for plan in plans]
         launched = self._launch(scheduled) if any(scheduled) else None
         if self._in_flight is not None:
             outputs.extend(self._read_back(self._in_flight))
@@ -273,6 +275,18 @@ class EngineCore:
             self._in_flight = None
         if self._in_flight is not None and all(seq.is_finished for seq in self._in_flight.seqs):
             self._in_flight = None  # its samples are all dropped: nothing to wait for
+        return outputs
+
+    def _fail_unrecomputable(self, preempted) -> list[EngineCoreOutput]:
+        """A preempted sequence that cannot recompute its prompt (a migrated one with images) ends with an error."""
+        outputs = []
+        for seq in (seq for group in preempted for seq in group if not seq.can_recompute):
+            self._slice(seq).finish(seq, "error")
+            self.seqs.pop(seq.seq_id, None)
+            out = self._output(seq, [])
+            out.error = ("preempted: a decode engine cannot recompute a migrated prompt's images; give it more KV "
+                         "cache (or fewer concurrent requests)")
+            outputs.append(out)
         return outputs
 
     def _launch(self, per_slice: list) -> LaunchedStep | None:

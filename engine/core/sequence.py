@@ -51,6 +51,11 @@ class Sequence:
         self.mrope_positions = None
         self.rope_delta = 0
 
+    @property
+    def can_recompute(self) -> bool:
+        """Whether preemption may drop its KV: a migrated multimodal prompt has no pixels or embeddings here."""
+        return all(img.pixels or img.embedding for img in self.images)
+
     def image_keys(self, start: int, end: int) -> tuple[str, ...]:
         """Content hashes of the images whose placeholders overlap prompt tokens [start, end): part of the prefix
         cache key of a block, so that prompts differing only in an image never share KV."""

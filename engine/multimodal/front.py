@@ -24,7 +24,7 @@ class ImageFront:
 
     @classmethod
     def for_model(cls, path: str, policy: MediaPolicy, max_images: int,
-                  puller: EmbeddingPuller | None = None) -> "ImageFront | None":
+                  pull: dict | None = None) -> "ImageFront | None":
         """None for a text-only model (or one whose checkpoint folder this front cannot read)."""
         from engine.models.config import load_model_config
         folder = Path(path)
@@ -33,6 +33,10 @@ class ImageFront:
         cfg = load_model_config(folder)
         if cfg.vision is None or cfg.image_token_id is None:
             return None
+        puller = None
+        if pull is not None:  # EPD: rows are the model's embedding followed by its deepstack features
+            width = cfg.hidden_size * (1 + len(getattr(cfg.vision, "deepstack_visual_indexes", ())))
+            puller = EmbeddingPuller(row_width=width, merge_size=cfg.vision.spatial_merge_size, **pull)
         return cls(ImageProcessorConfig.from_model(cfg.vision, folder), cfg.image_token_id, policy, max_images, puller)
 
     def check_count(self, num_images: int) -> None:

@@ -3,6 +3,7 @@ from the domains the operator allows (none by default: a server must not be made
 a size cap and a timeout. Every failure is a 400 that names the content part."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -74,14 +75,18 @@ async def fetch_bytes(url: str, policy: MediaPolicy, param: str) -> bytes:
             async with session.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise InvalidRequestError(f"fetching the image answered HTTP {resp.status}", param=param)
-                data = await resp.content.read(policy.max_image_bytes + 1)
+                data = bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 16):  # read() returns what is buffered
+                    data += chunk
+                    if len(data) > policy.max_image_bytes:
+                        break
     except InvalidRequestError:
         raise
-    except TimeoutError:
+    except (TimeoutError, asyncio.TimeoutError):
         raise InvalidRequestError(f"fetching the image took over {policy.fetch_timeout_s:g} s", param=param) from None
     except aiohttp.ClientError as e:
         raise InvalidRequestError(f"the image could not be fetched: {e}", param=param) from None
-    return data
+    return bytes(data)
 
 
 async def load_image(url: str, policy: MediaPolicy, param: str):
@@ -89,8 +94,9 @@ async def load_image(url: str, policy: MediaPolicy, param: str):
     if not isinstance(url, str) or not url:
         raise InvalidRequestError("image_url.url must be a non-empty string", param=param)
     scheme = url.split(":", 1)[0].lower()
+    # decoding runs on a thread: a large PNG would stall the event loop (and /health) otherwise
     if scheme == "data":
-        return decode_image(parse_data_url(url, param), policy, param)
+        return await asyncio.to_thread(decode_image, parse_data_url(url, param), policy, param)
     if scheme in ("http", "https"):
-        return decode_image(await fetch_bytes(url, policy, param), policy, param)
+        return await asyncio.to_thread(decode_image, await fetch_bytes(url, policy, param), policy, param)
     raise InvalidRequestError(f"image URLs must be data: or http(s): URLs, not {scheme}:", param=param)

@@ -13,6 +13,8 @@ pulls into the group it puts the sequence on (any group: only the tensor-paralle
 """
 from __future__ import annotations
 
+import msgspec
+
 import itertools
 import logging
 import time
@@ -104,7 +106,10 @@ class KVHandoff:
                           staged_block_ids=remote if staged else None, dp_rank=dp,
                           prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                           first_token=seq.token_ids[seq.num_prompt_tokens], first_logprobs=first_logprobs,
-                          params=seq.params, sampling_seed=seq.sampling_seed, model=model, images=seq.images)
+                          params=seq.params, sampling_seed=seq.sampling_seed, model=model,
+                          # where the images sit (the decode side's rope follows from them), not their pixels or
+                          # embeddings: those would make the migration megabytes per image
+                          images=[msgspec.structs.replace(i, pixels=b"", embedding=b"") for i in seq.images])
         return {"migration": mig.encode(m), "first_token": m.first_token, "seq_id": seq_id}
 
     def free(self, seq_ids) -> int:

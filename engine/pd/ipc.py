@@ -17,6 +17,7 @@ for IDLE_CLOSE_S, and a failed pull closes its peer's mapping.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -48,7 +49,9 @@ class IpcExport:
 
     def __init__(self, pool: torch.Tensor, agent_id: str):
         self._id = torch.tensor(list(agent_id.encode()), dtype=torch.uint8, device=pool.device)
-        self.descriptor = {"device_uuid": device_uuid(pool.device), "pool": _share(pool), "id": _share(self._id)}
+        # pid: a process cannot open its own CUDA IPC handles (engines paired in one process use another transport)
+        self.descriptor = {"device_uuid": device_uuid(pool.device), "pool": _share(pool), "id": _share(self._id),
+                           "pid": os.getpid()}
 
 
 def check_descriptor(desc) -> dict:

@@ -43,8 +43,7 @@ class Migration(msgspec.Struct, kw_only=True):
     params: SamplingParams
     sampling_seed: int
     model: str = ""
-    # a multimodal prompt's images: their positions set the decode side's rope, and a preempted sequence
-    # recomputes its prompt from them
+    # a multimodal prompt's images, without their pixels or embeddings: their places set the decode side's rope
     images: list[ImageInput] = []
 
     @property

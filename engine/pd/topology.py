@@ -60,8 +60,8 @@ def choose(local: tuple[str, ...], peer: dict, local_host: str, gpus: frozenset[
         if t not in local or t not in theirs:
             continue
         if t == "ipc" and (peer.get("host_id") != local_host or not isinstance(peer.get("ipc"), dict)
-                           or peer["ipc"].get("device_uuid") not in gpus):
-            continue
+                           or peer["ipc"].get("device_uuid") not in gpus or peer["ipc"].get("pid") == os.getpid()):
+            continue  # (a process cannot open its own IPC handles: two engines of one process copy otherwise)
         return t
     raise TransferError(f"no KV transport in common: the source offers {sorted(theirs)} "
                         f"(host {str(peer.get('host_id'))[:8]}), this engine {list(local)} (host {local_host[:8]}); "

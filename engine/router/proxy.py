@@ -40,6 +40,7 @@ class Proxy:
         self.retry_after_s = retry_after_s
         self.request_timeout_s = request_timeout_s
         self.logs = RateLimitedLog(log)
+        self.background: set[asyncio.Task] = set()
 
     # ---- the engines' health, as this router sees it ----------------------------------------------
     def engine_failed(self, node: Node, why: str, down: bool = True) -> None:
@@ -65,16 +66,23 @@ class Proxy:
             encoder, encoded = await self.encode_stage(body, model, deadline)
             if isinstance(encoded, web.Response):
                 return encoded  # the encoder's verdict on the request (a bad image: 400)
+            lease = Lease(lambda: self.spawn(self.free_encoded(encoder, encoded.get("lease_id"))))
             try:
-                return await self.route(request, body, model, roles, deadline, encoded)
+                return await self.route(request, body, model, roles, deadline, encoded, lease)
             finally:
-                asyncio.ensure_future(self.free_encoded(encoder, encoded.get("lease_id")))
+                lease.release()
         return await self.route(request, body, model, roles, deadline)
 
+    def spawn(self, coro) -> None:
+        """A fire-and-forget call (frees), referenced until done."""
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     async def route(self, request: web.Request, body: dict, model, roles: set[str], deadline: float,
-                    encoded: dict | None = None) -> web.StreamResponse:
+                    encoded: dict | None = None, lease: "Lease | None" = None) -> web.StreamResponse:
         if {"prefill", "decode"} <= roles:
-            return await self.two_stage(request, body, model, deadline, encoded)
+            return await self.two_stage(request, body, model, deadline, encoded, lease)
         if "hybrid" in roles:
             if encoded is not None:
                 body = {**body, "kv_transfer_params": {**(body.get("kv_transfer_params") or {}),
@@ -88,14 +96,18 @@ class Proxy:
         raise UnavailableError("no engine is registered yet", retry_after=self.retry_after_s)
 
     async def two_stage(self, request: web.Request, body: dict, model, deadline: float,
-                        encoded: dict | None = None) -> web.StreamResponse:
+                        encoded: dict | None = None, lease: "Lease | None" = None) -> web.StreamResponse:
         """DLRouter's flow: prefill with do_remote_decode (non-streamed), decode with the migration, then
         /pd/free on the prefill engine (always: completion, error and client abort alike). In EPD mode the
         prefill engine also gets the encoder's descriptor (`encoded_images`)."""
         p_body = {k: v for k, v in body.items() if k != "stream_options"}
         p_body.update(stream=False, kv_transfer_params={"do_remote_decode": True,
                                                         **({"encoded_images": encoded} if encoded else {})})
-        prefill, status, answer = await self.prefill_stage(request.path, p_body, model, deadline)
+        try:
+            prefill, status, answer = await self.prefill_stage(request.path, p_body, model, deadline)
+        finally:
+            if lease is not None:  # prefill has pulled the embeddings (or failed): the encoder may reuse them
+                lease.release()
         kv = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         if status != 200 or not isinstance(kv, dict) or "migration" not in kv:
             # an error, or the first token already ended the request: prefill's answer is the answer
@@ -106,7 +118,7 @@ class Proxy:
             d_body = {**body, "kv_transfer_params": {"migration": kv["migration"]}}
             return await self.forward(request, "decode", model, d_body, deadline)
         finally:
-            asyncio.ensure_future(self.free(prefill, kv.get("seq_id")))
+            self.spawn(self.free(prefill, kv.get("seq_id")))
 
     async def prefill_stage(self, path: str, body: dict, model, deadline: float) -> tuple[Node, int, dict]:
         tried: set[str] = set()
@@ -251,6 +263,18 @@ class Proxy:
         except UPSTREAM_ERRORS as e:
             self.logs.warning(f"free:{node.url}", "POST %s/pd/free failed: %s (its KV is reclaimed on timeout)",
                               node.url, describe(e))
+
+
+class Lease:
+    """An encoder's lease on a request's embeddings, released once (after prefill, or when the request ends)."""
+
+    def __init__(self, free):
+        self._free = free
+
+    def release(self) -> None:
+        if self._free is not None:
+            free, self._free = self._free, None
+            free()
 
 
 def has_images(body: dict) -> bool:

@@ -89,11 +89,10 @@ class FrontState:
     def _image_front(self):
         from engine.multimodal.front import ImageFront
         from engine.multimodal.region import blocks_for
-        from engine.multimodal.remote import EmbeddingPuller
         cfg = self.config
-        puller = EmbeddingPuller(cfg.advertise_host or cfg.host, blocks_for(cfg.embedding_region_tokens),
-                                 cfg.encoded_images_pull_timeout)
-        return ImageFront.for_model(self.info.model_path, cfg.media_policy(), cfg.max_images_per_prompt, puller)
+        pull = dict(host=cfg.advertise_host or cfg.host, num_blocks=blocks_for(cfg.embedding_region_tokens),
+                    timeout_s=cfg.encoded_images_pull_timeout)
+        return ImageFront.for_model(self.info.model_path, cfg.media_policy(), cfg.max_images_per_prompt, pull)
 
     async def _wait_for_core(self, deadline: float) -> None:
         while True:

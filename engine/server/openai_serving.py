@@ -16,6 +16,7 @@ from engine.errors import (DeadlineExceededError, EngineError, InvalidRequestErr
                            OverloadedError, error_body)
 from engine.output_processor import child_id
 from engine.outputs import CompletionOutput
+from engine.pd import migration as mig
 from engine.sampling_params import SamplingParams
 from engine.server import openai_protocol as proto
 from engine.server import responses_api
@@ -193,7 +194,10 @@ class OpenAIServing:
             await self.state.kv_sources.check(job.kv_transfer_params)
         kv = job.kv_transfer_params or {}
         if job.image_urls and kv.get("migration") is not None:
-            job.image_urls = []  # decode half of a PD pair: the migration carries the images (or their embeddings)
+            # decode half of a PD pair: the migration carries the images (or their embeddings) and the prompt as
+            # prefill expanded it, which usage counts
+            job.image_urls = []
+            job.prompts = [(None, list(mig.decode(kv["migration"]).prompt_token_ids))]
         if job.image_urls:
             if kv.get("encoded_images") is not None:  # EPD: an encoder server has the embeddings
                 ids, job.images = await self.state.images.place_encoded(job.prompts[0][1], job.image_urls,

@@ -97,6 +97,7 @@ def _multimodal_rows(step: StepBatch, batch) -> None:
         for r, b, seq, st, n in rows:
             k = min(n, seq.num_prompt_tokens - st)  # prompt tokens of the chunk (a recompute may go past it)
             pos3[:, b:b + k] = seq.mrope_positions[:, st:st + k]
+            pos3[:, b + k:b + n] = np.arange(st + k, st + n) + seq.rope_delta  # output tokens: index + delta
         step.mrope_positions = pos3
 
 

@@ -87,7 +87,7 @@ def make_image(width: int, height: int, seed: int):
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], -1)
     noise = rng.integers(0, 64, (height, width, 3))
-    return Image.fromarray(((base + noise) % 256).astype(np.uint8), "RGB")
+    return Image.fromarray(((base + noise) % 256).astype(np.uint8))
 
 
 def data_url(image, fmt: str = "PNG") -> str:
