@@ -178,3 +178,62 @@ def test_a_dead_encoder_is_a_clear_error_and_text_keeps_flowing(epd, tiny_qwen3_
         region = e.wait_kv_free()["front"].get("embedding_region")
         if region is not None:  # the failed pull's blocks came back (or were set aside: a write might land)
             assert region["free_blocks"] + region["quarantined_blocks"] == region["blocks"], region
+
+
+def test_up_runs_encoder_prefill_decode(tiny_qwen3_vl, tmp_path, llm_cache):
+    """configs/local-epd.yaml as shipped (the tiny model, free ports): `slipstream up` starts the control plane, the
+    encoder, prefill, decode and the router; an image request is answered as the offline engine answers it, and
+    `slipstream status` lists the encoder."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.support.ctrl_plane import _binary
+    from tests.support.server import REPO, free_port
+    _binary("redis-server"), _binary("dlslime-ctrl")
+    config = yaml.safe_load((REPO / "configs" / "local-epd.yaml").read_text())
+    ports = [free_port() for _ in range(4)]
+    config["model"] = str(tiny_qwen3_vl)
+    config["gateway"]["port"] = ports[0]
+    for role, port in zip(("encode", "prefill", "decode"), ports[1:]):
+        config["roles"][role]["port"] = port
+        if role != "encode":
+            config["roles"][role]["args"] = {"num_kv_blocks": 512}
+    config["control_plane"]["scope"] = f"up-epd-{os.getpid()}"
+    path = tmp_path / "local-epd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli.main", "up", str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "ready: OpenAI base URL" in line:
+                break
+        assert lines and "ready" in lines[-1], "".join(lines[-40:])
+        client = openai.OpenAI(base_url=lines[-1].rsplit(" ", 1)[1].strip(), api_key="none", max_retries=0)
+        urls = [data_url(IMAGES[0])]
+        answer = client.chat.completions.create(model=str(tiny_qwen3_vl), max_tokens=10, temperature=0,
+                                                extra_body={"ignore_eos": True},
+                                                messages=[{"role": "user", "content": content(urls)}])
+        assert answer.choices[0].message.content == offline_text(llm_cache.get(tiny_qwen3_vl), urls, 10)
+        ctrl = next(line for line in lines if "control plane:" in line).split()[3]
+        status = subprocess.run([sys.executable, "-m", "engine.cli.main", "status", "--ctrl-address", ctrl,
+                                 "--ctrl-scope", config["control_plane"]["scope"]], cwd=REPO, capture_output=True,
+                                text=True, timeout=60)
+        assert "3 engine(s)" in status.stdout and "\nencode " in status.stdout, status.stdout
+        assert " leases " in status.stdout, status.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rest, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+    assert proc.returncode == 0, rest[-3000:]

@@ -16,15 +16,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def engine_load(url: str, api_key: str | None) -> str:
-    """`running/waiting, KV %, heartbeat age` from the engine's /engine_info, or why it did not answer."""
-    req = urllib.request.Request(url.rstrip("/") + "/engine_info",
+def engine_load(url: str, api_key: str | None, role: str = "") -> str:
+    """`running/waiting, KV %, heartbeat age` from the engine's /engine_info (an encoder: leases and free region
+    blocks from /encoder_info), or why it did not answer."""
+    path = "/encoder_info" if role == "encode" else "/engine_info"
+    req = urllib.request.Request(url.rstrip("/") + path,
                                  headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(req, timeout=3) as r:
             info = json.loads(r.read())
     except OSError as e:
         return f"unreachable ({getattr(e, 'code', None) or type(e).__name__})"
+    if role == "encode":
+        return f"{info.get('leases', '?')} leases {info.get('region_free_blocks', '?')}/{info.get('region_blocks', '?')} free"
     stats = info.get("stats", info)
     age = info.get("front", {}).get("heartbeat_age_s")
     return (f"{stats.get('num_running', '?')}/{stats.get('num_waiting', '?')} "
@@ -42,6 +46,6 @@ def run(args) -> int:
     print(f"{'ROLE':8} {'MODEL':32} {'ENDPOINT':28} {'RUN/WAIT KV HEARTBEAT':24} ENTITY")
     for e in sorted(engines, key=lambda e: (e.metadata.role, e.endpoint.url)):
         print(f"{e.metadata.role:8} {e.metadata.served_model_name[-32:]:32} {e.endpoint.url:28} "
-              f"{engine_load(e.endpoint.url, args.api_key):24} {e.entity_id}")
+              f"{engine_load(e.endpoint.url, args.api_key, e.metadata.role):24} {e.entity_id}")
     print(f"{len(engines)} engine(s)")
     return 0

@@ -12,7 +12,8 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-ROLES = ("hybrid", "prefill", "decode")
+ROLES = ("encode", "hybrid", "prefill", "decode")  # start order; encode: vision encoders (`slipstream encoder`)
+ENGINE_ROLES = ("hybrid", "prefill", "decode")
 
 
 class DeployConfigError(ValueError):
@@ -26,11 +27,13 @@ class Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Role(Struct):
     count: int = 1
     port: int = 0  # HTTP port of the first instance, the others count up from it; 0: free ports
-    # `slipstream serve` options by their config name (tensor_parallel_size: 2, kv_cache_dtype: fp8, ...)
+    # `slipstream serve` options by their config name (tensor_parallel_size: 2, kv_cache_dtype: fp8, ...); for the
+    # encode role `slipstream encoder`'s (max_batch_images: 16, ...)
     args: dict[str, Any] = {}
 
 
 class Roles(Struct):
+    encode: Role | None = None  # `slipstream encoder` instances (args: its options) for a multimodal model
     hybrid: Role | None = None
     prefill: Role | None = None
     decode: Role | None = None
@@ -79,10 +82,10 @@ def _cli_flags(args: dict[str, Any]) -> list[str]:
 
 
 def serve_argv(dep: Deployment, role: str, port: int, ctrl_address: str) -> list[str]:
-    """`slipstream serve` arguments of one instance of `role`."""
-    argv = ["serve", *([dep.model] if dep.model else []), "--host", dep.host, "--port", str(port),
-            "--ctrl-address", ctrl_address, "--ctrl-scope", dep.control_plane.scope]
-    if role != "hybrid":
+    """`slipstream serve` (the encode role: `slipstream encoder`) arguments of one instance of `role`."""
+    argv = ["encoder" if role == "encode" else "serve", *([dep.model] if dep.model else []), "--host", dep.host,
+            "--port", str(port), "--ctrl-address", ctrl_address, "--ctrl-scope", dep.control_plane.scope]
+    if role in ("prefill", "decode"):
         argv += ["--role", role]
     if dep.served_model_name:
         argv += ["--served-model-name", dep.served_model_name]
@@ -113,8 +116,10 @@ def instance_ports(dep: Deployment) -> dict[str, list[int]]:
 
 def validate(dep: Deployment) -> Deployment:
     roles = dep.role_specs
-    if not roles:
+    if not set(roles) & set(ENGINE_ROLES):
         raise DeployConfigError("roles: at least one of hybrid, prefill, decode is needed")
+    if "encode" in roles and not dep.model:
+        raise DeployConfigError("roles.encode: an encoder needs a multimodal model (model: is empty)")
     for role, r in roles.items():
         if r.count < 1:
             raise DeployConfigError(f"roles.{role}.count: expected >= 1, got {r.count}")
