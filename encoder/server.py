@@ -44,7 +44,10 @@ class EncoderServer:
         self.tower = VisionEncoder(Path(self.model_path), device, dtype, progress=True)
         self.region = EmbeddingRegion(blocks_for(config.embedding_cache_tokens), self.tower.row_width, dtype)
         from engine.pd.transfer import KVTransferAgent
-        self.agent = KVTransferAgent(self.region.tensor, host=config.advertise_host or config.host, transport="tcp")
+        from ctrl_client.schema import Endpoint
+        # its transfer endpoint binds where prefill fronts can dial it: a routable address for 0.0.0.0 (containers)
+        self.agent = KVTransferAgent(self.region.tensor, transport="tcp",
+                                     host=Endpoint.advertise(config.advertise_host or config.host, 0).host)
         self.cache = EmbeddingCache(self.region, config.lease_timeout)
         self.batcher = EncodeBatcher(self.tower.encode, config.max_batch_images, config.batch_wait_ms)
         self.encoder_id = uuid.uuid4().hex

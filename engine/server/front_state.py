@@ -90,7 +90,9 @@ class FrontState:
         from engine.multimodal.front import ImageFront
         from engine.multimodal.region import blocks_for
         cfg = self.config
-        pull = dict(host=cfg.advertise_host or cfg.host, num_blocks=blocks_for(cfg.embedding_region_tokens),
+        from ctrl_client.schema import Endpoint
+        pull = dict(host=Endpoint.advertise(cfg.advertise_host or cfg.host, 0).host,
+                    num_blocks=blocks_for(cfg.embedding_region_tokens),
                     timeout_s=cfg.encoded_images_pull_timeout)
         return ImageFront.for_model(self.info.model_path, cfg.media_policy(), cfg.max_images_per_prompt, pull)
 
