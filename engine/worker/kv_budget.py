@@ -3,6 +3,8 @@ share of the GPU leaves after the weights and the peak activations of the larges
 that step once. The engine takes the smallest count over its ranks."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from engine.kv.pool import allocate_pool
@@ -51,6 +53,9 @@ def profile_peak_bytes(runner) -> int:
     logits = runner.model.compute_logits(hidden[:min(config.max_num_seqs, tokens)])
     if logits is not None:  # rank 0 samples: the sampler's float32 temporaries
         logits.float().softmax(-1)
+    del hidden, logits
+    if runner.image_config is not None:  # multimodal: the vision tower on the largest image it may get
+        _encode_largest_image(runner)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - pool.numel() * pool.element_size()
     runner.bind_kv_pool(None)
@@ -58,4 +63,22 @@ def profile_peak_bytes(runner) -> int:
     torch.cuda.empty_cache()
     # decode graphs (their pool) and the sampler's [max_num_seqs, vocab] float32 temporaries
     graphs = config.max_num_seqs * runner.vocab_size * 4 * 3 if runner.use_cuda_graphs else 0
-    return int(peak - runner.weights_bytes() + graphs)
+    return int(peak - runner.weights_bytes() + graphs + _encoder_cache_bytes(runner))
+
+
+def _encode_largest_image(runner) -> None:
+    """One image of the processor's max_pixels (a square grid): an image is encoded whole, whatever the chunk."""
+    cfg, device = runner.image_config, runner.device
+    side = max(cfg.factor, math.isqrt(cfg.max_pixels) // cfg.factor * cfg.factor)
+    grid = (1, side // cfg.patch_size, side // cfg.patch_size)
+    patches = torch.zeros(grid[1] * grid[2], 3 * cfg.temporal_patch_size * cfg.patch_size ** 2, dtype=runner.dtype,
+                          device=device)
+    runner.model.encode_images(patches, [grid])
+
+
+def _encoder_cache_bytes(runner) -> int:
+    """The runner's image-embedding cache at its budget (rows of hidden x (1 + deepstack taps))."""
+    if runner.encoder_cache is None:
+        return 0
+    taps = getattr(runner.model, "num_deepstack", 0)
+    return runner.encoder_cache.budget_tokens * runner.hidden_size * (1 + taps) * torch.finfo(runner.dtype).bits // 8
