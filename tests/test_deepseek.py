@@ -1,6 +1,6 @@
 """DeepSeek-V3 (MLA with a latent KV cache, DeepSeek MoE routing, shared experts, dense first layers, YaRN)
-against transformers on tiny random checkpoints (float32, CPU): greedy tokens identical and logits within 1e-4,
-with and without the low-rank q projection, under prefix caching and small prefill chunks, with the heads and
+and DeepSeek-V2 (softmax routing within the best groups) against transformers on tiny random checkpoints
+(float32, CPU): greedy tokens identical and logits within 1e-4, with and without the low-rank q projection, under prefix caching and small prefill chunks, with the heads and
 experts split over two real processes, and across a prefill/decode hand-off of the latent cache."""
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from tests.test_tensor_parallel import seeded, tokens
 def deepseek_models(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("deepseek")
     return {"q_lora": build_checkpoint(root / "q_lora", "deepseek_v3"),
-            "no_q_lora": build_checkpoint(root / "no_q_lora", "deepseek_v3", q_lora_rank=None, seed=1)}
+            "no_q_lora": build_checkpoint(root / "no_q_lora", "deepseek_v3", q_lora_rank=None, seed=1),
+            "v2": build_checkpoint(root / "v2", "deepseek_v2", seed=2)}
 
 
-@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora"])
+@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "v2"])
 def test_deepseek_matches_hf(variant, deepseek_models, llm_cache):
     path = deepseek_models[variant]
     llm = llm_cache.get(path)

@@ -27,16 +27,16 @@ class Routing:
 
     top_k: int
     renormalize: bool  # the chosen weights sum to 1 (Qwen3's norm_topk_prob)
-    scoring: str = "softmax"  # softmax (Qwen), or sigmoid with group-limited top-k (DeepSeek-V3)
+    scoring: str = "softmax"  # softmax (Qwen; DeepSeek-V2 with groups), or sigmoid (DeepSeek-V3)
     num_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0
 
     def select(self, logits: torch.Tensor, correction_bias: torch.Tensor | None = None):
-        if self.scoring == "softmax":
+        if self.scoring == "softmax" and self.num_groups == 1 and self.routed_scaling == 1.0:
             return select_experts(logits, self.top_k, self.renormalize)
         return select_experts_grouped(logits, correction_bias, self.top_k, self.num_groups, self.topk_groups,
-                                      self.renormalize, self.routed_scaling)
+                                      self.renormalize, self.routed_scaling, self.scoring)
 
 
 @dataclass(frozen=True)

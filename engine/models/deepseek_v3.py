@@ -1,7 +1,8 @@
 """DeepSeek-V3 (and V2, Kimi-K2 and Moonlight, which load through the same classes): multi-head latent
 attention with a latent KV cache (engine/layers/mla.py); the first `first_k_dense_replace` layers have a dense
-MLP, the others a MoE block: routed experts chosen by DeepSeek's routing (sigmoid scores, correction bias,
-group-limited top-k, routed scaling factor) plus always-on shared experts."""
+MLP, the others a MoE block: routed experts chosen by DeepSeek's routing (V3: sigmoid scores, correction bias,
+group-limited top-k; V2: softmax scores, greedy or group-limited greedy; both: routed scaling factor) plus
+always-on shared experts."""
 from __future__ import annotations
 
 import torch
@@ -34,12 +35,14 @@ class DeepseekV3MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext, device: torch.device):
         super().__init__()
         hf = cfg.hf
-        # V3's "noaux_tc" routing (transformers 5 names no method: it is the only one it implements)
-        self.gate = MoEGate(cfg.hidden_size, hf.n_routed_experts,
-                            getattr(hf, "topk_method", None) in (None, "noaux_tc"))
-        routing = Routing(hf.num_experts_per_tok, bool(hf.norm_topk_prob), "sigmoid",
-                          getattr(hf, "n_group", 1) or 1, getattr(hf, "topk_group", 1) or 1,
-                          float(getattr(hf, "routed_scaling_factor", 1.0)))
+        method = getattr(hf, "topk_method", None)
+        # V3's "noaux_tc" routing (transformers 5 names no method for V3: it is the only one it implements);
+        # V2's "greedy" / "group_limited_greedy" (softmax scores, no correction bias)
+        v3 = method in (None, "noaux_tc")
+        self.gate = MoEGate(cfg.hidden_size, hf.n_routed_experts, with_bias=v3)
+        groups = (getattr(hf, "n_group", 1) or 1) if v3 or method == "group_limited_greedy" else 1
+        routing = Routing(hf.num_experts_per_tok, bool(hf.norm_topk_prob), "sigmoid" if v3 else "softmax",
+                          groups, getattr(hf, "topk_group", 1) or 1, float(getattr(hf, "routed_scaling_factor", 1.0)))
         self.experts = FusedMoE(hf.n_routed_experts, routing, cfg.hidden_size, hf.moe_intermediate_size, parallel,
                                 device)
         shared = getattr(hf, "n_shared_experts", 0) or 0
@@ -71,3 +74,7 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
     def kv_cache_spec(self, block_size: int, dtype: str) -> MLAKVCacheSpec:
         attn = self.attention_layers()
         return MLAKVCacheSpec(len(attn), attn[0].latent_dim, attn[0].kv_lora_rank, block_size, dtype)
+
+
+class DeepseekV2ForCausalLM(DeepseekV3ForCausalLM):
+    """DeepSeek-V2 / V2-Lite: V3's layers; only the routing differs (chosen from `topk_method`)."""

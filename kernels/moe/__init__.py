@@ -31,11 +31,12 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 def select_experts_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
                            num_groups: int, topk_groups: int, renormalize: bool,
-                           routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 / Kimi-K2 routing (sigmoid scores, correction bias, group-limited top-k, routed scaling);
-    see kernels/moe/torch_ref.py. Weights in float32, ids int32."""
+                           routed_scaling: float, scoring: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek routing: V3 / Kimi-K2 (sigmoid scores, correction bias, group-limited top-k, routed scaling) or
+    V2 (softmax scores, groups ranked by their best expert); see kernels/moe/torch_ref.py. Weights in float32,
+    ids int32."""
     return select_experts_grouped_ref(router_logits, correction_bias, top_k, num_groups, topk_groups, renormalize,
-                                      routed_scaling)
+                                      routed_scaling, scoring)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -16,14 +16,16 @@ def select_experts_ref(router_logits: torch.Tensor, top_k: int, renormalize: boo
 
 def select_experts_grouped_ref(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
                                num_groups: int, topk_groups: int, renormalize: bool,
-                               routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3's routing: sigmoid scores; the experts are chosen on score + correction bias, only within
-    the `topk_groups` groups whose two best biased scores sum highest; the weights are the unbiased scores
-    of the chosen, optionally renormalised, times `routed_scaling`."""
+                               routed_scaling: float, scoring: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's routing. V3 (`sigmoid`): sigmoid scores; the experts are chosen on score + correction bias,
+    only within the `topk_groups` groups whose two best biased scores sum highest. V2 (`softmax`): softmax
+    scores, groups ranked by their best score ("group_limited_greedy"; one group: plain greedy). The weights
+    are the unbiased scores of the chosen, optionally renormalised, times `routed_scaling`."""
     T, E = router_logits.shape
-    scores = router_logits.float().sigmoid()
+    scores = router_logits.float().sigmoid() if scoring == "sigmoid" else router_logits.float().softmax(dim=-1)
     choice = scores if correction_bias is None else scores + correction_bias.float()
-    group_scores = choice.view(T, num_groups, E // num_groups).topk(2, dim=-1)[0].sum(dim=-1)
+    grouped = choice.view(T, num_groups, E // num_groups)
+    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if scoring == "sigmoid" else grouped.max(dim=-1).values
     groups = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores).scatter_(1, groups, 1)
     expert_mask = group_mask.unsqueeze(-1).expand(-1, num_groups, E // num_groups).reshape(T, E)
