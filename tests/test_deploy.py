@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from engine.deploy.schema import DeployConfigError, check_argv, load, parse
-from tests.support.server import REPO, free_port
+from tests.support.server import REPO, free_port, start_up, stop_up
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 COMPOSE = sorted((REPO / "deploy").glob("docker-compose*.yml"))
@@ -162,19 +162,8 @@ def test_up_serves_through_the_router_and_stops_clean(tmp_path):
     config["control_plane"]["scope"] = f"up-{os.getpid()}"
     path = tmp_path / "local-pd.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli.main", "up", str(path)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    proc, lines = start_up(path)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "ready: OpenAI base URL" in line:
-                break
-        assert lines and "ready" in lines[-1], "".join(lines[-40:])
         base_url = lines[-1].rsplit(" ", 1)[1].strip()
         assert base_url == f"http://127.0.0.1:{ports[0]}/v1"
         tree = _descendants(proc.pid)
@@ -193,12 +182,7 @@ def test_up_serves_through_the_router_and_stops_clean(tmp_path):
         assert re.search(r"^decode .* 0/0 \d+% [\d.]+s", status.stdout, re.M), status.stdout
         assert re.search(r"^prefill ", status.stdout, re.M)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rest, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rest, _ = proc.communicate()
+        rest = stop_up(proc)
     assert proc.returncode == 0, rest[-3000:]
     assert "[up] stopped" in rest
     assert not [pid for pid in tree if _alive(pid)], "processes outlived `slipstream up`"

@@ -5,17 +5,15 @@ answers for 0, 1 and 3 images, streaming and not; a bad image is the encoder's 4
 leaves a clear error and a cluster that keeps serving, with every pool and embedding region free."""
 from __future__ import annotations
 
-import base64
-import io
 import signal
 import time
 
 import openai
 import pytest
 
-from engine.sampling_params import SamplingParams
 from tests.support.cluster import Cluster
-from tests.support.multimodal import EncoderProcess, data_url, make_image
+from tests.support.multimodal import (EncoderProcess, chat_content as content, data_url, decoded, make_image,
+                                      offline_chat_text)
 
 pytest.importorskip("dlslime", reason="dlslime (and the system library libibverbs1) is needed for EPD transfers")
 
@@ -38,27 +36,6 @@ def epd(tiny_qwen3_vl, shared_ctrl_plane, tmp_path_factory):
         c.stop()
 
 
-def content(urls: list[str]) -> list[dict]:
-    parts = [{"type": "text", "text": "Look: "}]
-    for url in urls:
-        parts += [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": " and "}]
-    return parts + [{"type": "text", "text": "what is it?"}]
-
-
-def offline_text(llm, urls: list[str], n: int) -> str:
-    from PIL import Image
-    images = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in urls]
-    parts = [{"type": "text", "text": "Look: "}]
-    for _ in images:
-        parts += [{"type": "image"}, {"type": "text", "text": " and "}]
-    parts.append({"type": "text", "text": "what is it?"})
-    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-    out = llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}],
-                       SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    return out[0].outputs[0].text
-
-
 def wait_free(encoder: EncoderProcess, engines, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while encoder.info()["leases"]:
@@ -75,7 +52,7 @@ def wait_free(encoder: EncoderProcess, engines, timeout: float = 10.0) -> None:
 def test_epd_equals_hybrid(num_images, epd, tiny_qwen3_vl, llm_cache):
     c, encoder = epd
     urls = [data_url(img, fmt) for img, fmt in zip(IMAGES, ["PNG", "JPEG", "WEBP"])][:num_images]
-    expected = offline_text(llm_cache.get(tiny_qwen3_vl), urls, 10)
+    expected = offline_chat_text(llm_cache.get(tiny_qwen3_vl), decoded(urls), 10)[0]
     before = encoder.info()
     client = openai.OpenAI(base_url=c.router.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     kwargs = dict(model=str(tiny_qwen3_vl), messages=[{"role": "user", "content": content(urls)}], max_tokens=10,
@@ -191,7 +168,7 @@ def test_up_runs_encoder_prefill_decode(tiny_qwen3_vl, tmp_path, llm_cache):
     import yaml
 
     from tests.support.ctrl_plane import _binary
-    from tests.support.server import REPO, free_port
+    from tests.support.server import REPO, free_port, start_up, stop_up
     _binary("redis-server"), _binary("dlslime-ctrl")
     config = yaml.safe_load((REPO / "configs" / "local-epd.yaml").read_text())
     ports = [free_port() for _ in range(4)]
@@ -204,25 +181,14 @@ def test_up_runs_encoder_prefill_decode(tiny_qwen3_vl, tmp_path, llm_cache):
     config["control_plane"]["scope"] = f"up-epd-{os.getpid()}"
     path = tmp_path / "local-epd.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli.main", "up", str(path)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    proc, lines = start_up(path)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "ready: OpenAI base URL" in line:
-                break
-        assert lines and "ready" in lines[-1], "".join(lines[-40:])
         client = openai.OpenAI(base_url=lines[-1].rsplit(" ", 1)[1].strip(), api_key="none", max_retries=0)
         urls = [data_url(IMAGES[0])]
         answer = client.chat.completions.create(model=str(tiny_qwen3_vl), max_tokens=10, temperature=0,
                                                 extra_body={"ignore_eos": True},
                                                 messages=[{"role": "user", "content": content(urls)}])
-        assert answer.choices[0].message.content == offline_text(llm_cache.get(tiny_qwen3_vl), urls, 10)
+        assert answer.choices[0].message.content == offline_chat_text(llm_cache.get(tiny_qwen3_vl), decoded(urls), 10)[0]
         ctrl = next(line for line in lines if "control plane:" in line).split()[3]
         status = subprocess.run([sys.executable, "-m", "engine.cli.main", "status", "--ctrl-address", ctrl,
                                  "--ctrl-scope", config["control_plane"]["scope"]], cwd=REPO, capture_output=True,
@@ -230,10 +196,5 @@ def test_up_runs_encoder_prefill_decode(tiny_qwen3_vl, tmp_path, llm_cache):
         assert "3 engine(s)" in status.stdout and "\nencode " in status.stdout, status.stdout
         assert " leases " in status.stdout, status.stdout
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rest, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rest, _ = proc.communicate()
+        rest = stop_up(proc)
     assert proc.returncode == 0, rest[-3000:]

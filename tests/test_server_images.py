@@ -11,9 +11,7 @@ import threading
 import openai
 import pytest
 
-from engine.multimodal.processor import ImageProcessorConfig, place_images
-from engine.sampling_params import SamplingParams
-from tests.support.multimodal import data_url, make_image
+from tests.support.multimodal import chat_content as content, data_url, decoded, make_image, offline_chat_text
 from tests.support.server import start_server
 
 MAX_IMAGES = 3
@@ -64,34 +62,11 @@ def client(vl_server):
     return openai.OpenAI(base_url=vl_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def content(urls: list[str], text: str = "what is it?") -> list[dict]:
-    parts = [{"type": "text", "text": "Look: "}]
-    for url in urls:
-        parts += [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": " and "}]
-    return parts + [{"type": "text", "text": text}]
-
-
-def offline(llm, images: list, n: int):
-    """The offline engine's answer to the same chat (text, prompt tokens with the images' placeholders)."""
-    parts = [{"type": "text", "text": "Look: "}]
-    for _ in images:
-        parts += [{"type": "image"}, {"type": "text", "text": " and "}]
-    parts.append({"type": "text", "text": "what is it?"})
-    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-    out = llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}],
-                       SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
-    return out.outputs[0].text, len(out.prompt_token_ids)
-
-
 @pytest.mark.parametrize("num_images", [0, 1, 3])
 def test_chat_with_images_matches_offline(num_images, client, tiny_qwen3_vl, llm_cache):
     images = [make_image(70, 45, 1), make_image(40, 90, 2), make_image(33, 127, 3)][:num_images]
     urls = [data_url(img, fmt) for img, fmt in zip(images, ["PNG", "JPEG", "WEBP"])]
-    # JPEG and WebP are lossy: the offline engine takes each image as the server decodes it
-    from PIL import Image
-    decoded = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in urls]
-    text, prompt_len = offline(llm_cache.get(tiny_qwen3_vl), decoded, 10)
+    text, prompt_len = offline_chat_text(llm_cache.get(tiny_qwen3_vl), decoded(urls), 10)
     kwargs = dict(model=str(tiny_qwen3_vl), messages=[{"role": "user", "content": content(urls)}], max_tokens=10,
                   temperature=0, extra_body={"ignore_eos": True})
     out = client.chat.completions.create(**kwargs)

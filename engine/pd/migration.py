@@ -16,8 +16,8 @@ from typing import Any
 import msgspec
 
 from engine.errors import InvalidRequestError
-from engine.multimodal.inputs import ImageInput
 from engine.kv.spec import AnyKVCacheSpec, KVCacheSpec  # noqa: F401 (KVCacheSpec: tests build specs here)
+from engine.multimodal.inputs import ImageInput
 from engine.sampling_params import SamplingParams
 from engine.wire import TokenLogprobs
 

@@ -245,24 +245,19 @@ class Proxy:
                 node.inflight -= 1
 
     async def free_encoded(self, node: Node, lease_id) -> None:
-        try:
-            async with self.session.post(node.url + "/v1/encode/free", json={"lease_ids": [lease_id]},
-                                         headers=self.headers) as resp:
-                await resp.read()
-            self.stats["encode_free_total"] += 1
-        except UPSTREAM_ERRORS as e:
-            self.logs.warning(f"free:{node.url}", "POST %s/v1/encode/free failed: %s (the lease times out)",
-                              node.url, describe(e))
+        await self._free(node, "/v1/encode/free", {"lease_ids": [lease_id]}, "encode_free_total", "the lease times out")
 
     async def free(self, node: Node, seq_id) -> None:
+        await self._free(node, "/pd/free", {"seq_ids": [seq_id]}, "pd_free_total", "its KV is reclaimed on timeout")
+
+    async def _free(self, node: Node, path: str, body: dict, counter: str, fallback: str) -> None:
+        """A release the engine also does on its own after a timeout (`fallback`): failures are only logged."""
         try:
-            async with self.session.post(node.url + "/pd/free", json={"seq_ids": [seq_id]},
-                                         headers=self.headers) as resp:
+            async with self.session.post(node.url + path, json=body, headers=self.headers) as resp:
                 await resp.read()
-            self.stats["pd_free_total"] += 1
+            self.stats[counter] += 1
         except UPSTREAM_ERRORS as e:
-            self.logs.warning(f"free:{node.url}", "POST %s/pd/free failed: %s (its KV is reclaimed on timeout)",
-                              node.url, describe(e))
+            self.logs.warning(f"free:{node.url}", "POST %s%s failed: %s (%s)", node.url, path, describe(e), fallback)
 
 
 class Lease:

@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.models import CORPUS
+from engine.bench.epd import VL_CHAT_TEMPLATE  # Qwen3-VL's template, reduced to text and image parts
+from tests.support.models import build_tokenizer
 
-VL_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 PATCH, MERGE = 8, 2
 PREPROCESSOR = {"patch_size": PATCH, "temporal_patch_size": 2, "merge_size": MERGE,
@@ -28,27 +23,10 @@ PREPROCESSOR = {"patch_size": PATCH, "temporal_patch_size": 2, "merge_size": MER
                 "image_processor_type": "Qwen2VLImageProcessor"}
 
 
-def build_vl_tokenizer(path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                                                                  *VISION_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = VL_CHAT_TEMPLATE
-    fast.save_pretrained(str(path))
-    return fast
-
-
 def build_qwen3_vl(path: Path, seed: int = 0, dtype=torch.float32) -> Path:
     import transformers
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_vl_tokenizer(path)
+    tok = build_tokenizer(path, tuple(VISION_TOKENS), VL_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
@@ -78,6 +56,35 @@ def build_qwen3_vl(path: Path, seed: int = 0, dtype=torch.float32) -> Path:
     model.save_pretrained(str(path), safe_serialization=True)
     (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     return path
+
+
+def offline_chat_text(llm, images: list, n: int, text: str = "what is it?") -> tuple[str, int]:
+    """The offline engine's greedy answer (and its prompt's token count, images expanded) to the chat that
+    tests/test_server_images.py and tests/test_epd.py send: "Look: " + each image + " and " + `text`."""
+    from engine.sampling_params import SamplingParams
+    parts = [{"type": "text", "text": "Look: "}]
+    for _ in images:
+        parts += [{"type": "image"}, {"type": "text", "text": " and "}]
+    parts.append({"type": "text", "text": text})
+    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+    out = llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": images}}],
+                       SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+    return out.outputs[0].text, len(out.prompt_token_ids)
+
+
+def decoded(urls: list[str]) -> list:
+    """Each data URL's image as a server decodes it (JPEG and WebP are lossy: compare with these)."""
+    from PIL import Image
+    return [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in urls]
+
+
+def chat_content(urls: list[str], text: str = "what is it?") -> list[dict]:
+    """The OpenAI content parts of that chat."""
+    parts = [{"type": "text", "text": "Look: "}]
+    for url in urls:
+        parts += [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": " and "}]
+    return parts + [{"type": "text", "text": text}]
 
 
 def make_image(width: int, height: int, seed: int):

@@ -183,3 +183,31 @@ def server_factory(tiny_llama, tmp_path):
 def reference_llm(tiny_llama, llm_cache):
     """The offline engine on the same checkpoint: the oracle for server outputs."""
     return llm_cache.get(tiny_llama)
+
+
+def start_up(config: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, list[str]]:
+    """`slipstream up CONFIG` until its `ready` line (the output lines so far; the last is that line)."""
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli.main", "up", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "ready: OpenAI base URL" in line:
+            return proc, lines
+    stop_up(proc)
+    raise AssertionError("`slipstream up` did not get ready:\n" + "".join(lines[-40:]))
+
+
+def stop_up(proc: subprocess.Popen) -> str:
+    """SIGTERM, then the rest of its output (killed after 120 s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+    return rest
