@@ -289,3 +289,46 @@ def test_decode_preemption_of_a_migrated_image_prompt_is_a_clear_error(tiny_qwen
     assert len(errors) == 1 and "cannot recompute" in finals[errors[0]].error
     ok = next(m for m in migrations if m[0] not in errors)
     assert tokens[ok[0]] == ok[3]
+
+
+def test_moe_variant_matches_transformers_and_splits_over_ranks(tiny_qwen3_vl_moe, llm_cache):
+    """Qwen3-VL-MoE (experts saved stacked, as transformers 5 writes them): greedy tokens and logprobs as
+    transformers gives them, and the same tokens with the experts' width split over two ranks (TP) and with
+    the experts themselves split (EP)."""
+    import transformers
+    hf = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(str(tiny_qwen3_vl_moe),
+                                                                          dtype=torch.float32).eval()
+    llm = llm_cache.get(tiny_qwen3_vl_moe)
+    assert llm.engine.runner.model.model.layers[0].mlp.experts.fused_checkpoint
+    ps = [prompt(llm, [make_image(70, 45, 1)]), prompt(llm, [make_image(40, 90, 2), make_image(33, 127, 3)]),
+          prompt(llm, [])]
+    outs = llm.generate(ps, greedy(10, logprobs=0))
+    for p, out in zip(ps, outs):
+        tokens, lps = hf_generate(hf, llm, p, 10)
+        assert out.outputs[0].token_ids == tokens
+        for entry, tok, lp in zip(out.outputs[0].logprobs, tokens, lps):
+            assert abs(entry[tok].logprob - lp) < LOGPROB_ATOL
+    expected = [o.outputs[0].token_ids for o in outs]
+    for options in (dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, enable_expert_parallel=True)):
+        split = llm_cache.get(tiny_qwen3_vl_moe, **options)
+        assert [o.outputs[0].token_ids for o in split.generate(ps, greedy(10))] == expected, options
+
+
+def test_moe_variant_loads_the_released_stacked_layout(tiny_qwen3_vl_moe, llm_cache, tmp_path):
+    """Qwen3-VL-MoE's released checkpoints stack the experts transposed ([E, H, 2I], [E, I, H]); the same
+    weights in that layout give the same tokens."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    copy = tmp_path / "released"
+    shutil.copytree(tiny_qwen3_vl_moe, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    stacked = [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert stacked
+    save_file({k: v.transpose(1, 2).contiguous() if k in stacked else v for k, v in weights.items()},
+              str(copy / "model.safetensors"), metadata={"format": "pt"})
+    ps = [prompt(llm_cache.get(tiny_qwen3_vl_moe), [make_image(70, 45, 1)])]
+    expected = [o.outputs[0].token_ids for o in llm_cache.get(tiny_qwen3_vl_moe).generate(ps, greedy(8))]
+    from engine.llm import LLM
+    released = LLM(str(copy), dtype="float32", device="cpu", kv_cache_memory_bytes=16 << 20)
+    assert [o.outputs[0].token_ids for o in released.generate(ps, greedy(8))] == expected

@@ -81,7 +81,8 @@ class FusedMoE(nn.Module):
             self.placement, self.local = None, list(range(num_experts))
             self.inter_start, inter = parallel.shard(intermediate_size, "moe_intermediate_size")
             self.expert_map = None
-        self.inter_local = inter
+        self.inter_local, self.intermediate_size, self.hidden_size = inter, intermediate_size, hidden_size
+        self.fused_checkpoint = False  # the checkpoint stacks the experts (Qwen3-VL-MoE) instead of naming each
         self.w13_weight = nn.Parameter(torch.empty(len(self.local), 2 * inter, hidden_size), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(len(self.local), hidden_size, inter), requires_grad=False)
 
@@ -99,8 +100,10 @@ class FusedMoE(nn.Module):
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def checkpoint_names(self) -> dict[str, tuple[str, object]]:
-        """Checkpoint names below this module's path -> (parameter, shard id) for the experts held here."""
-        names = {}
+        """Checkpoint names below this module's path -> (parameter, shard id) for the experts held here: one
+        tensor per expert and projection, or (Qwen3-VL-MoE) all experts stacked in `gate_up_proj` / `down_proj`."""
+        names = {"gate_up_proj": ("w13_weight", (None, "stacked_gate_up")),
+                 "down_proj": ("w2_weight", (None, "stacked_down"))}
         for i, e in enumerate(self.local):
             names[f"{e}.gate_proj.weight"] = ("w13_weight", (i, "gate"))
             names[f"{e}.up_proj.weight"] = ("w13_weight", (i, "up"))
@@ -114,13 +117,42 @@ class FusedMoE(nn.Module):
                 for p in ("gate_proj", "up_proj", "down_proj")]
 
     def shard_ids(self, name: str) -> tuple:
-        return tuple(shard for pname, shard in self.checkpoint_names().values() if pname == name)
+        """The shards a complete load fills: the stacked tensor, or each expert's (whichever the checkpoint has)."""
+        stacked = lambda shard: shard[0] is None
+        return tuple(shard for pname, shard in self.checkpoint_names().values()
+                     if pname == name and stacked(shard) == self.fused_checkpoint)
 
     def load_weight(self, name: str, tensor, shard_id) -> None:
         i, proj = shard_id
         n = self.inter_local
+        if i is None:
+            self.fused_checkpoint = True
+            self._load_stacked(tensor, proj)
+            return
         if proj == "down":
             copy_checked(self.w2_weight.data[i], tensor.narrow(1, self.inter_start, n), f"expert {self.local[i]} down")
         else:
             dst = self.w13_weight.data[i].narrow(0, 0 if proj == "gate" else n, n)
             copy_checked(dst, tensor.narrow(0, self.inter_start, n), f"expert {self.local[i]} {proj}")
+
+    def _load_stacked(self, tensor, proj: str) -> None:
+        """All experts in one tensor: [E, 2I, H] and [E, H, I] as transformers 5 saves them, or [E, H, 2I] and
+        [E, I, H] as Qwen3-VL-MoE's released checkpoints hold them; each rank copies its experts' slice."""
+        from engine.errors import UnsupportedModelError
+        E, H, I, n, lo = self.num_experts, self.hidden_size, self.intermediate_size, self.inter_local, self.inter_start
+        rows = 2 * I if proj == "stacked_gate_up" else H  # the Linear layout's [out, in]
+        cols = H if proj == "stacked_gate_up" else I
+        shape = tuple(tensor.shape)
+        if rows == cols or shape not in ((E, rows, cols), (E, cols, rows)):
+            raise UnsupportedModelError(f"stacked experts {proj.removeprefix('stacked_')} of shape {list(shape)} fit "
+                                        f"neither [{E}, {rows}, {cols}] nor [{E}, {cols}, {rows}] unambiguously",
+                                        param="model")
+        transposed = shape == (E, cols, rows)
+        for i, e in enumerate(self.local):
+            w = tensor.narrow(0, e, 1)[0]
+            w = w.t() if transposed else w  # [out, in]
+            if proj == "stacked_down":
+                copy_checked(self.w2_weight.data[i], w[:, lo:lo + n], f"expert {e} down")
+            else:
+                copy_checked(self.w13_weight.data[i, :n], w[lo:lo + n], f"expert {e} gate")
+                copy_checked(self.w13_weight.data[i, n:], w[I + lo:I + lo + n], f"expert {e} up")

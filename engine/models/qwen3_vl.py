@@ -2,7 +2,8 @@
 2x2 patch merger, and "deepstack" mergers that tap early blocks) feeding the Qwen3 decoder, whose rope is
 multimodal (time, height and width positions interleaved over the rotary frequencies). The vision tower is
 replicated on every tensor-parallel rank; the decoder is Qwen3's, sharded as usual. Module names follow the
-checkpoint (`model.visual.*`, `model.language_model.*`, `lm_head`)."""
+checkpoint (`model.visual.*`, `model.language_model.*`, `lm_head`). Qwen3-VL-MoE (below) swaps in Qwen3-MoE's
+feed-forward blocks."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +15,7 @@ from engine.layers.vocab_embedding import VocabParallelEmbedding
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaDecoderLayer, LlamaModel
 from engine.models.qwen3 import Qwen3ForCausalLM
+from engine.models.qwen3_moe import Qwen3MoeForCausalLM
 from engine.multimodal.step import MultiModalStep
 from kernels.attention import AttentionBackend, AttentionMetadata
 
@@ -224,3 +226,9 @@ class Qwen3VLForConditionalGeneration(Qwen3ForCausalLM):
                 hidden = hidden.index_add(0, mm.rows, mm.deepstack[i].to(hidden.dtype))
         hidden, _ = lm.norm(hidden, residual)
         return hidden
+
+
+class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Qwen3-VL-MoE: the same vision tower and multimodal rope over Qwen3-MoE's decoder layers."""
+
+    make_mlp = Qwen3MoeForCausalLM.make_mlp

@@ -23,7 +23,8 @@ PREPROCESSOR = {"patch_size": PATCH, "temporal_patch_size": 2, "merge_size": MER
                 "image_processor_type": "Qwen2VLImageProcessor"}
 
 
-def build_qwen3_vl(path: Path, seed: int = 0, dtype=torch.float32) -> Path:
+def build_qwen3_vl(path: Path, seed: int = 0, dtype=torch.float32, moe: bool = False) -> Path:
+    """`moe`: Qwen3-VL-MoE (4 experts, top 2, the middle decoder layer dense); its experts are saved stacked."""
     import transformers
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path, tuple(VISION_TOKENS), VL_CHAT_TEMPLATE)
@@ -37,21 +38,26 @@ def build_qwen3_vl(path: Path, seed: int = 0, dtype=torch.float32) -> Path:
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
                   deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
-    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+    if moe:  # 2 x moe_intermediate_size != hidden: the stacked layouts tell apart
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+                    mlp_only_layers=[1])
+    config_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                                         video_token_id=ids["<|video_pad|>"],
                                         vision_start_token_id=ids["<|vision_start|>"],
                                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
                                         eos_token_id=tok.eos_token_id)
-    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    arch = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
+    config.architectures = [arch]
     torch.manual_seed(seed)
-    model = transformers.Qwen3VLForConditionalGeneration(config).to(dtype)
+    model = getattr(transformers, arch)(config).to(dtype)
     with torch.no_grad():  # non-trivial norms and biases, larger weights: every part of the tower matters
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0, 0.2)
-            elif "visual" in name or "embed_tokens" in name:
+            elif "visual" in name or "embed_tokens" in name or "mlp.experts" in name or "mlp.gate" in name:
                 p.normal_(0, 0.2)
     model.save_pretrained(str(path), safe_serialization=True)
     (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
@@ -106,6 +112,11 @@ def data_url(image, fmt: str = "PNG") -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl(tmp_path_factory) -> Path:
     return build_qwen3_vl(tmp_path_factory.mktemp("qwen3-vl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_moe(tmp_path_factory) -> Path:
+    return build_qwen3_vl(tmp_path_factory.mktemp("qwen3-vl-moe") / "model", seed=3, moe=True)
 
 
 class EncoderProcess:
