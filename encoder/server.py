@@ -27,7 +27,7 @@ from engine.multimodal.image_loader import load_image
 from engine.multimodal.region import EmbeddingRegion, blocks_for
 from engine.multimodal.remote import EncodedImage, EncodedImages
 from engine.server import openai_protocol as proto
-from engine.server.responses import error_response, json_response
+from engine.server.responses import error_response, http_error, json_response
 
 log = logging.getLogger(__name__)
 EXPIRE_EVERY_S = 1.0
@@ -162,6 +162,15 @@ class EncoderServer:
                 return error_response(e)
             except (msgspec.ValidationError, ValueError) as e:
                 return error_response(InvalidRequestError(f"invalid request: {e}"))
+            except web.HTTPException as e:  # aiohttp's own (unknown route, wrong method, body too large)
+                if e.status < 400:
+                    raise
+                return http_error(e)
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception as e:  # never a non-JSON 500
+                log.exception("event=handler_failed path=%s", request.path)
+                return error_response(EngineError(f"internal error: {type(e).__name__}"))
 
         async def read_json(request: web.Request) -> dict:
             try:
@@ -177,7 +186,7 @@ class EncoderServer:
                 raise UnavailableError("the encoder is draining")
             body = await read_json(request)
             model = body.get("model")
-            if model is not None and model not in self.model_names:
+            if model is not None and (not isinstance(model, str) or model not in self.model_names):
                 raise InvalidRequestError(f"this encoder serves {self.served_model_name!r}", param="model")
             self.inflight += 1
             try:

@@ -274,7 +274,8 @@ class Lease:
 
 def has_images(body: dict) -> bool:
     """Whether a chat request carries image parts."""
-    for m in body.get("messages") or ():
+    messages = body.get("messages")
+    for m in messages if isinstance(messages, list) else ():
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
             return True

@@ -150,13 +150,13 @@ ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("PO
 TYPED = {200, 400, 401, 404, 405, 413, 422, 429, 503}
 
 
-def _fuzz_http(url: str, model: str, counter: list) -> None:
+def _fuzz_http(url: str, model: str, counter: list, endpoints=ENDPOINTS, bodies=bodies) -> None:
     import http.client
     from urllib.parse import urlparse
     host = urlparse(url)
 
     @FUZZ
-    @given(st.sampled_from(ENDPOINTS), bodies, st.booleans())
+    @given(st.sampled_from(endpoints), bodies, st.booleans())
     def one(endpoint, body, raw):
         method, path = endpoint
         if isinstance(body, dict) and "model" not in body and path.startswith("/v1/"):
@@ -199,3 +199,32 @@ def test_router_http_endpoints_fuzzed(cluster):
     assert request(router.url + "/v1/completions", {"model": model, "prompt": [5, 6], "max_tokens": 2}).ok
     for e in cluster.engines:
         e.wait_kv_free(timeout=15)
+
+
+# the encoder role: chat messages with image parts, image lists and lease ids, well-formed and not
+urls = st.one_of(st.text(max_size=30), st.sampled_from(["data:image/png;base64,AAAA", "data:,", "http://127.0.0.1:1/x.png",
+                                                      "file:///etc/passwd", "data:image/png;base64,@@"]))
+image_parts = st.fixed_dictionaries({"type": st.sampled_from(["image_url", "text", "image"])},
+                                    optional={"image_url": st.one_of(st.fixed_dictionaries({"url": urls}), small),
+                                              "text": small})
+ENCODER_FIELDS = {"model": small, "images": st.one_of(st.lists(st.fixed_dictionaries({"url": urls}), max_size=3), small),
+                  "messages": st.one_of(st.lists(st.fixed_dictionaries(
+                      {"role": st.sampled_from(["user", "system", "x"]),
+                       "content": st.one_of(st.lists(image_parts, max_size=3), small)}), max_size=2), small),
+                  "lease_ids": st.one_of(st.lists(st.text(max_size=20), max_size=3), small), "x-unknown": small}
+encoder_bodies = st.one_of(st.fixed_dictionaries({}, optional=ENCODER_FIELDS), json_values)
+ENCODER_ENDPOINTS = [("POST", "/v1/encode"), ("POST", "/v1/encode/free"), ("GET", "/health"), ("GET", "/metrics"),
+                     ("GET", "/v1/models"), ("GET", "/encoder_info"), ("GET", "/v1/encode"), ("GET", "/no/such/route")]
+
+
+def test_encoder_http_endpoints_fuzzed(tiny_qwen3_vl, tmp_path):
+    from tests.support.multimodal import EncoderProcess
+    encoder = EncoderProcess(tiny_qwen3_vl, tmp_path).wait_healthy()
+    try:
+        counter: list = []
+        _fuzz_http(encoder.url, str(tiny_qwen3_vl), counter, ENCODER_ENDPOINTS, encoder_bodies)
+        print(f"\nHTTP fuzz (encoder): {len(counter)} requests")
+        assert len(counter) >= 300 and encoder.http.health() == 200
+        assert encoder.info()["leases"] == 0  # refused requests hold no embeddings
+    finally:
+        encoder.stop()
