@@ -23,11 +23,11 @@ from encoder.cache import EmbeddingCache
 from encoder.config import EncoderConfig
 from encoder.tower import VisionEncoder
 from engine.errors import AuthenticationError, EngineError, InvalidRequestError, UnavailableError
-from engine.multimodal.image_loader import load_image
+from engine.multimodal.front import check_image_count, load_images
 from engine.multimodal.region import EmbeddingRegion, blocks_for
 from engine.multimodal.remote import EncodedImage, EncodedImages
 from engine.server import openai_protocol as proto
-from engine.server.responses import error_response, http_error, json_response
+from engine.server.responses import answer_as_json, json_response
 
 log = logging.getLogger(__name__)
 EXPIRE_EVERY_S = 1.0
@@ -65,16 +65,8 @@ class EncoderServer:
         urls = self._image_urls(body)
         if not urls:
             raise InvalidRequestError("the request has no images", param="messages")
-        if len(urls) > self.config.max_images_per_prompt:
-            raise InvalidRequestError(f"{len(urls)} images in one request; the limit is "
-                                      f"{self.config.max_images_per_prompt}", param="messages")
-        pil = await asyncio.gather(*(load_image(url, self.policy, param) for url, param in urls))
-        images = []
-        for img, (_, param) in zip(pil, urls):
-            try:
-                images.append(await asyncio.to_thread(self.tower.processor.process, img))
-            except InvalidRequestError as e:
-                raise InvalidRequestError(e.message, param=param) from None
+        check_image_count(len(urls), self.config.max_images_per_prompt)
+        images = await load_images(urls, self.tower.processor, self.policy)
         lease = self.cache.lease([])
         try:
             entries = await self._embed(images, lease)
@@ -150,27 +142,21 @@ class EncoderServer:
     def app(self) -> web.Application:
         key = self.config.api_key.encode() if self.config.api_key else None
 
+        async def authorised(request: web.Request, handler):
+            if key is not None and request.path.startswith("/v1/"):
+                scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+                    raise AuthenticationError("invalid or missing API key")
+            try:
+                return await handler(request)
+            except EngineError:  # typed already (InvalidRequestError is a ValueError too)
+                raise
+            except (msgspec.ValidationError, ValueError) as e:  # a body of the wrong shape
+                raise InvalidRequestError(f"invalid request: {e}") from None
+
         @web.middleware
         async def errors_and_auth(request: web.Request, handler):
-            try:
-                if key is not None and request.path.startswith("/v1/"):
-                    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-                    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-                        raise AuthenticationError("invalid or missing API key")
-                return await handler(request)
-            except EngineError as e:
-                return error_response(e)
-            except (msgspec.ValidationError, ValueError) as e:
-                return error_response(InvalidRequestError(f"invalid request: {e}"))
-            except web.HTTPException as e:  # aiohttp's own (unknown route, wrong method, body too large)
-                if e.status < 400:
-                    raise
-                return http_error(e)
-            except (asyncio.CancelledError, ConnectionResetError):
-                raise
-            except Exception as e:  # never a non-JSON 500
-                log.exception("event=handler_failed path=%s", request.path)
-                return error_response(EngineError(f"internal error: {type(e).__name__}"))
+            return await answer_as_json(request, lambda r: authorised(r, handler), log)
 
         async def read_json(request: web.Request) -> dict:
             try:

@@ -62,10 +62,8 @@ def random_vl_checkpoint(folder: Path, shape: str) -> Path:
     """A Qwen3-VL shape with random weights: config.json, preprocessor_config.json and a word-level tokenizer
     whose special tokens sit at Qwen's ids."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    from engine.bench.throughput import write_random_checkpoint
+    from engine.bench.throughput import write_random_checkpoint, write_word_level_tokenizer
     s = SHAPES[shape]
     config = transformers.Qwen3VLConfig(text_config=s["text"], vision_config=s["vision"],
                                         image_token_id=SPECIAL_IDS["<|image_pad|>"],
@@ -78,15 +76,8 @@ def random_vl_checkpoint(folder: Path, shape: str) -> Path:
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "patch_size": s["vision"]["patch_size"], "temporal_patch_size": 2, "merge_size": 2,
         "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"shortest_edge": 65536, "longest_edge": 16777216}}))
-    names = {i: n for n, i in SPECIAL_IDS.items()}
-    vocab = {names.get(i, f"t{i}"): i for i in range(s["text"]["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=[n for n in SPECIAL_IDS if n not in ("<|im_end|>",
-                                                                                                "<|endoftext|>")])
-    fast.chat_template = VL_CHAT_TEMPLATE
-    fast.save_pretrained(str(folder))
+    write_word_level_tokenizer(folder, s["text"]["vocab_size"], SPECIAL_IDS["<|im_end|>"], SPECIAL_IDS,
+                               VL_CHAT_TEMPLATE, pad_id=SPECIAL_IDS["<|endoftext|>"])
     return folder
 
 

@@ -75,15 +75,9 @@ class Proc:
 def random_checkpoint(folder: Path) -> Path:
     """Qwen3-0.6B's shape with random weights, and a synthetic word-level tokenizer over its whole
     vocabulary (the servers need one to detokenise; the text itself is meaningless)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from engine.bench.throughput import QWEN3_0_6B, write_random_checkpoint
+    from engine.bench.throughput import QWEN3_0_6B, write_random_checkpoint, write_word_level_tokenizer
     write_random_checkpoint(folder, QWEN3_0_6B)
-    vocab = {f"t{i}": i for i in range(QWEN3_0_6B["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{QWEN3_0_6B['eos_token_id']}").save_pretrained(str(folder))
+    write_word_level_tokenizer(folder, QWEN3_0_6B["vocab_size"], QWEN3_0_6B["eos_token_id"])
     return folder
 
 

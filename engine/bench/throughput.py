@@ -55,6 +55,25 @@ def write_random_checkpoint(folder: Path, config: dict) -> Path:
     return folder
 
 
+def write_word_level_tokenizer(folder: Path, vocab_size: int, eos_id: int, special_ids: dict[str, int] | None = None,
+                               chat_template: str | None = None, pad_id: int | None = None) -> None:
+    """A synthetic word-level tokenizer over a random-weights model's whole vocabulary ("t0", "t1", ..., and the
+    named special tokens at their ids): the servers need one to detokenise; the text itself is meaningless."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    names = {i: n for n, i in (special_ids or {}).items()}
+    tok = Tokenizer(models.WordLevel({names.get(i, f"t{i}"): i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = names.get(eos_id, f"t{eos_id}")
+    extra = {} if pad_id is None else {"pad_token": names.get(pad_id, f"t{pad_id}")}
+    if names:
+        extra["additional_special_tokens"] = [n for n in names.values() if n not in (eos, extra.get("pad_token"))]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, **extra)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(folder))
+
+
 def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 1 GiB, bytes read + written, median of 10 (the HBM ceiling we compare to)."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")

@@ -13,6 +13,25 @@ from engine.multimodal.processor import ImageProcessorConfig
 from engine.multimodal.remote import EmbeddingPuller, image_inputs, parse
 
 
+def check_image_count(num_images: int, limit: int) -> None:
+    if num_images > limit:
+        raise InvalidRequestError(f"{num_images} images in one request; the limit is {limit}", param="messages")
+
+
+async def load_images(urls: list[tuple[str, str]], processor: ImageProcessorConfig, policy: MediaPolicy
+                      ) -> list[ImageInput]:
+    """Each (url, field path) fetched or decoded, then resized (on a thread: the event loop keeps serving); an
+    error names the part it came from."""
+    images = await asyncio.gather(*(load_image(url, policy, param) for url, param in urls))
+    processed = []
+    for img, (_, param) in zip(images, urls):
+        try:
+            processed.append(await asyncio.to_thread(processor.process, img))
+        except InvalidRequestError as e:
+            raise InvalidRequestError(e.message, param=param) from None
+    return processed
+
+
 class ImageFront:
     def __init__(self, processor: ImageProcessorConfig, image_token_id: int, policy: MediaPolicy, max_images: int,
                  puller: EmbeddingPuller | None = None):
@@ -40,21 +59,12 @@ class ImageFront:
         return cls(ImageProcessorConfig.from_model(cfg.vision, folder), cfg.image_token_id, policy, max_images, puller)
 
     def check_count(self, num_images: int) -> None:
-        if num_images > self.max_images:
-            raise InvalidRequestError(f"{num_images} images in one request; the limit is {self.max_images}",
-                                      param="messages")
+        check_image_count(num_images, self.max_images)
 
     async def place(self, token_ids: list[int], urls: list[tuple[str, str]]) -> tuple[list[int], list[ImageInput]]:
         """The prompt's placeholders expanded and its images placed; `urls`: (url, the part's field path)."""
         self.check_count(len(urls))
-        images = await asyncio.gather(*(load_image(url, self.policy, param) for url, param in urls))
-        processed = []
-        for img, (_, param) in zip(images, urls):  # (resizing runs on a thread: the event loop keeps serving)
-            try:
-                processed.append(await asyncio.to_thread(self.processor.process, img))
-            except InvalidRequestError as e:
-                raise InvalidRequestError(e.message, param=param) from None
-        return expand_placeholders(token_ids, self.image_token_id, processed)
+        return expand_placeholders(token_ids, self.image_token_id, await load_images(urls, self.processor, self.policy))
 
     async def place_encoded(self, token_ids: list[int], urls: list[tuple[str, str]], encoded
                             ) -> tuple[list[int], list[ImageInput]]:

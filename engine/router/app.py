@@ -13,11 +13,11 @@ from pathlib import PurePath
 import aiohttp
 from aiohttp import web
 
-from engine.errors import AuthenticationError, EngineError, InvalidRequestError, OverloadedError
+from engine.errors import AuthenticationError, InvalidRequestError, OverloadedError
 from engine.router.config import RouterConfig
 from engine.router.pool import ROLES, ROLE_BY_NUMBER, EnginePool, Node
 from engine.router.proxy import UPSTREAM_ERRORS, Proxy, describe
-from engine.server.responses import error_response, http_error
+from engine.server.responses import answer_as_json
 
 log = logging.getLogger(__name__)
 POOL, SESSION, CONFIG, STATS, PROXY = (web.AppKey("pool", EnginePool), web.AppKey("session", aiohttp.ClientSession),
@@ -104,26 +104,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
         stats["inflight"] -= 1
 
 
+async def _authorised(request: web.Request, handler):
+    key = request.app[CONFIG].api_key
+    if key is not None and (request.path.startswith("/v1/") or request.path == "/nodes/add"):
+        if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
+            raise AuthenticationError("missing or invalid API key (Authorization: Bearer ...)")
+    return await handler(request)
+
+
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
     """API key (constant-time) on every route that serves or changes state; typed errors as OpenAI JSON."""
-    key = request.app[CONFIG].api_key
-    try:
-        if key is not None and (request.path.startswith("/v1/") or request.path == "/nodes/add"):
-            if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
-                raise AuthenticationError("missing or invalid API key (Authorization: Bearer ...)")
-        return await handler(request)
-    except EngineError as e:
-        return error_response(e)
-    except web.HTTPException as e:  # aiohttp's own (unknown route, wrong method, body too large)
-        if e.status < 400:
-            raise
-        return http_error(e)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception as e:  # a bug: one traceback in the log, an OpenAI-shaped 500 to the client
-        log.exception("request to %s failed", request.path)
-        return error_response(EngineError(f"internal error: {type(e).__name__}"))
+    return await answer_as_json(request, lambda r: _authorised(r, handler), log)
 
 
 # ---- keeping the view of the engines current ----------------------------------------------------

@@ -11,12 +11,12 @@ import time
 import msgspec
 from aiohttp import web
 
-from engine.errors import AuthenticationError, EngineError, InvalidRequestError, ModelNotFoundError, UnavailableError
+from engine.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError, UnavailableError
 from engine.server.front_state import FrontState
 from engine.server.http_options import add_cors, add_routes
 from engine.server import responses_api
 from engine.server.openai_serving import OpenAIServing
-from engine.server.responses import error_response, http_error, json_response
+from engine.server.responses import answer_as_json, error_response, json_response
 
 log = logging.getLogger(__name__)
 # besides /v1/*: the routes that change state or show the engine's internals (/health and /metrics stay open)
@@ -29,30 +29,19 @@ def build_app(state: FrontState) -> web.Application:
     api_key = state.config.api_key.encode() if state.config.api_key else None
     root = (state.config.root_path or "").rstrip("/")
 
+    async def authorised(request: web.Request, handler):
+        path = request.path
+        if root and path.startswith(root + "/"):
+            path = path[len(root):]
+        if api_key is not None and (path.startswith("/v1/") or path in KEYED_ROUTES):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key):
+                raise AuthenticationError("missing or invalid API key (Authorization: Bearer ...)")
+        return await handler(request)
+
     @web.middleware
     async def errors_and_auth(request: web.Request, handler):
-        try:
-            path = request.path
-            if root and path.startswith(root + "/"):
-                path = path[len(root):]
-            if api_key is not None and (path.startswith("/v1/") or path in KEYED_ROUTES):
-                scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key):
-                    raise AuthenticationError("missing or invalid API key (Authorization: Bearer ...)")
-            return await handler(request)
-        except EngineError as e:
-            state.metrics.rejected(e.status)
-            return error_response(e)
-        except web.HTTPException as e:
-            if e.status < 400:
-                raise
-            state.metrics.rejected(e.status)
-            return http_error(e)
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception as e:
-            log.exception("event=handler_failed path=%s", request.path)
-            return error_response(EngineError(f"internal error: {type(e).__name__}"))
+        return await answer_as_json(request, lambda r: authorised(r, handler), log, state.metrics.rejected)
 
     async def health(_request):
         reason = state.unavailable_reason()
