@@ -23,7 +23,6 @@ class LLM:
         self.tokenizer = load_tokenizer(self.config.tokenizer or self.engine.model_path)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
-        self._image_config = None  # multimodal models: the image geometry, read on first use
 
     # ---- input ---------------------------------------------------------------------------------
     def _normalise(self, prompts) -> list[PromptType]:
@@ -56,10 +55,9 @@ class LLM:
         cfg = self.engine.model_config
         if cfg.vision is None:
             raise InvalidRequestError("this model does not take images", param="multi_modal_data")
-        from engine.multimodal.processor import ImageProcessorConfig, place_images
-        if self._image_config is None:
-            self._image_config = ImageProcessorConfig.from_model(cfg.vision, self.engine.model_path)
-        return place_images(ids, list(images), self._image_config, cfg.image_token_id)
+        from engine.multimodal.processor import place_images
+        # the geometry rank 0's runner read from the checkpoint (this process holds it)
+        return place_images(ids, list(images), self.engine.runner.image_config, cfg.image_token_id)
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None) -> str:
         """Queues one request (all n samples) after validating it; returns its id."""

@@ -28,9 +28,6 @@ class ImageInput(msgspec.Struct, kw_only=True, array_like=True):
     def end(self) -> int:
         return self.offset + self.num_tokens
 
-    def array(self) -> np.ndarray:
-        return np.frombuffer(self.pixels, np.uint8).reshape(self.height, self.width, 3)
-
 
 def content_hash(pixels: np.ndarray, grid_thw: tuple[int, int, int]) -> str:
     h = hashlib.sha256(np.ascontiguousarray(pixels).tobytes())

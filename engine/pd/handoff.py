@@ -13,14 +13,14 @@ pulls into the group it puts the sequence on (any group: only the tensor-paralle
 """
 from __future__ import annotations
 
-import msgspec
-
 import itertools
 import logging
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+
+import msgspec
 
 from engine.core.block_manager import BlockManager
 from engine.core.sequence import Sequence

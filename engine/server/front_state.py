@@ -87,10 +87,10 @@ class FrontState:
         self.reasoning_parser = REASONING_PARSERS[cfg.reasoning_parser]() if cfg.reasoning_parser else None
 
     def _image_front(self):
+        from ctrl_client.schema import Endpoint
         from engine.multimodal.front import ImageFront
         from engine.multimodal.region import blocks_for
         cfg = self.config
-        from ctrl_client.schema import Endpoint
         pull = dict(host=Endpoint.advertise(cfg.advertise_host or cfg.host, 0).host,
                     num_blocks=blocks_for(cfg.embedding_region_tokens),
                     timeout_s=cfg.encoded_images_pull_timeout)

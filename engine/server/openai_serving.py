@@ -194,8 +194,8 @@ class OpenAIServing:
             await self.state.kv_sources.check(job.kv_transfer_params)
         kv = job.kv_transfer_params or {}
         if job.image_urls and kv.get("migration") is not None:
-            # decode half of a PD pair: the migration carries the images (or their embeddings) and the prompt as
-            # prefill expanded it, which usage counts
+            # decode half of a PD pair: the migration says where the images sit in the prompt as prefill expanded
+            # it, which usage counts; nothing is loaded here
             job.image_urls = []
             job.prompts = [(None, list(mig.decode(kv["migration"]).prompt_token_ids))]
         if job.image_urls:
