@@ -50,8 +50,9 @@ class EngineConfig:
     async_scheduling: bool = opt(
         True, "schedule and launch step N+1 while the device runs step N (sequences that stop at N "
               "compute one token more, which is dropped)")
-    attention_backend: Literal["auto", "torch", "flashinfer", "triton"] = opt(
-        "auto", "auto: flashinfer on CUDA when installed, else the torch reference")
+    attention_backend: Literal["auto", "torch", "flashinfer", "triton", "flashmla"] = opt(
+        "auto", "auto: flashinfer on CUDA when installed, else triton on CUDA, else the torch reference; MLA "
+                "models (DeepSeek): flashmla for decode where it runs (Hopper, --block-size 64), else triton")
     fp8_attention: Literal["auto", "fp8", "exact"] = opt(
         "auto", "attention over FP8 KV pages (flashinfer backend): fp8 rounds q and the softmax "
                 "probabilities to E4M3 and runs FP8 tensor cores (XQA decode, FlashAttention-3 prefill; "

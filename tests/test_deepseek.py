@@ -152,3 +152,42 @@ def test_unsupported_quantization_is_a_clear_error():
         block_size_of(SimpleNamespace(quantization_config={"quant_method": "awq"}))
     with pytest.raises(UnsupportedModelError, match="per-tensor"):
         block_size_of(SimpleNamespace(quantization_config={"quant_method": "fp8"}))
+
+
+@pytest.mark.parametrize("q_lens,seq_lens,block_size", [([1, 1, 1], [1, 9, 40], 4),  # decode
+                                                        ([5, 1, 12], [5, 20, 30], 8)])  # prefill chunks + decode
+def test_absorbed_latent_attention_matches_expanded(q_lens, seq_lens, block_size):
+    """Every MLA backend attends in the latent space (kv_b_proj folded into q and the output); the reference
+    model expands the latents into per-head K and V. Both agree (float64, so only the algebra is compared)."""
+    from kernels.attention.mla import TorchMLABackend
+    from kernels.attention.mla_ref import mla_attention_ref
+    from tests.support.mla import random_mla_step
+    s = random_mla_step(q_lens, seq_lens, block_size, heads=4, kv_lora_rank=32, rope_dim=16, nope_dim=24,
+                        v_dim=20, dtype=torch.float64)
+    backend = TorchMLABackend()
+    got = backend.attend(s.q_nope, s.q_pe, s.cache, backend.begin_forward(s.meta), s.w_kv_b, s.shape)
+    want = mla_attention_ref(s.q_nope, s.q_pe, s.cache, s.meta, s.w_kv_b, 32, 20, s.shape.scale)
+    assert got.shape == (sum(q_lens), 4, 20)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_mla_backend_choice_on_cpu():
+    from kernels.attention.mla import TorchMLABackend, get_mla_backend
+    cpu = torch.device("cpu")
+    assert isinstance(get_mla_backend("auto", cpu, torch.float32, 16, 512, 64), TorchMLABackend)
+    for name, why in [("triton", "CUDA"), ("flashmla", "flash_mla|Hopper"), ("xformers", "unknown")]:
+        with pytest.raises(ValueError, match=why):
+            get_mla_backend(name, cpu, torch.bfloat16, 64, 512, 64)
+
+
+def test_triton_mla_kernels_interpreted_on_cpu():
+    """The GPU's latent kernel and store run here under Triton's interpreter, against the torch reference."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import os
+    import subprocess
+    import sys
+    code = "from tests.support.mla import check_triton_kernels; print(check_triton_kernels())"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split()[-1]) < 1e-5

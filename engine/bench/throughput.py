@@ -1,5 +1,5 @@
 """`slipstream bench throughput`: nano-vllm's offline workload (a model shape with random weights: Qwen3-0.6B,
-or Qwen3-30B-A3B with --model-shape qwen3-30b-a3b; 256 requests, input/output lengths uniform in 100..1024
+or with --model-shape Qwen3-30B-A3B or Moonlight-16B-A3B (DeepSeek-V3's architecture); 256 requests, input/output lengths uniform in 100..1024
 drawn with seed 0 before the engine exists, ignore_eos, one warm-up batch), run through the engine in one or more configurations (bf16 / fp8 KV, CUDA
 graphs on / off), beside Hugging Face transformers on the same requests as a floor and batch-1 TPOT.
 Prints one table with its conditions, and achieved bytes/s per decode step against the device's
@@ -31,7 +31,18 @@ QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_mo
                      tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960,
                      rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False, torch_dtype="bfloat16",
                      bos_token_id=151643, eos_token_id=151645)
-MODEL_SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-30b-a3b": QWEN3_30B_A3B}
+# Moonlight-16B-A3B, the small DeepSeek-V3 (the issue's shape): 27 layers, MLA with 512 + 64 latents and no q
+# low-rank, 64 routed experts of intermediate 1408 (top 6) plus 2 shared, the first layer dense; Qwen's vocab
+MOONLIGHT_16B_A3B = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=2048,
+                         num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+                         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                         intermediate_size=11264, moe_intermediate_size=1408, n_routed_experts=64,
+                         num_experts_per_tok=6, n_shared_experts=2, n_group=1, topk_group=1, topk_method="noaux_tc",
+                         first_k_dense_replace=1, routed_scaling_factor=2.446, norm_topk_prob=True,
+                         scoring_func="sigmoid", rope_interleave=True, vocab_size=151936, tie_word_embeddings=False,
+                         rope_theta=50000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
+                         attention_bias=False, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
+MODEL_SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-30b-a3b": QWEN3_30B_A3B, "moonlight-16b-a3b": MOONLIGHT_16B_A3B}
 
 RUNS = {"bf16": dict(kv_cache_dtype="auto", enforce_eager=False), "fp8": dict(kv_cache_dtype="fp8", enforce_eager=False),
         "bf16-eager": dict(kv_cache_dtype="auto", enforce_eager=True),
@@ -224,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="step token budget (16384: nano-vllm's default and vLLM's offline default on H100)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--block-size", type=int, default=16, help="KV block size (FlashMLA reads 64-token pages)")
     ap.add_argument("--tpot-tokens", type=int, default=256, help="output tokens of the batch-1 TPOT run")
     ap.add_argument("--hf-requests", type=int, default=32, help="requests given to transformers (0: skip)")
     args = ap.parse_args(argv)
@@ -246,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(dtype="bfloat16", max_model_len=max(max_len, 128 + args.tpot_tokens + 1),
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-                  enable_prefix_caching=True)
+                  enable_prefix_caching=True, block_size=args.block_size)
     results = {}
     for name in args.runs.split(","):
         results[name] = in_fresh_process(run_engine, path, workload, {**common, **RUNS[name]}, args.tpot_tokens)
@@ -259,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## conditions")
     print(f"device: {torch.cuda.get_device_name()} ; measured D2D copy bandwidth {bandwidth:.0f} GB/s (read+write)")
     print(f"software: {versions}")
-    print(f"model: {'random weights, ' if not args.model else ''}{ {k: config.get(k) for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size', 'num_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'vocab_size') if k in config} }")
+    print(f"model: {'random weights, ' if not args.model else ''}{ {k: config.get(k) for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size', 'num_experts', 'n_routed_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'kv_lora_rank', 'vocab_size') if k in config} }")
     print(f"workload: {len(workload)} requests, input {sum(len(p) for p, _ in workload)} tokens, output "
           f"{sum(n for _, n in workload)} tokens (lengths uniform {args.min_len}..{args.max_input_len}/"
           f"{args.max_output_len}, seed {args.seed}), temperature 0.6, ignore_eos, one warm-up batch of 3 small requests")

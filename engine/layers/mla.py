@@ -1,7 +1,8 @@
 """MLAAttention: DeepSeek's multi-head latent attention. Per token the cache keeps one vector, the normalised
 KV latent (kv_lora_rank) and the shared rotated key part (qk_rope_head_dim), instead of per-head K and V;
 queries come from a low-rank projection (q_lora_rank) or a plain one. Heads are split over the
-tensor-parallel ranks; every rank stores the same latents.
+tensor-parallel ranks; every rank stores the same latents. The attention itself is the MLA backend's
+(kernels/attention/mla.py: FlashMLA, Triton or torch), computed in the latent space.
 
 The rotary part is DeepSeek's interleaved layout (pairs (x0, x1), (x2, x3), ...) when `rope_interleave`, taken
 apart into halves here so the usual rotate-half kernels apply (the reference does the same). YaRN scaling
@@ -19,7 +20,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
 from kernels.attention import AttentionMetadata
-from kernels.attention.mla_ref import mla_attention_ref, store_latent
+from kernels.attention.mla import MLABackend, MLAShape
 from kernels.rope import apply_rope
 
 LATENT_NORM_EPS = 1e-6  # the reference builds q_a_layernorm / kv_a_layernorm with the default eps
@@ -45,7 +46,7 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 
 class MLAAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelContext, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext, backend: MLABackend, rotary: RotaryEmbedding):
         super().__init__()
         hf = cfg.hf
         heads, hidden = cfg.num_attention_heads, cfg.hidden_size
@@ -67,6 +68,8 @@ class MLAAttention(nn.Module):
         self.interleaved = bool(getattr(hf, "rope_interleave", True))
         self.scale = mla_softmax_scale(cfg)
         self.latent_dim = self.kv_lora_rank + self.rope_dim
+        self.backend = backend
+        self.shape = MLAShape(self.num_heads, self.kv_lora_rank, self.rope_dim, self.nope_dim, self.v_dim, self.scale)
         # this layer's view `pool[:, layer]` [blocks, block_size, latent_dim], bound by the model runner
         self.kv_cache: torch.Tensor | None = None
 
@@ -79,7 +82,6 @@ class MLAAttention(nn.Module):
         if self.interleaved:
             q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
         q_pe, k_pe = apply_rope(q_pe.contiguous(), k_pe.contiguous()[:, None, :], positions, self.rotary.cos_sin_cache)
-        store_latent(torch.cat([latent, k_pe[:, 0]], dim=-1), self.kv_cache, meta.slot_mapping)
-        out = mla_attention_ref(q_nope, q_pe, self.kv_cache, meta, self.kv_b_proj.weight, self.kv_lora_rank,
-                                self.v_dim, self.scale)
+        self.backend.store(latent, k_pe[:, 0], self.kv_cache, meta.slot_mapping)
+        out = self.backend.attend(q_nope, q_pe, self.kv_cache, meta, self.kv_b_proj.weight, self.shape)
         return self.o_proj(out.reshape(T, self.num_heads * self.v_dim))

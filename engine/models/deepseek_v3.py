@@ -16,6 +16,7 @@ from engine.layers.mla import MLAAttention
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM, LlamaMLP
+from kernels.attention.mla import MLABackend
 
 
 class MoEGate(nn.Module):
@@ -59,8 +60,16 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
     def make_rotary(self, cfg: ModelConfig, max_positions: int, device: torch.device) -> RotaryEmbedding:
         return RotaryEmbedding(cfg.rope, cfg.hf.qk_rope_head_dim, cfg.max_position_embeddings, max_positions, device)
 
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext, backend: MLABackend, max_positions: int,
+                 device: torch.device):
+        super().__init__(cfg, parallel, backend, max_positions, device)
+        self.mla_backend = backend  # the model runner picks an MLABackend for attention_kind "mla"
+
     def make_attention(self, cfg, parallel, backend, rotary) -> nn.Module:
-        return MLAAttention(cfg, parallel, rotary)
+        return MLAAttention(cfg, parallel, backend, rotary)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        return super().forward(input_ids, positions, self.mla_backend.begin_forward(meta))
 
     def make_mlp(self, cfg: ModelConfig, parallel: ParallelContext, layer_idx: int, device: torch.device) -> nn.Module:
         hf = cfg.hf

@@ -29,6 +29,7 @@ from engine.worker.host_copy import to_device
 from engine.worker.input_batch import StepBatch, StepInputs, fill_pending, prepare_host
 from engine.worker.warmup import warm_up_gemms
 from kernels.attention import AttentionMetadata, AttentionShape, get_attention_backend
+from kernels.attention.mla import get_mla_backend
 
 log = logging.getLogger(__name__)
 PROMPT_LOGPROB_ROWS = 512
@@ -96,10 +97,13 @@ class ModelRunner:
         mla = getattr(cls, "attention_kind", "gqa") == "mla"
         if mla and self.kv_dtype != self.dtype:
             raise UnsupportedModelError("FP8 KV is not available for MLA (latent) caches yet", param="kv_cache_dtype")
-        # MLA models attend through their own latent-cache path (engine/layers/mla.py); the paged backend
-        # then only plans the step, which the torch reference does for free
-        self.backend = get_attention_backend("torch" if mla else config.attention_backend, device, dtype=self.dtype,
-                                             head_dim=model_config.head_dim, fp8_attention=config.fp8_attention)
+        if mla:  # latent attention (kernels/attention/mla.py): FlashMLA, Triton or torch
+            hf = model_config.hf
+            self.backend = get_mla_backend(config.attention_backend, device, self.dtype, config.block_size,
+                                           hf.kv_lora_rank, hf.qk_rope_head_dim)
+        else:
+            self.backend = get_attention_backend(config.attention_backend, device, dtype=self.dtype,
+                                                 head_dim=model_config.head_dim, fp8_attention=config.fp8_attention)
         self.model = load_model(cls, model_config, parallel, model_path, self.backend, self.dtype, device,
                                 max_model_len, progress)
         self.kv_spec = self.model.kv_cache_spec(config.block_size, dtype_name(self.kv_dtype))

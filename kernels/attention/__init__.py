@@ -54,4 +54,6 @@ def get_attention_backend(name: str, device: torch.device, *, dtype: torch.dtype
     if name == "triton":
         from kernels.attention.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend(device=device)
+    if name == "flashmla":
+        raise ValueError("attention backend flashmla serves latent-attention (MLA) models such as DeepSeek-V3")
     raise ValueError(f"unknown attention backend {name!r}: choose auto, torch, flashinfer or triton")

@@ -1,8 +1,9 @@
-"""Multi-head latent attention (DeepSeek-V2/V3) over a paged latent cache, in plain torch: the CPU path and the
-reference of the GPU kernels. The cache holds one vector per token, [normalised KV latent | rotated shared key
-part]; attention expands each sequence's latents into per-head keys and values with `kv_b_proj`'s weight,
-exactly as the reference model computes them (the decode kernels instead absorb that weight into q and the
-output, and attend in the latent space)."""
+"""Multi-head latent attention (DeepSeek-V2/V3) over a paged latent cache, in plain torch. The cache holds one
+vector per token, [normalised KV latent | rotated shared key part].
+- `mla_latent_attention_ref`: the absorbed form every backend computes (kernels/attention/mla.py), the CPU
+  path and the reference of the GPU kernels;
+- `mla_attention_ref`: the reference model's own computation, each sequence's latents expanded into per-head
+  keys and values with `kv_b_proj`'s weight, which the tests hold the absorbed form to."""
 from __future__ import annotations
 
 import torch
@@ -32,3 +33,13 @@ def mla_attention_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Ten
     k = torch.cat([kv[..., :nope], k_pe[:, :, None, :].expand(B, K, heads, k_pe.shape[-1])], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1)
     return ragged_causal_attention(q, k, kv[..., nope:], meta, scale)
+
+
+def mla_latent_attention_ref(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, kv_lora_rank: int,
+                             scale: float) -> torch.Tensor:
+    """The absorbed form's attention: q [T, heads, latent_dim] against the cached [latent | k_pe] vectors, one
+    key per token shared by every head, the latent part as the value. Returns [T, heads, kv_lora_rank]."""
+    latents = gather_pages(cache, meta).to(q.dtype)[:, :, None, :]  # [B, K, 1, latent_dim]
+    heads = q.shape[1]
+    k = latents.expand(-1, -1, heads, -1)
+    return ragged_causal_attention(q, k, k[..., :kv_lora_rank], meta, scale)

@@ -1,0 +1,82 @@
+"""A random ragged MLA step over a paged latent cache, for the kernel tests (CPU and GPU): sequence b has
+seq_lens[b] tokens cached in shuffled pages, the last q_lens[b] of them fed by this step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels.attention import AttentionMetadata
+from kernels.attention.metadata import host_meta_from_tables
+from kernels.attention.mla import MLAShape
+
+
+@dataclass
+class MLAStep:
+    q_nope: torch.Tensor  # [T, heads, nope]
+    q_pe: torch.Tensor  # [T, heads, rope]
+    cache: torch.Tensor  # [blocks, block_size, kv_lora_rank + rope], strided over blocks like a pool's layer view
+    meta: AttentionMetadata
+    w_kv_b: torch.Tensor  # [heads * (nope + v), kv_lora_rank]
+    shape: MLAShape
+
+
+def random_mla_step(q_lens: list[int], seq_lens: list[int], block_size: int, heads: int = 16,
+                    kv_lora_rank: int = 512, rope_dim: int = 64, nope_dim: int = 128, v_dim: int = 128,
+                    dtype=torch.bfloat16, device="cpu", seed: int = 0, layers: int = 2) -> MLAStep:
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype=dtype, device=device)
+    latent_dim = kv_lora_rank + rope_dim
+    pages = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(pages) + 3
+    order = torch.randperm(num_blocks, generator=g).numpy().astype(np.int32)
+    tables = np.zeros((len(seq_lens), max(pages)), np.int32)
+    start = 0
+    for b, n in enumerate(pages):
+        tables[b, :n] = order[start:start + n]
+        start += n
+    # a pool of `layers` layers, this step attending over layer 1's strided view
+    cache = rnd(num_blocks, layers, block_size, latent_dim)[:, 1]
+    slots = []
+    for b, (q, n) in enumerate(zip(q_lens, seq_lens)):
+        slots += [int(tables[b, p // block_size]) * block_size + p % block_size for p in range(n - q, n)]
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    seq = np.asarray(seq_lens, np.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        cu_seqlens_q=torch.tensor(cu, device=device), seq_lens=torch.tensor(seq, device=device),
+        block_tables=torch.tensor(tables, device=device), max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens),
+        block_size=block_size, is_decode=all(q == 1 for q in q_lens),
+        host=host_meta_from_tables(cu, seq, tables, block_size))
+    T = sum(q_lens)
+    scale = (nope_dim + rope_dim) ** -0.5
+    w = rnd(heads * (nope_dim + v_dim), kv_lora_rank) * kv_lora_rank ** -0.5
+    return MLAStep(rnd(T, heads, nope_dim), rnd(T, heads, rope_dim), cache, meta, w,
+                   MLAShape(heads, kv_lora_rank, rope_dim, nope_dim, v_dim, scale))
+
+
+def check_triton_kernels(device: str = "cpu") -> float:
+    """The Triton latent kernel and store against the torch reference, small float32 shapes, decode steps split
+    across programs and prefill chunks; runs on the CPU under TRITON_INTERPRET=1 (a fresh process: the variable
+    is read when the kernels are defined). Returns the largest error."""
+    import kernels.triton.mla_attention as mla
+    from kernels.attention.mla import TorchMLABackend, TritonMLABackend
+    from kernels.attention.mla_ref import store_latent
+    worst = 0.0
+    for q_lens, seq_lens, bs in [([1], [300], 16), ([1, 1, 1], [1, 17, 70], 16), ([5, 1, 12], [5, 20, 30], 8)]:
+        s = random_mla_step(q_lens, seq_lens, bs, heads=20, kv_lora_rank=32, rope_dim=16, nope_dim=8, v_dim=8,
+                            dtype=torch.float32, device=device)
+        want = TorchMLABackend().attend(s.q_nope, s.q_pe, s.cache, s.meta, s.w_kv_b, s.shape)
+        backend = TritonMLABackend()
+        s.meta.plan = backend.plan(s.meta)
+        worst = max(worst, float((backend.attend(s.q_nope, s.q_pe, s.cache, s.meta, s.w_kv_b, s.shape)
+                                  - want).abs().max()))
+    pool, want = torch.zeros(10, 2, 4, 48, device=device), torch.zeros(10, 2, 4, 48, device=device)
+    fused = torch.randn(5, 60, device=device)
+    slots = torch.tensor([3, -1, 17, 0, 39], device=device)
+    mla.store_latent(fused[:, :32], fused[:, 40:56], pool[:, 1], slots)
+    keep = slots >= 0
+    store_latent(torch.cat([fused[:, :32], fused[:, 40:56]], -1)[keep], want[:, 1], slots[keep])
+    assert torch.equal(pool, want), "the Triton latent store differs from the torch store"
+    return worst

@@ -1,0 +1,139 @@
+"""The MLA kernels on the GPU against the torch reference (the absorbed form, itself held to the expanded
+reference model on the CPU in tests/test_deepseek.py): the Triton latent kernel at decode (split and unsplit)
+and prefill-chunk shapes, the latent store, FlashMLA where it is built; then a tiny DeepSeek-V3 with
+V3's 512 + 64 latents through the engine: Triton and FlashMLA under CUDA graphs against the torch backend
+and against transformers (float32). Skipped without CUDA."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from kernels.attention.mla import TorchMLABackend, get_mla_backend
+from tests.support.mla import random_mla_step
+
+GPU = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not GPU, reason="the MLA GPU kernels need CUDA and triton (CPU CI runs the torch "
+                                                "reference through tests/test_deepseek.py)")
+HAS_FLASH_MLA = importlib.util.find_spec("flash_mla") is not None
+HOPPER = GPU and torch.cuda.get_device_capability() == (9, 0)
+needs_flash_mla = pytest.mark.skipif(not (HAS_FLASH_MLA and HOPPER),
+                                     reason="FlashMLA is not built here (../shared/device/kernels.sh) or no Hopper GPU")
+DEV = "cuda"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def reference(s):
+    ref = TorchMLABackend()
+    return ref.attend(s.q_nope.double(), s.q_pe.double(), s.cache.double(), s.meta, s.w_kv_b.double(), s.shape)
+
+
+CASES = {
+    "decode-b1-long": ([1], [3000], 16),  # many splits
+    "decode-mixed": ([1] * 7, [1, 17, 64, 65, 300, 1000, 2], 64),
+    "decode-b64": ([1] * 64, [40 + 37 * i for i in range(64)], 16),  # one split
+    "prefill-chunks": ([37, 1, 128, 5], [37, 90, 300, 5], 16),  # chunks over a cached prefix, and decode
+}
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_mla_matches_reference(case, heads):
+    q_lens, seq_lens, bs = CASES[case]
+    s = random_mla_step(q_lens, seq_lens, bs, heads=heads, device=DEV, seed=list(CASES).index(case))
+    backend = get_mla_backend("triton", torch.device(DEV), torch.bfloat16, bs, 512, 64)
+    meta = backend.begin_forward(s.meta)
+    meta.plan = backend.plan(meta)
+    got = backend.attend(s.q_nope, s.q_pe, s.cache, meta, s.w_kv_b, s.shape)
+    assert rel_err(got, reference(s)) < 1e-2
+
+
+@needs_flash_mla
+@pytest.mark.parametrize("heads", [16, 128])
+def test_flash_mla_matches_reference(heads):
+    q_lens, seq_lens, _ = CASES["decode-mixed"]
+    s = random_mla_step(q_lens, seq_lens, 64, heads=heads, device=DEV, seed=3)
+    backend = get_mla_backend("flashmla", torch.device(DEV), torch.bfloat16, 64, 512, 64)
+    meta = backend.begin_forward(s.meta)
+    meta.plan = meta.plan if meta.plan is not None else backend.plan(meta)
+    got = backend.attend(s.q_nope, s.q_pe, s.cache, meta, s.w_kv_b, s.shape)
+    assert rel_err(got, reference(s)) < 1e-2
+    # a prefill step goes to the Triton kernel
+    p = random_mla_step(*CASES["prefill-chunks"][:2], 64, heads=heads, device=DEV, seed=4)
+    pm = backend.begin_forward(p.meta)
+    pm.plan = backend.plan(pm)
+    assert rel_err(backend.attend(p.q_nope, p.q_pe, p.cache, pm, p.w_kv_b, p.shape), reference(p)) < 1e-2
+
+
+def test_triton_latent_store_matches_torch():
+    from kernels.attention.mla_ref import store_latent as torch_store
+    from kernels.triton.mla_attention import store_latent
+    pool = torch.zeros(20, 3, 16, 576, dtype=torch.bfloat16, device=DEV)
+    want = pool.clone()
+    fused = torch.randn(9, 700, dtype=torch.bfloat16, device=DEV)  # strided rows, like a projection's output
+    latent, k_pe = fused[:, :512], fused[:, 600:664]
+    slots = torch.tensor([5, 17, -1, 300, 301, -1, 0, 15, 64], device=DEV)
+    store_latent(latent, k_pe, pool[:, 1], slots)
+    keep = slots >= 0
+    torch_store(torch.cat([latent, k_pe], -1)[keep], want[:, 1], slots[keep])
+    assert torch.equal(pool, want)
+
+
+# ---- a tiny DeepSeek-V3 with V3's latent widths through the engine -----------------------------------------
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31, 32], list(range(40, 120)),
+           [3] * 70]
+
+
+@pytest.fixture(scope="module")
+def v3_latents(tmp_path_factory):
+    from tests.support.models import build_checkpoint
+    return build_checkpoint(tmp_path_factory.mktemp("mla") / "ds", "deepseek_v3", hidden_size=256,
+                            num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32,
+                            v_head_dim=32, q_lora_rank=64, initializer_range=0.05)
+
+
+def _generate(llm, n=16):
+    from engine.sampling_params import SamplingParams
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=n, ignore_eos=True, temperature=0))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _hf_greedy(path, n=16):
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return [hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(p):].tolist()
+            for p in PROMPTS]
+
+
+def _agreement(a, b) -> tuple[float, bool]:
+    pairs = [(x, y) for s, t in zip(a, b) for x, y in zip(s, t)]
+    return sum(x == y for x, y in pairs) / len(pairs), all(s[0] == t[0] for s, t in zip(a, b))
+
+
+def test_triton_mla_engine_float32_matches_transformers_under_graphs(v3_latents):
+    from engine.llm import LLM
+    llm = LLM(str(v3_latents), dtype="float32", device="cuda", num_kv_blocks=64, max_num_seqs=8)
+    runner = llm.engine.runner
+    assert runner.backend.name == "triton" and runner.graphs is not None
+    got = _generate(llm)
+    # float32 through TF32 tensor cores in the attention: the first tokens exactly, most of the rest
+    agree, first = _agreement(got, _hf_greedy(v3_latents))
+    assert first and agree >= 0.8, agree
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("backend", ["triton", pytest.param("flashmla", marks=needs_flash_mla)])
+def test_mla_engine_bf16_graphs_agree_with_torch(v3_latents, backend):
+    from engine.llm import LLM
+    opts = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=8, block_size=64)
+    expected = _generate(LLM(str(v3_latents), attention_backend="torch", **opts))
+    llm = LLM(str(v3_latents), attention_backend=backend, **opts)
+    assert llm.engine.runner.backend.name == backend and llm.engine.runner.graphs is not None
+    agree, first = _agreement(_generate(llm), expected)
+    assert first and agree >= 0.6, agree
