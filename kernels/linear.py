@@ -1,6 +1,10 @@
 """Linear layers, y = x @ w^T + b. Decode batches of a few rows on a GPU go to our skinny split-K
 GEMM (kernels/triton/skinny_gemm.py); everything else to torch (cuBLAS on a GPU).
 
+`block_fp8_linear` takes E4M3 weights with 128 x 128 block scales as FP8 checkpoints (DeepSeek-V3, Kimi-K2)
+ship them: the Triton block-FP8 GEMM on a GPU (kernels/triton/fp8_gemm.py; activations quantised per token
+and 128 columns), else the reference, which dequantises the weight and multiplies in the input's dtype.
+
 On an H200, for 28 layers of Qwen3-0.6B in one CUDA graph, cuBLAS takes 12.7 us for o_proj at one
 row (0.33 TB/s) and 6.7 us for down_proj; the skinny GEMM takes 5.0 and 5.7 us. From about 64 rows
 cuBLAS is faster on every projection, so only small batches are routed here."""
@@ -36,3 +40,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             from kernels.triton.skinny_gemm import skinny_gemm
             return skinny_gemm(x, weight, bias, split, BN=_BN, BK=_BK, BM=SKINNY_MAX_ROWS)
     return F.linear(x, weight, bias)
+
+
+def dequantize_block_fp8_rows(weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
+    """weight [..., N, K] E4M3, scale [..., N, ceil(K / block_k)] (each row its block's scale) -> float32."""
+    return weight.float() * scale.repeat_interleave(block_k, dim=-1)[..., :weight.shape[-1]]
+
+
+def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(weight)^T (+ bias): weight [N, K] E4M3, scale [N, ceil(K / block_k)] float32."""
+    if use_triton(x) and x.dim() >= 2:
+        from kernels.triton.fp8_gemm import block_fp8_linear as fused
+        y = fused(x, weight, scale, block_k)
+        return y if bias is None else y + bias
+    return F.linear(x, dequantize_block_fp8_rows(weight, scale, block_k).to(x.dtype), bias)

@@ -92,53 +92,35 @@ def test_latent_cache_hands_off_prefill_to_decode(deepseek_models, llm_cache):
         assert got[rid] == want
 
 
-def quantize_block_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checkpoint's scheme: per block, scale = amax / 448 (edge blocks of uneven shapes are partial)."""
-    n, k = w.shape
-    pn, pk = -(-n // block) * block, -(-k // block) * block
-    padded = torch.nn.functional.pad(w, (0, pk - k, 0, pn - n))
-    blocks = padded.reshape(pn // block, block, pk // block, block)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    q = (blocks / scale[:, None, :, None]).reshape(pn, pk)[:n, :k].to(torch.float8_e4m3fn)
-    return q, scale
-
-
 @pytest.fixture(scope="module")
 def fp8_checkpoint(deepseek_models, tmp_path_factory):
-    """The tiny DeepSeek with every projection stored as FP8 in 16 x 16 blocks (as DeepSeek-V3 ships, 128 x 128),
-    and the same weights dequantised into a plain checkpoint for the oracle."""
-    import json
-    import shutil
-    from safetensors.torch import load_file, save_file
-    from engine.models.fp8_checkpoint import dequantize_block_fp8
-    src = deepseek_models["q_lora"]
-    root = tmp_path_factory.mktemp("fp8")
-    fp8_dir, ref_dir = root / "fp8", root / "dequantized"
-    for d in (fp8_dir, ref_dir):
-        shutil.copytree(src, d)
-    tensors = load_file(str(src / "model.safetensors"))
-    fp8, ref = {}, {}
-    for name, w in tensors.items():
-        if name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight"):
-            q, scale = quantize_block_fp8(w, 16)
-            fp8[name], fp8[name + "_scale_inv"] = q, scale
-            ref[name] = dequantize_block_fp8(q, scale, (16, 16))
-        else:
-            fp8[name] = ref[name] = w
-    save_file(fp8, str(fp8_dir / "model.safetensors"))
-    save_file(ref, str(ref_dir / "model.safetensors"))
-    config = json.loads((fp8_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [16, 16]}
-    (fp8_dir / "config.json").write_text(json.dumps(config))
-    return fp8_dir, ref_dir
+    from tests.support.fp8 import write_block_fp8_copy
+    return write_block_fp8_copy(deepseek_models["q_lora"], tmp_path_factory.mktemp("fp8"), 16)
 
 
-def test_block_fp8_checkpoint_loads_dequantised(fp8_checkpoint, llm_cache):
+def test_block_fp8_checkpoint_matches_dequantised(fp8_checkpoint, llm_cache):
+    """The FP8 blocks load as they are (E4M3 weights, row-expanded scales) and compute through the block-FP8
+    reference: the dequantised model's tokens and logprobs. MLA's kv_b_proj, folded into q, is dequantised."""
     fp8_dir, ref_dir = fp8_checkpoint
     llm = llm_cache.get(fp8_dir)
+    layer = llm.engine.runner.model.model.layers[1]
+    attn, moe = layer.self_attn, layer.mlp
+    assert attn.q_a_proj.weight.dtype == torch.float8_e4m3fn and attn.q_a_proj.weight_scale_inv is not None
+    assert attn.o_proj.weight.dtype == moe.experts.w13_weight.dtype == torch.float8_e4m3fn
+    assert moe.shared_experts.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    assert attn.kv_b_proj.weight.dtype == torch.float32 and attn.kv_b_proj.weight_scale_inv is None
     prompts = mixed_prompts(llm.engine.model_config.vocab_size, seed=9)
     assert_matches_hf(ref_dir, prompts, llm.generate(prompts, greedy(logprobs=5)), check_logprobs=True)
+
+
+@pytest.mark.parametrize("options", [dict(tensor_parallel_size=2), dict(tensor_parallel_size=2,
+                                                                         enable_expert_parallel=True)])
+def test_block_fp8_shards_over_two_ranks(fp8_checkpoint, llm_cache, options):
+    """Each rank keeps its rows or its block-aligned columns of the FP8 weights and their scales."""
+    fp8_dir, _ = fp8_checkpoint
+    one, two = llm_cache.get(fp8_dir), llm_cache.get(fp8_dir, **options)
+    prompts = mixed_prompts(one.engine.model_config.vocab_size, seed=11)
+    assert tokens(two.generate(prompts, greedy())) == tokens(one.generate(prompts, greedy()))
 
 
 def test_unsupported_quantization_is_a_clear_error():
@@ -180,13 +162,15 @@ def test_mla_backend_choice_on_cpu():
             get_mla_backend(name, cpu, torch.bfloat16, 64, 512, 64)
 
 
-def test_triton_mla_kernels_interpreted_on_cpu():
-    """The GPU's latent kernel and store run here under Triton's interpreter, against the torch reference."""
+@pytest.mark.parametrize("kernels", ["mla", "fp8"])
+def test_triton_kernels_interpreted_on_cpu(kernels):
+    """The GPU's Triton kernels run here under Triton's interpreter against torch: the latent attention and
+    store (mla), the block-FP8 GEMM and the FP8 fused MoE (fp8)."""
     pytest.importorskip("triton", reason="triton is not installed")
     import os
     import subprocess
     import sys
-    code = "from tests.support.mla import check_triton_kernels; print(check_triton_kernels())"
+    code = f"from tests.support.{kernels} import check_triton_kernels; print(check_triton_kernels())"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,7 +1,6 @@
 """The start-up GEMM warm-up (engine/worker/warmup.py): which row counts it runs, on a real tiny model."""
 import torch
 
-import engine.worker.warmup as warmup
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.layers.linear import LinearBase
@@ -23,15 +22,15 @@ def test_warm_up_runs_every_logits_row_count_and_each_projection_shape(tiny_mode
     logits_rows, proj_rows = [], {}
     compute_logits = model.compute_logits
     model.compute_logits = lambda h: logits_rows.append(h.shape[0]) or compute_logits(h)
-    gemm = warmup.linear
+    gemm = LinearBase.gemm
 
-    def record(x, weight, bias=None):
-        out = gemm(x, weight, bias)
-        proj_rows.setdefault(tuple(weight.shape), []).append(x.shape[0])
-        assert out.shape == (x.shape[0], weight.shape[0])
+    def record(layer, x, bias=None):
+        out = gemm(layer, x, bias)
+        proj_rows.setdefault(tuple(layer.weight.shape), []).append(x.shape[0])
+        assert out.shape == (x.shape[0], layer.weight.shape[0])
         return out
 
-    monkeypatch.setattr(warmup, "linear", record)
+    monkeypatch.setattr(LinearBase, "gemm", record)
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
     assert linears and isinstance(model.lm_head, VocabParallelEmbedding) and model.lm_head is not model.model.embed_tokens
     seconds = warm_up_gemms(model, core.runner.hidden_size, torch.float32, torch.device("cpu"), 5, 40)

@@ -85,18 +85,41 @@ class FusedMoE(nn.Module):
         self.fused_checkpoint = False  # the checkpoint stacks the experts (Qwen3-VL-MoE) instead of naming each
         self.w13_weight = nn.Parameter(torch.empty(len(self.local), 2 * inter, hidden_size), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(len(self.local), hidden_size, inter), requires_grad=False)
+        # block-FP8 experts (DeepSeek-V3 checkpoints): row-expanded scales beside E4M3 weights (to_block_fp8)
+        self.register_parameter("w13_weight_scale_inv", None)
+        self.register_parameter("w2_weight_scale_inv", None)
+        self.block_k = 0
+
+    def block_fp8_fits(self, block: tuple[int, int]) -> bool:
+        return self.inter_start % block[1] == 0  # a TP split of the intermediate features on a block edge
+
+    def to_block_fp8(self, block: tuple[int, int]) -> None:
+        """E4M3 expert weights and row-expanded block scales (before loading; see engine/layers/linear.py)."""
+        E, two_i, H = self.w13_weight.shape
+        dev, cols = self.w13_weight.device, lambda n: -(-n // block[1])
+        param = lambda *shape, dtype: nn.Parameter(torch.empty(*shape, dtype=dtype, device=dev), requires_grad=False)
+        self.w13_weight = param(E, two_i, H, dtype=torch.float8_e4m3fn)
+        self.w2_weight = param(E, H, two_i // 2, dtype=torch.float8_e4m3fn)
+        self.w13_weight_scale_inv = param(E, two_i, cols(H), dtype=torch.float32)
+        self.w2_weight_scale_inv = param(E, H, cols(two_i // 2), dtype=torch.float32)
+        self.block_k = block[1]
+
+    def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 expert_map: torch.Tensor | None = None) -> torch.Tensor:
+        return fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, expert_map,
+                             self.w13_weight_scale_inv, self.w2_weight_scale_inv, self.block_k)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
                 correction_bias: torch.Tensor | None = None) -> torch.Tensor:
         weights, ids = self.routing.select(router_logits, correction_bias)
         if self.parallel.dp_size > 1:  # tokens differ per DP group: they travel to their experts and back
             return moe_all_to_all(self.parallel, self.owner, x, weights, ids, self.expert_map, self._local)
-        out = fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_map)
+        out = self._experts(x, weights, ids, self.expert_map)
         return self.parallel.all_reduce(out)  # TP: partial sums; EP: each rank's experts' share
 
     def _local(self, x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """Received pairs, one expert each (ids already this rank's indices)."""
-        return fused_experts(x, self.w13_weight, self.w2_weight, weights, local_ids)
+        return self._experts(x, weights, local_ids)
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def checkpoint_names(self) -> dict[str, tuple[str, object]]:
@@ -104,17 +127,19 @@ class FusedMoE(nn.Module):
         tensor per expert and projection, or (Qwen3-VL-MoE) all experts stacked in `gate_up_proj` / `down_proj`."""
         names = {"gate_up_proj": ("w13_weight", (None, "stacked_gate_up")),
                  "down_proj": ("w2_weight", (None, "stacked_down"))}
+        suffixes = ("weight", "weight_scale_inv") if self.block_k else ("weight",)
         for i, e in enumerate(self.local):
-            names[f"{e}.gate_proj.weight"] = ("w13_weight", (i, "gate"))
-            names[f"{e}.up_proj.weight"] = ("w13_weight", (i, "up"))
-            names[f"{e}.down_proj.weight"] = ("w2_weight", (i, "down"))
+            for suffix in suffixes:
+                names[f"{e}.gate_proj.{suffix}"] = (f"w13_{suffix}", (i, "gate"))
+                names[f"{e}.up_proj.{suffix}"] = (f"w13_{suffix}", (i, "up"))
+                names[f"{e}.down_proj.{suffix}"] = (f"w2_{suffix}", (i, "down"))
         return names
 
     def ignored_checkpoint_names(self) -> list[str]:
         """Other ranks' experts: present in the checkpoint, never read here."""
         held = set(self.local)
-        return [f"{e}.{p}.weight" for e in range(self.num_experts) if e not in held
-                for p in ("gate_proj", "up_proj", "down_proj")]
+        return [f"{e}.{p}.{suffix}" for e in range(self.num_experts) if e not in held
+                for p in ("gate_proj", "up_proj", "down_proj") for suffix in ("weight", "weight_scale_inv")]
 
     def shard_ids(self, name: str) -> tuple:
         """The shards a complete load fills: the stacked tensor, or each expert's (whichever the checkpoint has)."""
@@ -126,14 +151,18 @@ class FusedMoE(nn.Module):
         i, proj = shard_id
         n = self.inter_local
         if i is None:
+            if self.block_k:
+                from engine.errors import UnsupportedModelError
+                raise UnsupportedModelError("FP8 experts stacked in one tensor are not supported", param="model")
             self.fused_checkpoint = True
             self._load_stacked(tensor, proj)
             return
+        param = getattr(self, name).data[i]  # a weight, or its row-expanded scales (RowScales answers narrow)
         if proj == "down":
-            copy_checked(self.w2_weight.data[i], tensor.narrow(1, self.inter_start, n), f"expert {self.local[i]} down")
+            copy_checked(param, tensor.narrow(1, self.inter_start, n), f"expert {self.local[i]} down {name}")
         else:
-            dst = self.w13_weight.data[i].narrow(0, 0 if proj == "gate" else n, n)
-            copy_checked(dst, tensor.narrow(0, self.inter_start, n), f"expert {self.local[i]} {proj}")
+            dst = param.narrow(0, 0 if proj == "gate" else n, n)
+            copy_checked(dst, tensor.narrow(0, self.inter_start, n), f"expert {self.local[i]} {proj} {name}")
 
     def _load_stacked(self, tensor, proj: str) -> None:
         """All experts in one tensor: [E, 2I, H] and [E, H, I] as transformers 5 saves them, or [E, H, 2I] and

@@ -4,14 +4,20 @@ the rank keeps from a lazily read checkpoint tensor (engine/models/weights.py). 
 checkpoint projections into one GEMM (QKV, gate/up) names them in `checkpoint_shards`, so the loader maps
 checkpoint names to shards without help from the model class.
 
-The GEMM itself is kernels.linear (small decode batches on a GPU take the skinny split-K kernel)."""
+The GEMM itself is kernels.linear (small decode batches on a GPU take the skinny split-K kernel).
+
+Block-FP8 checkpoints (DeepSeek-V3, Kimi-K2): `to_block_fp8` turns a layer's weight into E4M3 with a
+`weight_scale_inv` beside it, [out_local, ceil(in_local / 128)], each row its block's scale. Expanded along
+the rows, the scales shard with the same row arithmetic as the weight (any split, any fused projection);
+only a split of the input features has to fall on block edges. The checkpoint's block scales reach
+`load_weight` as a `RowScales` view that answers the weight's `narrow` calls in scale coordinates."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from engine.distributed.parallel import ParallelContext
-from kernels.linear import linear
+from kernels.linear import block_fp8_linear, linear
 
 SINGLE = ParallelContext()
 
@@ -32,14 +38,38 @@ class LinearBase(nn.Module):
     # checkpoint projection (a sibling module's name) -> shard id, for layers that fuse several
     checkpoint_shards: dict[str, object] = {}
 
+    # False where the model needs the weight itself in its dtype (MLA folds kv_b_proj into q and the output)
+    block_fp8_capable = True
+    input_start = 0  # where this rank's input features start (row-parallel layers split them)
+
     def __init__(self, in_local: int, out_local: int, bias: bool, parallel: ParallelContext):
         super().__init__()
         self.parallel = parallel
         self.weight = _param(out_local, in_local)
         self.bias = _param(out_local) if bias else None
+        self.register_parameter("weight_scale_inv", None)
+        self.block_k = 0
+
+    def gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale_inv is not None:
+            return block_fp8_linear(x, self.weight, self.weight_scale_inv, self.block_k, bias)
+        return linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.gemm(x, self.bias)
+
+    def block_fp8_fits(self, block: tuple[int, int]) -> bool:
+        return self.block_fp8_capable and self.input_start % block[1] == 0
+
+    def to_block_fp8(self, block: tuple[int, int]) -> None:
+        """E4M3 weight and row-expanded block scales, in place of the model-dtype weight (before loading)."""
+        out_local, in_local = self.weight.shape
+        dev = self.weight.device
+        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=torch.float8_e4m3fn, device=dev),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.empty(out_local, -(-in_local // block[1]), dtype=torch.float32,
+                                                         device=dev), requires_grad=False)
+        self.block_k = block[1]
 
     def shard_ids(self, name: str) -> tuple:
         """The shards that fill parameter `name` (the loader checks that every one arrived)."""
@@ -124,15 +154,17 @@ class RowParallelLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, parallel: ParallelContext = SINGLE):
         self.in_start, in_local = parallel.shard(in_features, "input features")
         super().__init__(in_local, out_features, bias, parallel)
+        self.input_start = self.in_start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.parallel.tp_size == 1:
-            return linear(x, self.weight, self.bias)
-        y = self.parallel.all_reduce(linear(x, self.weight))
+            return self.gemm(x, self.bias)
+        y = self.parallel.all_reduce(self.gemm(x, None))
         return y if self.bias is None else y.add_(self.bias)
 
     def load_weight(self, name: str, tensor, shard_id=None) -> None:
         param = getattr(self, name).data
         if name == "bias":
             return copy_checked(param, tensor.full(), name)
-        copy_checked(param, tensor.narrow(1, self.in_start, param.shape[1]), name)
+        # the weight's column count: a scale tensor (RowScales) answers in its own coordinates
+        copy_checked(param, tensor.narrow(1, self.in_start, self.weight.shape[1]), name)

@@ -63,6 +63,7 @@ class MLAAttention(nn.Module):
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), False, parallel)
+        self.kv_b_proj.block_fp8_capable = False  # folded into q and the output: FP8 checkpoints dequantise it
         self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias, parallel)
         self.rotary = rotary
         self.interleaved = bool(getattr(hf, "rope_interleave", True))

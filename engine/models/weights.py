@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.errors import UnsupportedModelError
 from engine.layers.linear import copy_checked
-from engine.models.fp8_checkpoint import block_size_of, dequantized, read_scales
+from engine.models.fp8_checkpoint import block_fp8_weights, block_size_of, keep_block_fp8, read_scales
 
 # a checkpoint folder holding config.json and this file (no weights) loads with random weights:
 # throughput benchmarks of a model shape need no real weights
@@ -150,8 +150,10 @@ def load_model(model_cls, model_config, parallel, path: Path | None, backend, dt
     else:
         weights = iter_checkpoint(path, progress and parallel.is_first)
         block = block_size_of(model_config.hf)
-        if block is not None:  # FP8 blocks with their scales: dequantised as they stream in
-            weights = dequantized(weights, read_scales(safetensors_files(path)), block, dtype)
+        if block is not None:  # FP8 blocks: kept as they are where the layer computes on them, else dequantised
+            scales, names = read_scales(safetensors_files(path))
+            kept = keep_block_fp8(model, scales, names, block)
+            weights = block_fp8_weights(weights, scales, block, dtype, kept)
         with torch.no_grad():
             load_weights(model, weights)
     return model.eval()

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from engine.layers.linear import LinearBase
-from kernels.linear import linear
 
 
 def projection_row_counts(max_tokens: int) -> list[int]:
@@ -45,9 +44,10 @@ def warm_up_gemms(model: nn.Module, hidden_size: int, dtype: torch.dtype, device
         if isinstance(m, LinearBase):
             shapes.setdefault((*m.weight.shape, m.bias is not None, m.weight.dtype), m)
     for proj in shapes.values():
-        x = torch.zeros(max_num_batched_tokens, proj.weight.shape[1], dtype=proj.weight.dtype, device=device)
+        # the layer's own GEMM (block-FP8 layers take model-dtype inputs)
+        x = torch.zeros(max_num_batched_tokens, proj.weight.shape[1], dtype=dtype, device=device)
         for rows in projection_row_counts(max_num_batched_tokens):
-            linear(x[:rows], proj.weight, proj.bias)
+            proj.gemm(x[:rows], proj.bias)
         del x
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -40,14 +40,17 @@ def select_experts_grouped(router_logits: torch.Tensor, correction_bias: torch.T
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, H] -> [T, H] in x's dtype (see the module docstring)."""
+                  topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None, block_k: int = 0) -> torch.Tensor:
+    """x [T, H] -> [T, H] in x's dtype (see the module docstring). Block-FP8 experts: w13 / w2 in E4M3 with
+    row-expanded block scales [E, 2I, H / block_k] / [E, H, I / block_k] (DeepSeek-V3 checkpoints)."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
+    scales = (w13_scale, w2_scale, block_k) if w13_scale is not None else None
     if use_triton(x):
         from kernels.moe import deep_gemm_moe
-        if deep_gemm_moe.supports(x, w13, w2, topk_ids):
+        if scales is None and deep_gemm_moe.supports(x, w13, w2, topk_ids):
             return deep_gemm_moe.fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
         from kernels.triton.fused_moe import fused_experts as triton_fused_experts
-        return triton_fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map)
-    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map)
+        return triton_fused_experts(x, w13, w2, topk_weights, topk_ids, expert_map, fp8_scales=scales)
+    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids, expert_map, scales)

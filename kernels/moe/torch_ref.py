@@ -43,7 +43,9 @@ def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.
 
 
 def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                      topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None) -> torch.Tensor:
+                      topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
+                      fp8_scales: tuple | None = None) -> torch.Tensor:
+    """`fp8_scales` (w13_scale, w2_scale, block_k): block-FP8 experts, dequantised as each is used."""
     T, k = topk_ids.shape
     ids = local_ids(topk_ids, expert_map).flatten()
     weights = topk_weights.flatten()
@@ -51,7 +53,13 @@ def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     for e in torch.unique(ids[ids >= 0]).tolist():
         pairs = torch.nonzero(ids == e).flatten()
         tokens = pairs // k
-        gate, up = F.linear(x[tokens], w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e]) * weights[pairs, None].to(x.dtype)
+        w_up, w_down = w13[e], w2[e]
+        if fp8_scales is not None:
+            from kernels.linear import dequantize_block_fp8_rows
+            s13, s2, block_k = fp8_scales
+            w_up = dequantize_block_fp8_rows(w_up, s13[e], block_k).to(x.dtype)
+            w_down = dequantize_block_fp8_rows(w_down, s2[e], block_k).to(x.dtype)
+        gate, up = F.linear(x[tokens], w_up).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w_down) * weights[pairs, None].to(x.dtype)
         out.index_add_(0, tokens, y)
     return out

@@ -18,11 +18,13 @@ from kernels.triton.fused_moe_configs import moe_configs
 
 
 @triton.jit
-def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, as_ptr, bs_ptr,
               N, K, num_rows_max, num_valid,
-              stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-              ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+              stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_asm, stride_bse, stride_bsn,
+              ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # FP8: a and b are E4M3 with one scale per BLOCK_K (= the checkpoint's 128) columns, a's per row (token),
+    # b's per output row (row-expanded); each K step's product is rescaled before it is accumulated
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows_max, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -46,7 +48,12 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, 
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc += tl.dot(a, b)
+        if FP8:
+            a_s = tl.load(as_ptr + (pair // ROWS_PER_A) * stride_asm + k, mask=row_ok, other=0.0)
+            b_s = tl.load(bs_ptr + expert * stride_bse + (offs_n % N) * stride_bsn + k)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:
+            acc += tl.dot(a, b)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     if MUL_WEIGHT:
@@ -146,19 +153,26 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights, ids
 
 
-def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_per_a, cfg):
+def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_per_a, cfg, a_scale=None,
+          b_scale=None):
     N, K = b.shape[1], b.shape[2]
     grid = (triton.cdiv(max_rows, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _moe_gemm[grid](a, b, c, weights, sorted_ids, expert_ids, num_padded, N, K, max_rows, c.shape[0], a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
-                    ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, BLOCK_M=cfg["BLOCK_M"],
+    fp8 = b_scale is not None
+    a_s, b_s = (a_scale, b_scale) if fp8 else (a, b)  # unused without FP8
+    _moe_gemm[grid](a, b, c, weights, sorted_ids, expert_ids, num_padded, a_s, b_s, N, K, max_rows, c.shape[0],
+                    a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
+                    a_s.stride(0), b_s.stride(0) if fp8 else 0, b_s.stride(1) if fp8 else 0,
+                    ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, FP8=fp8, BLOCK_M=cfg["BLOCK_M"],
                     BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
-                  configs: tuple[dict, dict] | None = None) -> torch.Tensor:
-    """See kernels/moe/__init__.py; `configs` (gate-up, down) overrides the tuned table (the tuner)."""
+                  configs: tuple[dict, dict] | None = None, fp8_scales: tuple | None = None) -> torch.Tensor:
+    """See kernels/moe/__init__.py; `configs` (gate-up, down) overrides the tuned table (the tuner).
+    `fp8_scales` (w13_scale, w2_scale, block_k): block-FP8 experts; the activations are quantised per token
+    and block_k columns before each GEMM, and the K step is the block."""
     T, H = x.shape
     k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
@@ -166,12 +180,20 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     ids = (topk_ids if expert_map is None else local_ids(topk_ids, expert_map)).flatten()
     # one row tile for both GEMMs: they share the expert-sorted order
     cfg_up, cfg_down = configs or moe_configs(E, H, two_i // 2, P)
+    w13_scale = w2_scale = None
+    quant = lambda t: (t, None)
+    if fp8_scales is not None:
+        from kernels.triton.fp8_gemm import quantize_per_token_group
+        w13_scale, w2_scale, block_k = fp8_scales
+        cfg_up, cfg_down = {**cfg_up, "BLOCK_K": block_k}, {**cfg_down, "BLOCK_K": block_k}
+        quant = lambda t: quantize_per_token_group(t, block_k)
     sorted_ids, expert_ids, num_padded, max_rows = align_by_expert(ids, cfg_up["BLOCK_M"], E)
     up = torch.empty(P, two_i, dtype=x.dtype, device=x.device)
-    _gemm(x, w13, up, None, sorted_ids, expert_ids, num_padded, max_rows, k, cfg_up)
-    act = silu_and_mul(up)
+    a, a_scale = quant(x)
+    _gemm(a, w13, up, None, sorted_ids, expert_ids, num_padded, max_rows, k, cfg_up, a_scale, w13_scale)
+    a, a_scale = quant(silu_and_mul(up))
     # rows of pairs another rank computes are never written: zeros make them add nothing
     down = (torch.zeros if expert_map is not None else torch.empty)(P, H, dtype=x.dtype, device=x.device)
     weights = topk_weights.to(torch.float32).flatten()
-    _gemm(act, w2, down, weights, sorted_ids, expert_ids, num_padded, max_rows, 1, cfg_down)
+    _gemm(a, w2, down, weights, sorted_ids, expert_ids, num_padded, max_rows, 1, cfg_down, a_scale, w2_scale)
     return down.view(T, k, H).sum(dim=1)

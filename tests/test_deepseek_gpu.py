@@ -1,8 +1,9 @@
-"""The MLA kernels on the GPU against the torch reference (the absorbed form, itself held to the expanded
-reference model on the CPU in tests/test_deepseek.py): the Triton latent kernel at decode (split and unsplit)
-and prefill-chunk shapes, the latent store, FlashMLA where it is built; then a tiny DeepSeek-V3 with
-V3's 512 + 64 latents through the engine: Triton and FlashMLA under CUDA graphs against the torch backend
-and against transformers (float32). Skipped without CUDA."""
+"""DeepSeek's GPU kernels against their torch references: the MLA kernels (the absorbed form, itself held to the
+expanded reference model on the CPU in tests/test_deepseek.py): the Triton latent kernel at decode (split and
+unsplit) and prefill-chunk shapes, the latent store, FlashMLA where it is built; the block-FP8 GEMM and the FP8
+fused MoE. Then a tiny DeepSeek-V3 with V3's 512 + 64 latents through the engine: Triton and FlashMLA under
+CUDA graphs against the torch backend and against transformers (float32), and its block-FP8 copy against the
+dequantised weights. Skipped without CUDA."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,8 +15,8 @@ from kernels.attention.mla import TorchMLABackend, get_mla_backend
 from tests.support.mla import random_mla_step
 
 GPU = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-pytestmark = pytest.mark.skipif(not GPU, reason="the MLA GPU kernels need CUDA and triton (CPU CI runs the torch "
-                                                "reference through tests/test_deepseek.py)")
+pytestmark = pytest.mark.skipif(not GPU, reason="DeepSeek's GPU kernels need CUDA and triton (CPU CI runs the torch "
+                                                "references and the interpreted Triton kernels, tests/test_deepseek.py)")
 HAS_FLASH_MLA = importlib.util.find_spec("flash_mla") is not None
 HOPPER = GPU and torch.cuda.get_device_capability() == (9, 0)
 needs_flash_mla = pytest.mark.skipif(not (HAS_FLASH_MLA and HOPPER),
@@ -136,4 +137,61 @@ def test_mla_engine_bf16_graphs_agree_with_torch(v3_latents, backend):
     llm = LLM(str(v3_latents), attention_backend=backend, **opts)
     assert llm.engine.runner.backend.name == backend and llm.engine.runner.graphs is not None
     agree, first = _agreement(_generate(llm), expected)
+    assert first and agree >= 0.6, agree
+
+
+# ---- block FP8 ----------------------------------------------------------------------------------------------
+def test_group_quantisation_matches_torch():
+    from kernels.triton.fp8_gemm import quantize_per_token_group
+    x = torch.randn(37, 7168, device=DEV, dtype=torch.bfloat16) * 3
+    q, s = quantize_per_token_group(x)
+    groups = x.float().view(37, 56, 128)
+    want_s = groups.abs().amax(-1).clamp(min=1e-10) / 448.0
+    want_q = (groups / want_s[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(37, 7168)
+    assert torch.allclose(s, want_s, rtol=1e-6) and (q.float() != want_q.float()).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("m", [1, 7, 64, 300, 2048])
+@pytest.mark.parametrize("n,k", [(2112, 7168), (7168, 2048), (576, 1536)])
+def test_block_fp8_linear_matches_reference(m, n, k):
+    from kernels.linear import block_fp8_linear, dequantize_block_fp8_rows as dq
+    from kernels.triton.fp8_gemm import quantize_per_token_group
+    from tests.support.fp8 import quantize_block_fp8
+    torch.manual_seed(m + n)
+    w, scale = quantize_block_fp8(torch.randn(n, k, device=DEV) * 0.05, 128)
+    rows = scale.repeat_interleave(128, 0)[:n].contiguous()  # row-expanded, as the layers keep them
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    got = block_fp8_linear(x, w, rows, 128)
+    # the same computation in torch (activations quantised per token and 128 columns): tight
+    xq = dq(*quantize_per_token_group(x, 128), 128)
+    assert rel_err(got, xq @ dq(w, rows, 128).t()) < 1e-2
+    # the dequantised weights with exact activations: the activation rounding only
+    assert rel_err(got, x.float() @ dq(w, rows, 128).t()) < 6e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 33, 300])
+def test_fp8_fused_moe_matches_reference(tokens):
+    from kernels.moe import fused_experts, select_experts
+    from kernels.triton.fp8_gemm import quantize_per_token_group
+    from tests.support.fp8 import fused_experts_w8a8_ref
+    torch.manual_seed(tokens)
+    E, H, inter = 16, 1024, 256
+    quant = lambda w: [t.view(E, w.shape[1], -1) for t in quantize_per_token_group(w.flatten(0, 1), 128)]
+    w13, w13_s = quant(torch.randn(E, 2 * inter, H, device=DEV, dtype=torch.bfloat16) * 0.05)
+    w2, w2_s = quant(torch.randn(E, H, inter, device=DEV, dtype=torch.bfloat16) * 0.05)
+    x = torch.randn(tokens, H, device=DEV, dtype=torch.bfloat16)
+    weights, ids = select_experts(torch.randn(tokens, E, device=DEV), 4, True)
+    got = fused_experts(x, w13, w2, weights, ids, None, w13_s, w2_s, 128)
+    assert rel_err(got, fused_experts_w8a8_ref(x, w13, w13_s, w2, w2_s, weights, ids, 128)) < 2e-2
+
+
+def test_block_fp8_engine_agrees_with_dequantised(v3_latents, tmp_path):
+    from engine.llm import LLM
+    from tests.support.fp8 import write_block_fp8_copy
+    fp8_dir, ref_dir = write_block_fp8_copy(v3_latents, tmp_path, 32)  # the tiny model's widths are 32-multiples
+    opts = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=8)
+    expected = _generate(LLM(str(ref_dir), **opts))
+    llm = LLM(str(fp8_dir), **opts)
+    assert llm.engine.runner.model.model.layers[1].mlp.experts.w13_weight.dtype == torch.float8_e4m3fn
+    agree, first = _agreement(_generate(llm), expected)  # activations rounded to E4M3: the first tokens
     assert first and agree >= 0.6, agree
