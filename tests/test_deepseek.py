@@ -175,3 +175,44 @@ def test_triton_kernels_interpreted_on_cpu(kernels):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split()[-1]) < 1e-5
+
+
+def test_checkpoint_with_mtp_modules_loads(deepseek_models, tmp_path):
+    """DeepSeek-V3 / Kimi-K2 checkpoints carry their next-token-prediction module as one more layer
+    (`model.layers.{num_hidden_layers}`: enorm, hnorm, eh_proj, a decoder layer, shared_head): skipped, and
+    the model is the same."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    src = deepseek_models["q_lora"]
+    dst = tmp_path / "with_mtp"
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    last = f"model.layers.{n - 1}."
+    mtp = {f"model.layers.{n}." + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)}
+    hidden = tensors["model.norm.weight"].shape[0]
+    mtp.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden), f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
+                f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden),
+                f"model.layers.{n}.shared_head.norm.weight": torch.ones(hidden),
+                f"model.layers.{n}.shared_head.head.weight": tensors["lm_head.weight"].clone()})
+    save_file({**tensors, **mtp}, str(dst / "model.safetensors"))
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    from engine import LLM
+    with_mtp, plain = LLM(str(dst), device="cpu"), LLM(str(src), device="cpu")
+    prompts = mixed_prompts(plain.engine.model_config.vocab_size, seed=13)
+    assert tokens(with_mtp.generate(prompts, greedy())) == tokens(plain.generate(prompts, greedy()))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_routing_keeping_every_group_is_plain_top_k(groups):
+    """With topk_group == n_group (Moonlight, V2-Lite) no group is masked: the biased top-k over all experts."""
+    from kernels.moe.torch_ref import select_experts_grouped_ref
+    g = torch.Generator().manual_seed(groups)
+    logits, bias = torch.randn(7, 16, generator=g), torch.randn(16, generator=g) * 0.1
+    weights, ids = select_experts_grouped_ref(logits, bias, 3, groups, groups, True, 2.5)
+    want = torch.topk(logits.sigmoid() + bias, 3, dim=-1)[1]
+    assert torch.equal(ids.sort(-1).values.long(), want.sort(-1).values)
+    chosen = logits.sigmoid().gather(1, ids.long())
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True) * 2.5)

@@ -5,6 +5,8 @@ group-limited top-k; V2: softmax scores, greedy or group-limited greedy; both: r
 always-on shared experts."""
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,8 @@ from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM, LlamaMLP
 from kernels.attention.mla import MLABackend
+
+MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class MoEGate(nn.Module):
@@ -67,6 +71,12 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
 
     def make_attention(self, cfg, parallel, backend, rotary) -> nn.Module:
         return MLAAttention(cfg, parallel, backend, rotary)
+
+    def skips_checkpoint_tensor(self, name: str) -> bool:
+        """The next-token-prediction (MTP) modules DeepSeek-V3 and Kimi-K2 checkpoints carry after the decoder
+        layers (`model.layers.{num_hidden_layers + i}.*`, `num_nextn_predict_layers` of them): not run here."""
+        match = MTP_LAYER.match(name)
+        return match is not None and int(match.group(1)) >= len(self.model.layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         return super().forward(input_ids, positions, self.mla_backend.begin_forward(meta))

@@ -98,9 +98,10 @@ def checkpoint_targets(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str
 def load_weights(model: nn.Module, weights) -> None:
     """Copies (name, CheckpointTensor) pairs into the model; every shard of every parameter must arrive."""
     targets, ignored = checkpoint_targets(model)
+    skips = getattr(model, "skips_checkpoint_tensor", None)  # a family's tensors the model does not run
     loaded: set[tuple[int, str, object]] = set()
     for name, tensor in weights:
-        if name in ignored or name.endswith(SKIPPED_SUFFIXES):
+        if name in ignored or name.endswith(SKIPPED_SUFFIXES) or (skips is not None and skips(name)):
             continue
         if name not in targets:
             raise KeyError(f"unexpected checkpoint tensor {name!r}")

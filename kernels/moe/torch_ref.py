@@ -24,12 +24,14 @@ def select_experts_grouped_ref(router_logits: torch.Tensor, correction_bias: tor
     T, E = router_logits.shape
     scores = router_logits.float().sigmoid() if scoring == "sigmoid" else router_logits.float().softmax(dim=-1)
     choice = scores if correction_bias is None else scores + correction_bias.float()
-    grouped = choice.view(T, num_groups, E // num_groups)
-    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if scoring == "sigmoid" else grouped.max(dim=-1).values
-    groups = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, groups, 1)
-    expert_mask = group_mask.unsqueeze(-1).expand(-1, num_groups, E // num_groups).reshape(T, E)
-    ids = torch.topk(choice.masked_fill(~expert_mask.bool(), float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+    if topk_groups < num_groups:  # else every group is kept (Moonlight, V2-Lite: one group): no mask to build
+        grouped = choice.view(T, num_groups, E // num_groups)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1) if scoring == "sigmoid" else grouped.max(dim=-1).values
+        groups = torch.topk(group_scores, k=topk_groups, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, groups, 1)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, num_groups, E // num_groups).reshape(T, E)
+        choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
