@@ -50,6 +50,9 @@ class EngineConfig:
     async_scheduling: bool = opt(
         True, "schedule and launch step N+1 while the device runs step N (sequences that stop at N "
               "compute one token more, which is dropped)")
+    speculative_config: str | None = opt(
+        None, 'speculative decoding, JSON like vLLM\'s: {"method": "ngram", "num_speculative_tokens": 3, '
+              '"prompt_lookup_max": 4, "prompt_lookup_min": 1} (outputs are unchanged; async scheduling is off)')
     attention_backend: Literal["auto", "torch", "flashinfer", "triton", "flashmla"] = opt(
         "auto", "auto: flashinfer on CUDA when installed, else triton on CUDA, else the torch reference; MLA "
                 "models (DeepSeek): flashmla for decode where it runs (Hopper, --block-size 64), else triton")
@@ -98,6 +101,10 @@ class EngineConfig:
         check(self.distributed_executor_backend != "uni" or self.world_size == 1,
               "distributed_executor_backend", "uni runs one rank: use mp or ray with more than one rank")
         check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")
+        if self.speculative_config is not None:
+            from engine.spec_decode.config import SpeculativeConfig
+            SpeculativeConfig.parse(self.speculative_config)  # a typed error naming the field
+            check(self.data_parallel_size == 1, "speculative_config", "does not run with data_parallel_size > 1 yet")
         for name, choices in literal_choices(type(self)).items():
             check(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")
 

@@ -101,6 +101,9 @@ class EngineStats(msgspec.Struct, kw_only=True):
     num_parked: int = 0  # prefill role: KV kept for a decode engine to pull
     num_pulling: int = 0  # decode role: KV pulls in flight
     num_generated_tokens: int = 0
+    spec_draft_tokens: int = 0  # speculative decoding: drafts fed to verify steps, those kept, and verify rows
+    spec_accepted_tokens: int = 0
+    spec_verify_rows: int = 0
     kv_transfers: int = 0  # KV pulls by this engine: finished, failed, timed out
     kv_transfers_failed: int = 0
     kv_transfer_bytes: int = 0  # of the successful ones, and their summed wall time
@@ -187,6 +190,8 @@ class WorkerStep(msgspec.Struct, tag="step", array_like=True):
     rope_offsets: bytes = b""
     mrope_positions: bytes = b""
     images: list[StepImage] = []
+    # speculative decoding: int64 drafts per row (input_batch.py StepBatch.spec_lens); empty without drafts
+    spec_lens: bytes = b""
 
 
 class WorkerCall(msgspec.Struct, tag="call", array_like=True):

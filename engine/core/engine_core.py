@@ -22,6 +22,9 @@ from engine.gguf import resolve_model_path
 from engine.models.config import check_tensor_parallel, context_limit, load_model_config
 from engine.multimodal.inputs import mrope_positions
 from engine.pd.handoff import KVHandoff
+from engine.spec_decode import ngram
+from engine.spec_decode.config import SpeculativeConfig
+from engine.spec_decode.verify import accepted_tokens, sample_rows
 from engine.structured.grammar import GrammarCompiler
 from engine.wire import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
 from engine.worker.model_runner import LaunchedStep
@@ -93,6 +96,11 @@ class EngineCore:
         self._seed_rng = random.Random(config.seed)
         self.num_generated_tokens = 0
         self._in_flight: LaunchedStep | None = None  # the launched step not yet read back
+        # speculative decoding: a step's drafts are proposed from its read-back tokens, so it is read back
+        # before the next is scheduled
+        self.spec = SpeculativeConfig.parse(config.speculative_config) if config.speculative_config else None
+        self.async_scheduling = config.async_scheduling and self.spec is None
+        self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verify_rows = 0
         log.info("engine ready: %s, %d ranks, %d KV blocks x %d tokens, %.1fs", self.model_path.name,
                  self.executor.world_size, num_blocks, config.block_size, time.perf_counter() - t0)
 
@@ -270,7 +278,7 @@ class EngineCore:
         if self._in_flight is not None:
             outputs.extend(self._read_back(self._in_flight))
         self._in_flight = launched
-        if launched is not None and not self.config.async_scheduling:
+        if launched is not None and not self.async_scheduling:
             outputs.extend(self._read_back(launched))
             self._in_flight = None
         if self._in_flight is not None and all(seq.is_finished for seq in self._in_flight.seqs):
@@ -302,7 +310,8 @@ class EngineCore:
                 if hi > lo:
                     s.seq.prompt_logprobs.extend(itertools.islice(it, hi - lo))
         for s in scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
+            s.seq.num_computed_tokens += s.num_new_tokens  # drafts too: verification takes the rejected back
+            s.seq.spec_token_ids = s.spec_token_ids  # the drafts fed (the budget may have dropped them)
             if not s.samples:  # a prefill chunk: its full blocks are reusable already
                 self._slice(s.seq).block_manager.cache_full_blocks(s.seq)
         for row, seq in enumerate(step.seqs if step is not None else ()):
@@ -315,19 +324,33 @@ class EngineCore:
         (or were aborted) while it was in flight drop their sample."""
         result = step.fetch()
         token_ids = result.token_ids.tolist()
-        logprobs = _logprob_rows(result, step.seqs)
+        drafts = [seq.spec_token_ids for seq in step.seqs]
+        logprobs = _logprob_rows(result, sample_rows(step.seqs, map(len, drafts)))
         outputs = []
-        for i, seq in enumerate(step.seqs):
+        row = 0
+        for seq, fed in zip(step.seqs, drafts):
+            first, row = row, row + 1 + len(fed)
             seq.num_pending_tokens -= 1
             if seq.is_finished:
                 continue
-            token = token_ids[i]
-            seq.append_token(token)
-            self.num_generated_tokens += 1
-            self._check_stop(seq, token)
-            if seq.grammar is not None and not seq.is_finished:
-                self._advance_grammar(seq, token)
-            new_lp = [logprobs[i]] if logprobs is not None and seq.params.logprobs is not None else None
+            kept = accepted_tokens(token_ids[first:row], fed)
+            if fed:  # the rejected drafts' KV is dropped: the next step writes over it
+                seq.num_computed_tokens -= len(fed) + 1 - len(kept)
+                self.spec_draft_tokens += len(fed)
+                self.spec_accepted_tokens += len(kept) - 1
+                self.spec_verify_rows += 1
+            new = []
+            for token in kept:
+                seq.append_token(token)
+                new.append(token)
+                self.num_generated_tokens += 1
+                self._check_stop(seq, token)
+                if seq.grammar is not None and not seq.is_finished:
+                    self._advance_grammar(seq, token)
+                if seq.is_finished:
+                    break
+            new_lp = (logprobs[first:first + len(new)] if logprobs is not None and seq.params.logprobs is not None
+                      else None)
             if seq.remote_decode and not seq.is_finished:
                 outputs.append(self._park(seq, new_lp[0] if new_lp else None))
                 continue
@@ -335,8 +358,20 @@ class EngineCore:
                 self.seqs.pop(seq.seq_id, None)
             else:
                 self._slice(seq).block_manager.cache_full_blocks(seq)
-            outputs.append(self._output(seq, [token], new_lp))
+                seq.spec_token_ids = self._propose(seq)
+            outputs.append(self._output(seq, new, new_lp))
         return outputs
+
+    def _propose(self, seq: Sequence) -> list[int]:
+        """The drafts the next step feeds after the sequence's last token (none without speculative decoding,
+        for requests whose sampling looks at earlier outputs or follows a grammar, and past the length limits)."""
+        spec = self.spec
+        if spec is None or seq.grammar is not None or seq.params.repetition_penalty != 1.0 \
+                or seq.params.presence_penalty or seq.params.frequency_penalty:
+            return []
+        room = min(seq.max_output_tokens - seq.num_output_tokens, self.max_model_len - len(seq)) - 1
+        k = min(spec.num_speculative_tokens, room)
+        return ngram.propose(seq.token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max) if k > 0 else []
 
     def _advance_handoff(self) -> list[EngineCoreOutput]:
         outputs = []
@@ -410,7 +445,9 @@ class EngineCore:
                 "prefix_cache_hits": sum(b.prefix_hits for b in bms),
                 "num_preemptions": sum(s.num_preemptions for s in self.slices),
                 "num_parked": len(self.handoff.parked), "num_pulling": len(self.handoff.pulls),
-                "num_generated_tokens": self.num_generated_tokens, **self.handoff.metrics()}
+                "num_generated_tokens": self.num_generated_tokens, "spec_draft_tokens": self.spec_draft_tokens,
+                "spec_accepted_tokens": self.spec_accepted_tokens, "spec_verify_rows": self.spec_verify_rows,
+                **self.handoff.metrics()}
 
 
 def _logprob_rows(result, seqs) -> list[TokenLogprobs] | None:

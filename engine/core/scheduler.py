@@ -14,13 +14,17 @@ from engine.core.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens fed this step, from seq.num_computed_tokens on
+    num_new_tokens: int  # tokens fed this step, from seq.num_computed_tokens on (drafts included)
     # this step computes the sequence's last token, so its logits are sampled (fixed when scheduled)
     samples: bool | None = None
+    # speculative decoding: drafts fed after the last token (the last len() of the fed tokens); every one of
+    # the 1 + len() positions is sampled, and the verification keeps the drafts the target agrees with
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.samples is None:
-            self.samples = self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+            fed = self.num_new_tokens - len(self.spec_token_ids)
+            self.samples = self.seq.num_computed_tokens + fed == len(self.seq)
 
 
 @dataclass
@@ -68,6 +72,9 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(len(seq) - seq.num_computed_tokens, budget)
+            # a decoding sequence with drafts feeds them too, when the budget has room for all of them
+            drafts = seq.spec_token_ids if num_new == 1 and 1 + len(seq.spec_token_ids) <= budget else []
+            num_new += len(drafts)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -76,7 +83,7 @@ class Scheduler:
                     break
             else:
                 bm.allocate(seq, num_new)
-                out.scheduled.append(ScheduledSeq(seq, num_new))
+                out.scheduled.append(ScheduledSeq(seq, num_new, spec_token_ids=list(drafts)))
                 budget -= num_new
                 i += 1
 
@@ -115,6 +122,7 @@ class Scheduler:
         """Drops the sequence's KV; it is recomputed (prompt + output so far) when readmitted."""
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -50,6 +50,7 @@ class Sequence:
         self.images: list = []
         self.mrope_positions = None
         self.rope_delta = 0
+        self.spec_token_ids: list[int] = []  # speculative decoding: drafts the next step feeds after the last token
 
     @property
     def can_recompute(self) -> bool:

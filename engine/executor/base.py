@@ -43,7 +43,8 @@ class Executor(abc.ABC):
         dp_samples = None
         if dp_rows:
             ends = np.cumsum([0, *dp_rows])
-            dp_samples = [int(batch.samples[a:b].sum()) for a, b in zip(ends[:-1], ends[1:])]
+            rows = batch.sample_rows()
+            dp_samples = [int(rows[a:b].sum()) for a, b in zip(ends[:-1], ends[1:])]
         self._send_step(batch, scheduled, dp_rows or [], dp_samples or [])
         n0 = dp_rows[0] if dp_rows else len(scheduled)
         return self.driver.runner.launch(batch.part(0, n0), [s.seq.block_table for s in scheduled[:n0]], prev,

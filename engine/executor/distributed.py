@@ -166,7 +166,8 @@ class DistributedExecutor(Executor):
                                      rope_offsets=b"" if batch.rope_offsets is None else batch.rope_offsets.tobytes(),
                                      mrope_positions=(b"" if batch.mrope_positions is None
                                                       else batch.mrope_positions.tobytes()),
-                                     images=batch.images))
+                                     images=batch.images,
+                                     spec_lens=b"" if batch.spec_lens is None else batch.spec_lens.tobytes()))
 
     def shutdown(self) -> None:
         if self._stopping:

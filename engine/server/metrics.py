@@ -142,6 +142,16 @@ class Metrics:
                          [(f'{lab},finished_reason="{r}"', n) for r, n in sorted(self.finished.items())])
         lines += _metric("counter", "request_rejected_total", "Requests refused by the front, by HTTP status.",
                          [(f'{lab},status="{st}"', n) for st, n in sorted(self.rejections.items())])
+        lines += _metric("counter", "spec_decode_num_draft_tokens_total", "Draft tokens fed to verify steps.",
+                         [(lab, s.spec_draft_tokens)])
+        lines += _metric("counter", "spec_decode_num_accepted_tokens_total", "Draft tokens the target kept.",
+                         [(lab, s.spec_accepted_tokens)])
+        lines += _metric("counter", "spec_decode_num_drafts_total", "Sequences verified with drafts (one per step).",
+                         [(lab, s.spec_verify_rows)])
+        lines += _metric("gauge", "spec_decode_acceptance_rate", "Accepted / draft tokens since start.",
+                         [(lab, s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0)])
+        lines += _metric("gauge", "spec_decode_tokens_per_step", "Tokens a verified sequence gains per step.",
+                         [(lab, 1 + s.spec_accepted_tokens / s.spec_verify_rows if s.spec_verify_rows else 0.0)])
         gbps = s.kv_transfer_bytes / s.kv_transfer_ms / 1e6 if s.kv_transfer_ms else 0.0
         lines += _metric("counter", "kv_transfers_total", "KV pulls from prefill engines (any outcome).",
                          [(lab, s.kv_transfers)])

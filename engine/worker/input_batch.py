@@ -35,6 +35,13 @@ class StepBatch:
     rope_offsets: np.ndarray | None = None  # [B] int64
     mrope_positions: np.ndarray | None = None  # [3, T] int64
     images: list[StepImage] = field(default_factory=list)
+    # speculative decoding: drafts fed at the end of each row (its last spec_lens + 1 positions are sampled)
+    spec_lens: np.ndarray | None = None  # [B] int64
+
+    def sample_rows(self) -> np.ndarray:
+        """Logits rows per row: 1 + its drafts where sampled, else 0."""
+        rows = self.samples.astype(np.int64)
+        return rows if self.spec_lens is None else rows + np.where(self.samples, self.spec_lens, 0)
 
     @classmethod
     def from_scheduled(cls, batch) -> "StepBatch":
@@ -50,9 +57,12 @@ class StepBatch:
                                for s, st in zip(batch, start.tolist())), np.int64, B)
         else:
             ids = np.fromiter(itertools.chain.from_iterable(
-                s.seq.token_ids[st:st + n - 1] + [0] if s.seq.num_pending_tokens else s.seq.token_ids[st:st + n]
+                s.seq.token_ids[st:st + n - 1] + [0] if s.seq.num_pending_tokens
+                else s.seq.token_ids[st:st + n - len(s.spec_token_ids)] + s.spec_token_ids
                 for s, st, n in zip(batch, start.tolist(), n_new.tolist())), np.int64, T)
         step = cls(start, n_new, pending, np.fromiter((s.samples for s in batch), bool, B), ids)
+        if any(s.spec_token_ids for s in batch):
+            step.spec_lens = np.fromiter((len(s.spec_token_ids) for s in batch), np.int64, B)
         if any(s.seq.prompt_logprobs is not None for s in batch):
             step.prompt_idx, step.prompt_targets, step.prompt_topn = _prompt_rows(batch, start, n_new)
         if any(s.seq.mrope_positions is not None for s in batch):
@@ -69,7 +79,8 @@ class StepBatch:
                          rope_offsets=None if self.rope_offsets is None else self.rope_offsets[lo:hi],
                          mrope_positions=None if self.mrope_positions is None else self.mrope_positions[:, t0:t1],
                          images=[StepImage(row=i.row - t0, start=i.start, length=i.length, image=i.image)
-                                 for i in self.images if t0 <= i.row < t1])
+                                 for i in self.images if t0 <= i.row < t1],
+                         spec_lens=None if self.spec_lens is None else self.spec_lens[lo:hi])
 
 
 def _multimodal_rows(step: StepBatch, batch) -> None:
@@ -163,7 +174,12 @@ def prepare_host(b: StepBatch, block_tables: list[list[int]], block_size: int, w
     if with_block_tables:
         tables = np.zeros((B, int(pages.max())), np.int32)
         tables[np.arange(tables.shape[1])[None, :] < pages[:, None]] = kv_indices
-    return StepInputs(b.token_ids, positions, slot_mapping, cu_q[1:][b.samples] - 1, host, tables,
+    logits_idx = cu_q[1:][b.samples] - 1
+    if b.spec_lens is not None:  # each sampled row's last 1 + drafts positions: its last token and its drafts
+        rows = b.sample_rows()
+        within = np.arange(rows.sum()) - np.repeat(np.cumsum(rows) - rows, rows)
+        logits_idx = np.repeat(cu_q[1:] - rows, rows) + within
+    return StepInputs(b.token_ids, positions, slot_mapping, logits_idx, host, tables,
                       int(n_new.max()), is_decode, cu_q[1:][pending] - 1, b.pending_rows[pending],
                       b.mrope_positions, b.images)
 

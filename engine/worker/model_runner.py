@@ -23,6 +23,7 @@ from engine.multimodal.processor import ImageProcessorConfig
 from engine.multimodal.step import build_step
 from engine.sampling.metadata import sampling_metadata
 from engine.sampling.sampler import SamplerOutput, sample
+from engine.spec_decode.verify import sample_rows
 from engine.worker.cuda_graph import DecodeGraphRunner, DecodeInputs, capture_sizes
 from engine.worker.encoder_cache import EncoderCache
 from engine.worker.host_copy import to_device
@@ -197,7 +198,7 @@ class ModelRunner:
         rows of every group: the groups' logits go to rank 0, which samples them all, and every rank gets all
         the tokens (rows in DP order, as the engine core numbers them)."""
         p = self.parallel
-        own = int(batch.samples.sum())
+        own = int(batch.sample_rows().sum())  # with drafts, each sampled row samples 1 + its drafts positions
         total = sum(dp_samples) if dp_samples else own
         prev_tokens = prev.token_ids if prev is not None else None
         logits = None
@@ -219,7 +220,8 @@ class ModelRunner:
                 logits = torch.empty(0, self.vocab_size, dtype=self.dtype, device=self.device)
             logits = p.gather_rows_to_driver(logits, dp_samples)
         if p.is_driver:
-            out = sample(logits, sampling_metadata(seqs, stop_ids_of, self.vocab_size, self.device, prev_tokens))
+            rows = seqs if batch.spec_lens is None else sample_rows(seqs, batch.spec_lens[batch.samples].tolist())
+            out = sample(logits, sampling_metadata(rows, stop_ids_of, self.vocab_size, self.device, prev_tokens))
         else:
             out = SamplerOutput(torch.empty(total, dtype=torch.int64, device=self.device))
         if p.is_first:
