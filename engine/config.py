@@ -52,7 +52,8 @@ class EngineConfig:
               "compute one token more, which is dropped)")
     speculative_config: str | None = opt(
         None, 'speculative decoding, JSON like vLLM\'s: {"method": "ngram", "num_speculative_tokens": 3, '
-              '"prompt_lookup_max": 4, "prompt_lookup_min": 1} (outputs are unchanged; async scheduling is off)')
+              '"prompt_lookup_max": 4, "prompt_lookup_min": 1} or {"method": "mtp", "num_speculative_tokens": 1} '
+              '(DeepSeek-V3 / Kimi-K2 checkpoints); outputs are unchanged; async scheduling is off')
     attention_backend: Literal["auto", "torch", "flashinfer", "triton", "flashmla"] = opt(
         "auto", "auto: flashinfer on CUDA when installed, else triton on CUDA, else the torch reference; MLA "
                 "models (DeepSeek): flashmla for decode where it runs (Hopper, --block-size 64), else triton")

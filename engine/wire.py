@@ -192,6 +192,7 @@ class WorkerStep(msgspec.Struct, tag="step", array_like=True):
     images: list[StepImage] = []
     # speculative decoding: int64 drafts per row (input_batch.py StepBatch.spec_lens); empty without drafts
     spec_lens: bytes = b""
+    next_ids: bytes = b""  # int64 per row: the prompt token after a chunk (StepBatch.next_ids)
 
 
 class WorkerCall(msgspec.Struct, tag="call", array_like=True):

@@ -177,32 +177,137 @@ def test_triton_kernels_interpreted_on_cpu(kernels):
     assert float(out.stdout.split()[-1]) < 1e-5
 
 
-def test_checkpoint_with_mtp_modules_loads(deepseek_models, tmp_path):
-    """DeepSeek-V3 / Kimi-K2 checkpoints carry their next-token-prediction module as one more layer
-    (`model.layers.{num_hidden_layers}`: enorm, hnorm, eh_proj, a decoder layer, shared_head): skipped, and
-    the model is the same."""
+@pytest.fixture(scope="module")
+def mtp_checkpoint(deepseek_models, tmp_path_factory):
+    """The tiny V3 with an MTP module, as DeepSeek-V3 / Kimi-K2 checkpoints carry it: one more layer
+    (`model.layers.{num_hidden_layers}`: enorm, hnorm, eh_proj, a decoder layer, shared_head, embed_tokens)."""
     import json
     import shutil
     from safetensors.torch import load_file, save_file
     src = deepseek_models["q_lora"]
-    dst = tmp_path / "with_mtp"
+    dst = tmp_path_factory.mktemp("mtp") / "with_mtp"
     shutil.copytree(src, dst)
     tensors = load_file(str(src / "model.safetensors"))
     n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    last = f"model.layers.{n - 1}."
+    last, g = f"model.layers.{n - 1}.", torch.Generator().manual_seed(3)
     mtp = {f"model.layers.{n}." + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)}
     hidden = tensors["model.norm.weight"].shape[0]
     mtp.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden), f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
-                f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden),
+                f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=g) * 0.05,
                 f"model.layers.{n}.shared_head.norm.weight": torch.ones(hidden),
-                f"model.layers.{n}.shared_head.head.weight": tensors["lm_head.weight"].clone()})
+                f"model.layers.{n}.shared_head.head.weight": tensors["lm_head.weight"].clone(),
+                f"model.layers.{n}.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone()})
     save_file({**tensors, **mtp}, str(dst / "model.safetensors"))
     config = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
-    from engine import LLM
-    with_mtp, plain = LLM(str(dst), device="cpu"), LLM(str(src), device="cpu")
+    return dst
+
+
+def test_checkpoint_with_mtp_modules_loads(mtp_checkpoint, deepseek_models, llm_cache):
+    """Without speculative decoding the MTP module is skipped, and the model is the same."""
+    with_mtp, plain = llm_cache.get(mtp_checkpoint), llm_cache.get(deepseek_models["q_lora"])
+    assert not with_mtp.engine.runner.model.mtp
     prompts = mixed_prompts(plain.engine.model_config.vocab_size, seed=13)
     assert tokens(with_mtp.generate(prompts, greedy())) == tokens(plain.generate(prompts, greedy()))
+
+
+MTP = '{"method": "mtp", "num_speculative_tokens": 1}'
+
+
+@pytest.mark.parametrize("options", [{}, dict(tensor_parallel_size=2), dict(enable_prefix_caching=True, block_size=4,
+                                                                           max_num_batched_tokens=8)],
+                         ids=["one-rank", "tp2", "chunks"])
+def test_mtp_speculation_keeps_the_output(mtp_checkpoint, llm_cache, options):
+    """DeepSeek's MTP module drafts one token per step (its latent KV a layer of the pool): greedy tokens,
+    logprobs and seeded samples equal plain decoding's."""
+    from engine.sampling_params import SamplingParams
+    plain, spec = llm_cache.get(mtp_checkpoint, **options), llm_cache.get(mtp_checkpoint, speculative_config=MTP,
+                                                                          **options)
+    runner = spec.engine.runner
+    assert len(runner.model.mtp) == 1 and spec.engine.kv_spec.num_layers == 4  # 3 decoder layers + the MTP's
+    prompts = mixed_prompts(plain.engine.model_config.vocab_size, seed=17)
+    assert tokens(spec.generate(prompts, greedy(logprobs=2))) == tokens(plain.generate(prompts, greedy(logprobs=2)))
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=12, ignore_eos=True) for i in range(len(prompts))]
+    assert tokens(spec.generate(prompts, params)) == tokens(plain.generate(prompts, params))
+    if not options:
+        stats = spec.engine.stats()
+        assert stats["spec_draft_tokens"] > 0 and stats["spec_verify_rows"] == stats["spec_draft_tokens"], stats
+
+
+def mtp_reference_draft(path, token_ids: list[int]) -> int:
+    """The MTP module's greedy draft after `token_ids`, computed with transformers' own DeepSeek-V3 layer: the
+    main model's final hidden states h_i, the module's inputs (token i + 1, h_i) through enorm / hnorm / eh_proj,
+    its decoder layer over all positions (causal), shared_head, at the last position."""
+    import json
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    n = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    prefix = f"model.layers.{n}."
+    w = {k[len(prefix):]: v for k, v in load_file(str(path / "model.safetensors")).items() if k.startswith(prefix)}
+    layer = DeepseekV3DecoderLayer(hf.config, layer_idx=n).eval()
+    state = {k: v for k, v in w.items() if k.split(".")[0] in ("self_attn", "mlp", "input_layernorm",
+                                                              "post_attention_layernorm") and ".experts." not in k}
+    experts = range(hf.config.n_routed_experts)  # transformers 5 stacks them: [E, 2I, H] and [E, H, I]
+    state["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([w[f"mlp.experts.{e}.gate_proj.weight"],
+                                                                w[f"mlp.experts.{e}.up_proj.weight"]]) for e in experts])
+    state["mlp.experts.down_proj"] = torch.stack([w[f"mlp.experts.{e}.down_proj.weight"] for e in experts])
+    layer.load_state_dict(state)
+    eps = hf.config.rms_norm_eps
+    norm = lambda x, weight: weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    with torch.no_grad():
+        ids = torch.tensor([token_ids])
+        h = hf.model(input_ids=ids[:, :-1]).last_hidden_state  # positions 0 .. L-2
+        e = hf.model.embed_tokens(ids[:, 1:])  # the token after each of them
+        x = torch.cat([norm(e, w["enorm.weight"]), norm(h, w["hnorm.weight"])], -1) @ w["eh_proj.weight"].t()
+        pos = torch.arange(x.shape[1])[None]
+        L = x.shape[1]
+        mask = torch.full((L, L), float("-inf")).triu(1)[None, None]
+        y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=hf.model.rotary_emb(x, pos))
+        logits = norm(y[0, -1], w["shared_head.norm.weight"]) @ w["shared_head.head.weight"].t()
+    return int(logits.argmax())
+
+
+def test_mtp_drafts_match_transformers_layers(mtp_checkpoint):
+    """Each step's draft is the MTP module's prediction as transformers' layers compute it (greedy run)."""
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    core = EngineCore(EngineConfig(model=str(mtp_checkpoint), device="cpu", speculative_config=MTP))
+    try:
+        core.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=[5, 9, 14, 3, 27, 8, 11],
+                                           params=greedy(max_tokens=8)))
+        checked = 0
+        while core.has_unfinished():
+            core.step()
+            seq = core.seqs.get("d")
+            if seq is not None and seq.spec_token_ids:
+                assert seq.spec_token_ids == [mtp_reference_draft(mtp_checkpoint, seq.token_ids)]
+                checked += 1
+        assert checked >= 3
+    finally:
+        core.shutdown()
+
+
+def test_mtp_speculation_across_a_hand_off(mtp_checkpoint, llm_cache):
+    """1P1D with MTP on both sides: the module's latent KV layer travels with the blocks (the prefill engine
+    wrote it for the prompt); the decode engine drafts from there and gives the hybrid engine's tokens."""
+    pytest.importorskip("dlslime", reason="dlslime (and libibverbs1) is needed for KV transfer")
+    from tests.test_pd_core import OPTS, cases, decode_stage, prefill_stage
+    opts = dict(OPTS, speculative_config=MTP)
+    prefill = llm_cache.get(mtp_checkpoint, role="prefill", **opts).engine
+    decode = llm_cache.get(mtp_checkpoint, role="decode", **opts).engine
+    hybrid = llm_cache.get(mtp_checkpoint, **OPTS)
+    cs = cases()
+    expected = [o.outputs[0].token_ids for o in hybrid.generate([p for _, p, _ in cs], [s for _, _, s in cs])]
+    migrations = []
+    for rid, prompt, params in cs:
+        kv = prefill_stage(prefill, rid, prompt, params).kv_transfer_params
+        migrations.append((rid, kv["migration"], kv["seq_id"]))
+    got, _ = decode_stage(decode, [(rid, m) for rid, m, _ in migrations])
+    assert prefill.free_parked([seq_id for _, _, seq_id in migrations]) == len(cs)
+    assert [got[rid] for rid, _, _ in cs] == expected
+    assert decode.stats()["spec_draft_tokens"] > 0
 
 
 @pytest.mark.parametrize("groups", [1, 4])

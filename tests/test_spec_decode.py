@@ -32,7 +32,8 @@ def test_acceptance_rule():
 
 @pytest.mark.parametrize("text,why", [("nope", "not JSON"), ("[1]", "JSON object"),
                                       ('{"num_speculative_tokens": 0}', ">= 1"),
-                                      ('{"method": "mtp", "num_speculative_tokens": 1}', "MTP drafter"),
+                                      ('{"method": "eagle", "num_speculative_tokens": 1}', "not available"),
+                                      ('{"method": "mtp", "num_speculative_tokens": 2}', "takes num_speculative_tokens 1"),
                                       ('{"num_speculative_tokens": 2, "draft": 1}', "unknown keys"),
                                       ('{"method": "ngram"}', "needs num_speculative_tokens")])
 def test_speculative_config_errors(text, why):

@@ -325,10 +325,11 @@ class EngineCore:
         result = step.fetch()
         token_ids = result.token_ids.tolist()
         drafts = [seq.spec_token_ids for seq in step.seqs]
+        mtp_drafts = result.draft_ids.tolist() if result.draft_ids is not None else None
         logprobs = _logprob_rows(result, sample_rows(step.seqs, map(len, drafts)))
         outputs = []
         row = 0
-        for seq, fed in zip(step.seqs, drafts):
+        for i, (seq, fed) in enumerate(zip(step.seqs, drafts)):
             first, row = row, row + 1 + len(fed)
             seq.num_pending_tokens -= 1
             if seq.is_finished:
@@ -358,20 +359,25 @@ class EngineCore:
                 self.seqs.pop(seq.seq_id, None)
             else:
                 self._slice(seq).block_manager.cache_full_blocks(seq)
-                seq.spec_token_ids = self._propose(seq)
+                seq.spec_token_ids = self._propose(seq, mtp_drafts[i] if mtp_drafts is not None else None)
             outputs.append(self._output(seq, new, new_lp))
         return outputs
 
-    def _propose(self, seq: Sequence) -> list[int]:
-        """The drafts the next step feeds after the sequence's last token (none without speculative decoding,
-        for requests whose sampling looks at earlier outputs or follows a grammar, and past the length limits)."""
+    def _propose(self, seq: Sequence, mtp_draft: int | None) -> list[int]:
+        """The drafts the next step feeds after the sequence's last token: the MTP module's (`mtp_draft`, made
+        by the step just read back) or the ngram lookup's. None without speculative decoding, for requests whose
+        sampling looks at earlier outputs or follows a grammar, and past the length limits."""
         spec = self.spec
         if spec is None or seq.grammar is not None or seq.params.repetition_penalty != 1.0 \
                 or seq.params.presence_penalty or seq.params.frequency_penalty:
             return []
         room = min(seq.max_output_tokens - seq.num_output_tokens, self.max_model_len - len(seq)) - 1
         k = min(spec.num_speculative_tokens, room)
-        return ngram.propose(seq.token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max) if k > 0 else []
+        if k <= 0:
+            return []
+        if spec.method == "mtp":
+            return [mtp_draft] if mtp_draft is not None else []
+        return ngram.propose(seq.token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _advance_handoff(self) -> list[EngineCoreOutput]:
         outputs = []

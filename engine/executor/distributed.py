@@ -167,7 +167,8 @@ class DistributedExecutor(Executor):
                                      mrope_positions=(b"" if batch.mrope_positions is None
                                                       else batch.mrope_positions.tobytes()),
                                      images=batch.images,
-                                     spec_lens=b"" if batch.spec_lens is None else batch.spec_lens.tobytes()))
+                                     spec_lens=b"" if batch.spec_lens is None else batch.spec_lens.tobytes(),
+                                     next_ids=b"" if batch.next_ids is None else batch.next_ids.tobytes()))
 
     def shutdown(self) -> None:
         if self._stopping:

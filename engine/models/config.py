@@ -88,6 +88,7 @@ class ModelConfig:
     dtype: torch.dtype  # the checkpoint's weights dtype
     eos_token_ids: tuple[int, ...]
     hf: Any
+    num_mtp_layers: int = 0  # DeepSeek's MTP modules to build (speculative decoding with method mtp)
     vision: Any = None  # the vision tower's config (multimodal checkpoints), with the image placeholder token:
     image_token_id: int | None = None
 

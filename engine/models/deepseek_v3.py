@@ -17,6 +17,7 @@ from engine.layers.fused_moe import FusedMoE, Routing
 from engine.layers.mla import MLAAttention
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
+from engine.models.deepseek_mtp import DeepseekMTPLayer
 from engine.models.llama import LlamaForCausalLM, LlamaMLP
 from kernels.attention.mla import MLABackend
 
@@ -68,15 +69,39 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
                  device: torch.device):
         super().__init__(cfg, parallel, backend, max_positions, device)
         self.mla_backend = backend  # the model runner picks an MLABackend for attention_kind "mla"
+        # the MTP drafter (speculative decoding with method mtp): built after the decoder layers, its
+        # checkpoint names `model.layers.{N + i}.*` mapped onto `mtp.{i}.*` (checkpoint_rename)
+        n, rotary = cfg.num_hidden_layers, self.model.layers[0].self_attn.rotary
+        self.mtp = nn.ModuleList(DeepseekMTPLayer(cfg, MLAAttention(cfg, parallel, backend, rotary),
+                                                  self.make_mlp(cfg, parallel, n + i, device), parallel)
+                                 for i in range(cfg.num_mtp_layers))
 
     def make_attention(self, cfg, parallel, backend, rotary) -> nn.Module:
         return MLAAttention(cfg, parallel, backend, rotary)
 
-    def skips_checkpoint_tensor(self, name: str) -> bool:
-        """The next-token-prediction (MTP) modules DeepSeek-V3 and Kimi-K2 checkpoints carry after the decoder
-        layers (`model.layers.{num_hidden_layers + i}.*`, `num_nextn_predict_layers` of them): not run here."""
+    def checkpoint_rename(self, name: str) -> str:
+        """`model.layers.{N + i}.x` (the checkpoint's MTP modules after the N decoder layers) -> `mtp.{i}.x`."""
         match = MTP_LAYER.match(name)
-        return match is not None and int(match.group(1)) >= len(self.model.layers)
+        if match is None or int(match.group(1)) < len(self.model.layers):
+            return name
+        return f"mtp.{int(match.group(1)) - len(self.model.layers)}.{name[match.end():]}"
+
+    def skips_checkpoint_tensor(self, name: str) -> bool:
+        """MTP modules not built (all, without speculative decoding by MTP), and their copy of the embedding."""
+        if not name.startswith("mtp."):
+            return False
+        index, rest = name[4:].split(".", 1)
+        return int(index) >= len(self.mtp) or rest == "embed_tokens.weight"
+
+    def mtp_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
+                   meta) -> torch.Tensor:
+        """The first MTP module over a step's tokens: at each position the token after it and the main model's
+        hidden state there (`hidden`, as forward returns it). Writes the module's latent KV."""
+        embeds = self.model.embed_tokens(input_ids)
+        return self.mtp[0].predict(positions, embeds, hidden, self.mla_backend.begin_forward(meta))
+
+    def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.mtp[0].logits(hidden)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         return super().forward(input_ids, positions, self.mla_backend.begin_forward(meta))
@@ -88,7 +113,8 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
         return LlamaMLP(cfg, parallel)
 
     def attention_layers(self) -> list[MLAAttention]:
-        return [layer.self_attn for layer in self.model.layers]
+        """The decoder's, then the MTP modules' (each has its own latent KV layer in the pool)."""
+        return [layer.self_attn for layer in [*self.model.layers, *self.mtp]]
 
     def kv_cache_spec(self, block_size: int, dtype: str) -> MLAKVCacheSpec:
         attn = self.attention_layers()

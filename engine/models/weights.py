@@ -99,8 +99,10 @@ def load_weights(model: nn.Module, weights) -> None:
     """Copies (name, CheckpointTensor) pairs into the model; every shard of every parameter must arrive."""
     targets, ignored = checkpoint_targets(model)
     skips = getattr(model, "skips_checkpoint_tensor", None)  # a family's tensors the model does not run
+    rename = getattr(model, "checkpoint_rename", None)  # a family's names that differ from its module tree
     loaded: set[tuple[int, str, object]] = set()
     for name, tensor in weights:
+        name = rename(name) if rename is not None else name
         if name in ignored or name.endswith(SKIPPED_SUFFIXES) or (skips is not None and skips(name)):
             continue
         if name not in targets:

@@ -51,6 +51,8 @@ class SamplerOutput:
     ranks: torch.Tensor | None = None  # [B] int64: 1 = most likely
     top_ids: torch.Tensor | None = None  # [B, N]
     top_logprobs: torch.Tensor | None = None  # [B, N]
+    # speculative decoding by MTP: each sampled sequence's draft for the next step (the runner adds it)
+    draft_ids: torch.Tensor | None = None  # [S] int64
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

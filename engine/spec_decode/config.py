@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "mtp")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str  # ngram: drafts copied from the sequence's own earlier tokens (prompt lookup)
+    # ngram: drafts copied from the sequence's own earlier tokens (prompt lookup); mtp: the checkpoint's
+    # multi-token-prediction module (DeepSeek-V3, Kimi-K2), one draft per step
+    method: str
     num_speculative_tokens: int  # drafts per step (k): a verify step feeds k + 1 tokens
     prompt_lookup_max: int = 4  # ngram: the longest suffix looked up
     prompt_lookup_min: int = 1  # ngram: the shortest
@@ -30,15 +32,18 @@ class SpeculativeConfig:
         if unknown:
             raise fail(f"has unknown keys: {', '.join(unknown)}")
         method = raw.get("method", "ngram")
+        method = "mtp" if method == "deepseek_mtp" else method  # vLLM's older name
         if method not in METHODS:
-            raise fail(f"method {method!r} is not available: choose {', '.join(METHODS)} (the DeepSeek MTP drafter "
-                       "is not built yet)")
+            raise fail(f"method {method!r} is not available: choose {', '.join(METHODS)}")
         ints = {k: raw[k] for k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min") if k in raw}
         if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in ints.values()):
             raise fail("counts must be integers >= 1")
         if "num_speculative_tokens" not in ints:
             raise fail("needs num_speculative_tokens")
         out = cls(method, **ints)
+        if method == "mtp" and out.num_speculative_tokens != 1:
+            raise fail("with method mtp takes num_speculative_tokens 1 (chaining the module for more drafts is not "
+                       "built)")
         if out.prompt_lookup_min > out.prompt_lookup_max:
             raise fail("prompt_lookup_min must not exceed prompt_lookup_max")
         return out

@@ -37,6 +37,9 @@ class StepBatch:
     images: list[StepImage] = field(default_factory=list)
     # speculative decoding: drafts fed at the end of each row (its last spec_lens + 1 positions are sampled)
     spec_lens: np.ndarray | None = None  # [B] int64
+    # the prompt token after each row's chunk (-1: none, or the row samples): what an MTP drafter reads at
+    # the chunk's last position
+    next_ids: np.ndarray | None = None  # [B] int64
 
     def sample_rows(self) -> np.ndarray:
         """Logits rows per row: 1 + its drafts where sampled, else 0."""
@@ -63,6 +66,10 @@ class StepBatch:
         step = cls(start, n_new, pending, np.fromiter((s.samples for s in batch), bool, B), ids)
         if any(s.spec_token_ids for s in batch):
             step.spec_lens = np.fromiter((len(s.spec_token_ids) for s in batch), np.int64, B)
+        if not step.samples.all():
+            step.next_ids = np.fromiter((s.seq.token_ids[st + n] if not s.samples and st + n < len(s.seq.token_ids)
+                                         else -1 for s, st, n in zip(batch, start.tolist(), n_new.tolist())),
+                                        np.int64, B)
         if any(s.seq.prompt_logprobs is not None for s in batch):
             step.prompt_idx, step.prompt_targets, step.prompt_topn = _prompt_rows(batch, start, n_new)
         if any(s.seq.mrope_positions is not None for s in batch):
@@ -80,7 +87,8 @@ class StepBatch:
                          mrope_positions=None if self.mrope_positions is None else self.mrope_positions[:, t0:t1],
                          images=[StepImage(row=i.row - t0, start=i.start, length=i.length, image=i.image)
                                  for i in self.images if t0 <= i.row < t1],
-                         spec_lens=None if self.spec_lens is None else self.spec_lens[lo:hi])
+                         spec_lens=None if self.spec_lens is None else self.spec_lens[lo:hi],
+                         next_ids=None if self.next_ids is None else self.next_ids[lo:hi])
 
 
 def _multimodal_rows(step: StepBatch, batch) -> None:

@@ -104,7 +104,8 @@ class Worker:
                           mrope_positions=(np.frombuffer(msg.mrope_positions, np.int64).reshape(3, -1)
                                            if msg.mrope_positions else None),
                           images=msg.images,
-                          spec_lens=np.frombuffer(msg.spec_lens, np.int64) if msg.spec_lens else None).part(lo, hi)
+                          spec_lens=np.frombuffer(msg.spec_lens, np.int64) if msg.spec_lens else None,
+                          next_ids=np.frombuffer(msg.next_ids, np.int64) if msg.next_ids else None).part(lo, hi)
         self._prev = self.runner.launch(batch, tables, self._prev, dp_samples=msg.dp_samples or None)
 
     def close(self) -> None:
