@@ -151,8 +151,7 @@ def test_preemption_recomputes_image_prompts(tiny_qwen3_vl, llm_cache, hf_vl):
 def test_recompute_chunk_past_the_prompt_takes_the_rope_delta(tiny_qwen3_vl, llm_cache):
     """One chunk feeding an image, the rest of the prompt and two output tokens (a preempted sequence's
     recompute): output positions are index + rope delta on all three axes."""
-    from types import SimpleNamespace
-
+    from engine.core.scheduler import ScheduledSeq
     from engine.core.sequence import Sequence
     from engine.worker.input_batch import StepBatch
     llm = llm_cache.get(tiny_qwen3_vl)
@@ -164,7 +163,7 @@ def test_recompute_chunk_past_the_prompt_takes_the_rope_delta(tiny_qwen3_vl, llm
     seq.mrope_positions, seq.rope_delta = mrope_positions(len(ids), placed, 2)
     assert seq.rope_delta < 0  # the image's 12 tokens take 4 positions
     seq.token_ids += [5, 6]
-    step = StepBatch.from_scheduled([SimpleNamespace(seq=seq, num_new_tokens=len(seq.token_ids), samples=True)])
+    step = StepBatch.from_scheduled([ScheduledSeq(seq, len(seq.token_ids), samples=True)])
     L = len(ids)
     assert step.mrope_positions[:, :L].tolist() == seq.mrope_positions.tolist()
     assert step.mrope_positions[:, L:].tolist() == [[L + seq.rope_delta, L + 1 + seq.rope_delta]] * 3
