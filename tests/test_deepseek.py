@@ -50,6 +50,16 @@ def test_deepseek_prefix_caching_and_small_chunks(deepseek_models, llm_cache):
     check_prefix_reuse(path, llm_cache.get(path, block_size=4, max_num_batched_tokens=8))
 
 
+def test_deepseek_forced_preemption(deepseek_models, llm_cache):
+    """A latent pool too small for the batch: sequences are preempted and recomputed, tokens still transformers'."""
+    path = deepseek_models["q_lora"]
+    llm = llm_cache.get(path, num_kv_blocks=12, block_size=4, max_model_len=48, enable_prefix_caching=False)
+    prompts = mixed_prompts(llm.engine.runner.vocab_size, seed=4, lengths=(20, 14, 9, 25, 3, 17))
+    outputs = llm.generate(prompts, greedy())
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_matches_hf(path, prompts, outputs)
+
+
 @pytest.mark.parametrize("options", [dict(tensor_parallel_size=2),
                                      dict(tensor_parallel_size=2, enable_expert_parallel=True),
                                      dict(data_parallel_size=2, enable_expert_parallel=True)],
@@ -73,23 +83,16 @@ def test_fp8_kv_is_refused_for_latent_caches(deepseek_models):
 def test_latent_cache_hands_off_prefill_to_decode(deepseek_models, llm_cache):
     """1P1D over DLSlime moves the latent blocks (the migration carries the MLA spec): the hybrid tokens."""
     pytest.importorskip("dlslime", reason="dlslime (and libibverbs1) is needed for KV transfer")
-    from tests.test_pd_core import OPTS, cases, decode_stage, prefill_stage
+    from tests.test_pd_core import OPTS, cases, hand_off_all
     from engine.pd import migration as mig
     path = deepseek_models["q_lora"]
     prefill = llm_cache.get(path, role="prefill", **OPTS).engine
     decode = llm_cache.get(path, role="decode", **OPTS).engine
-    hybrid = llm_cache.get(path, **OPTS)
     cs = cases()
-    expected = [o.outputs[0].token_ids for o in hybrid.generate([p for _, p, _ in cs], [s for _, _, s in cs])]
-    migrations = []
-    for rid, prompt, params in cs:
-        kv = prefill_stage(prefill, rid, prompt, params).kv_transfer_params
-        assert isinstance(mig.decode(kv["migration"]).kv_spec, MLAKVCacheSpec)
-        migrations.append((rid, kv["migration"], kv["seq_id"], kv["first_token"]))
-    got, _ = decode_stage(decode, [(rid, m) for rid, m, _, _ in migrations])
-    assert prefill.free_parked([seq_id for _, _, seq_id, _ in migrations]) == len(cs)
-    for (rid, _, _, first), want in zip(migrations, expected):
-        assert got[rid] == want
+    expected = tokens(llm_cache.get(path, **OPTS).generate([p for _, p, _ in cs], [s for _, _, s in cs]))
+    got, migrations = hand_off_all(prefill, decode, cs)
+    assert all(isinstance(mig.decode(m).kv_spec, MLAKVCacheSpec) for m in migrations)
+    assert [got[rid] for rid, _, _ in cs] == expected
 
 
 @pytest.fixture(scope="module")
@@ -293,19 +296,13 @@ def test_mtp_speculation_across_a_hand_off(mtp_checkpoint, llm_cache):
     """1P1D with MTP on both sides: the module's latent KV layer travels with the blocks (the prefill engine
     wrote it for the prompt); the decode engine drafts from there and gives the hybrid engine's tokens."""
     pytest.importorskip("dlslime", reason="dlslime (and libibverbs1) is needed for KV transfer")
-    from tests.test_pd_core import OPTS, cases, decode_stage, prefill_stage
+    from tests.test_pd_core import OPTS, cases, hand_off_all
     opts = dict(OPTS, speculative_config=MTP)
     prefill = llm_cache.get(mtp_checkpoint, role="prefill", **opts).engine
     decode = llm_cache.get(mtp_checkpoint, role="decode", **opts).engine
-    hybrid = llm_cache.get(mtp_checkpoint, **OPTS)
     cs = cases()
-    expected = [o.outputs[0].token_ids for o in hybrid.generate([p for _, p, _ in cs], [s for _, _, s in cs])]
-    migrations = []
-    for rid, prompt, params in cs:
-        kv = prefill_stage(prefill, rid, prompt, params).kv_transfer_params
-        migrations.append((rid, kv["migration"], kv["seq_id"]))
-    got, _ = decode_stage(decode, [(rid, m) for rid, m, _ in migrations])
-    assert prefill.free_parked([seq_id for _, _, seq_id in migrations]) == len(cs)
+    expected = tokens(llm_cache.get(mtp_checkpoint, **OPTS).generate([p for _, p, _ in cs], [s for _, _, s in cs]))
+    got, _ = hand_off_all(prefill, decode, cs)
     assert [got[rid] for rid, _, _ in cs] == expected
     assert decode.stats()["spec_draft_tokens"] > 0
 

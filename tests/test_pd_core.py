@@ -57,6 +57,18 @@ def decode_stage(decode, rids_and_migrations):
     return tokens, finals
 
 
+def hand_off_all(prefill, decode, requests) -> tuple[dict[str, list[int]], list[str]]:
+    """Each (rid, prompt, params) prefilled on `prefill`, then all decoded on `decode` from their migrations;
+    the decoded tokens by rid and the migrations. Every parked KV is freed afterwards."""
+    migrations = []
+    for rid, prompt, params in requests:
+        kv = prefill_stage(prefill, rid, prompt, params).kv_transfer_params
+        migrations.append((rid, kv["migration"], kv["seq_id"]))
+    got, _ = decode_stage(decode, [(rid, m) for rid, m, _ in migrations])
+    assert prefill.free_parked([seq_id for _, _, seq_id in migrations]) == len(requests)
+    return got, [m for _, m, _ in migrations]
+
+
 def cases():
     rng = random.Random(0)
     out = []

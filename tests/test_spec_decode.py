@@ -138,19 +138,13 @@ def test_served_with_speculative_config(tiny_llama, tiny_server, tmp_path):
 def test_decode_engine_speculates_after_a_hand_off(tiny_models, llm_cache):
     """1P1D over DLSlime with the drafter on the decode engine: the hybrid engine's tokens."""
     pytest.importorskip("dlslime", reason="dlslime (and libibverbs1) is needed for KV transfer")
-    from tests.test_pd_core import OPTS, decode_stage, prefill_stage
+    from tests.test_pd_core import OPTS, hand_off_all
     path = tiny_models["llama"]
     prefill = llm_cache.get(path, role="prefill", **OPTS).engine
     decode = llm_cache.get(path, role="decode", speculative_config=NGRAM, **OPTS).engine
-    hybrid = llm_cache.get(path, **OPTS)
     prompts = repetitive_prompts()
     params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)] + [sampled(i) for i in range(1, 5)]
-    expected = tokens(hybrid.generate(prompts, params))
-    migrations = []
-    for i, (prompt, p) in enumerate(zip(prompts, params)):
-        kv = prefill_stage(prefill, f"s{i}", prompt, p).kv_transfer_params
-        migrations.append((f"s{i}", kv["migration"], kv["seq_id"]))
-    got, _ = decode_stage(decode, [(rid, m) for rid, m, _ in migrations])
-    assert prefill.free_parked([seq_id for _, _, seq_id in migrations]) == len(prompts)
+    expected = tokens(llm_cache.get(path, **OPTS).generate(prompts, params))
+    got, _ = hand_off_all(prefill, decode, [(f"s{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
     assert [got[f"s{i}"] for i in range(len(prompts))] == expected
     assert decode.stats()["spec_draft_tokens"] > 0
