@@ -292,6 +292,19 @@ def test_mtp_drafts_match_transformers_layers(mtp_checkpoint):
         core.shutdown()
 
 
+def test_mtp_module_of_an_fp8_checkpoint_stays_fp8(mtp_checkpoint, llm_cache, tmp_path):
+    """The MTP layer's projections and experts load in FP8 too, and MTP drafting keeps the output."""
+    from tests.support.fp8 import write_block_fp8_copy
+    fp8_dir, _ = write_block_fp8_copy(mtp_checkpoint, tmp_path, 16)
+    plain, spec = llm_cache.get(fp8_dir), llm_cache.get(fp8_dir, speculative_config=MTP)
+    mtp = spec.engine.runner.model.mtp[0]
+    assert mtp.eh_proj.weight.dtype == mtp.mlp.experts.w13_weight.dtype == torch.float8_e4m3fn
+    assert mtp.self_attn.q_a_proj.weight.dtype == torch.float8_e4m3fn
+    prompts = mixed_prompts(plain.engine.model_config.vocab_size, seed=19)
+    assert tokens(spec.generate(prompts, greedy())) == tokens(plain.generate(prompts, greedy()))
+    assert spec.engine.stats()["spec_draft_tokens"] > 0
+
+
 def test_mtp_speculation_across_a_hand_off(mtp_checkpoint, llm_cache):
     """1P1D with MTP on both sides: the module's latent KV layer travels with the blocks (the prefill engine
     wrote it for the prompt); the decode engine drafts from there and gives the hybrid engine's tokens."""

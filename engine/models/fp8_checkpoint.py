@@ -84,10 +84,12 @@ def keep_block_fp8(model, scales: dict, names: set[str], block: tuple[int, int])
     (before loading). Returns the checkpoint names of the weights that now load as they are."""
     from engine.models.weights import checkpoint_targets
     targets, _ = checkpoint_targets(model)
+    rename = getattr(model, "checkpoint_rename", lambda name: name)  # e.g. DeepSeek's MTP layer -> mtp.0
+    checkpoint_name = {rename(name): name for name in names}
     layers: dict[int, tuple] = {}
     for name, (module, pname, _) in targets.items():
-        if name in names and pname.endswith("weight") and hasattr(module, "to_block_fp8"):
-            layers.setdefault(id(module), (module, []))[1].append(name)
+        if name in checkpoint_name and pname.endswith("weight") and hasattr(module, "to_block_fp8"):
+            layers.setdefault(id(module), (module, []))[1].append(checkpoint_name[name])
     kept = set()
     for module, weights in layers.values():
         if all(name in scales for name in weights) and module.block_fp8_fits(block):
