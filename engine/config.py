@@ -103,11 +103,15 @@ class EngineConfig:
               "distributed_executor_backend", "uni runs one rank: use mp or ray with more than one rank")
         check(self.distributed_timeout_s > 0, "distributed_timeout_s", "must be > 0")
         if self.speculative_config is not None:
-            from engine.spec_decode.config import SpeculativeConfig
-            SpeculativeConfig.parse(self.speculative_config)  # a typed error naming the field
+            self.speculative()  # a typed error naming the field
             check(self.data_parallel_size == 1, "speculative_config", "does not run with data_parallel_size > 1 yet")
         for name, choices in literal_choices(type(self)).items():
             check(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")
+
+    def speculative(self):
+        """`speculative_config` parsed (engine/spec_decode/config.py), or None without speculative decoding."""
+        from engine.spec_decode.config import SpeculativeConfig
+        return SpeculativeConfig.parse(self.speculative_config) if self.speculative_config is not None else None
 
     @property
     def world_size(self) -> int:

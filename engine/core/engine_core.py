@@ -23,7 +23,6 @@ from engine.models.config import check_tensor_parallel, context_limit, load_mode
 from engine.multimodal.inputs import mrope_positions
 from engine.pd.handoff import KVHandoff
 from engine.spec_decode import ngram
-from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.verify import accepted_tokens, sample_rows
 from engine.structured.grammar import GrammarCompiler
 from engine.wire import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
@@ -98,7 +97,7 @@ class EngineCore:
         self._in_flight: LaunchedStep | None = None  # the launched step not yet read back
         # speculative decoding: a step's drafts are proposed from its read-back tokens, so it is read back
         # before the next is scheduled
-        self.spec = SpeculativeConfig.parse(config.speculative_config) if config.speculative_config else None
+        self.spec = config.speculative()
         self.async_scheduling = config.async_scheduling and self.spec is None
         self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verify_rows = 0
         log.info("engine ready: %s, %d ranks, %d KV blocks x %d tokens, %.1fs", self.model_path.name,

@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.distributed.all2all import moe_all_to_all
 from engine.distributed.parallel import ParallelContext
-from engine.layers.linear import copy_checked
+from engine.layers.linear import block_fp8_params, copy_checked
 from kernels.moe import fused_experts, select_experts, select_experts_grouped
 
 
@@ -95,13 +95,9 @@ class FusedMoE(nn.Module):
 
     def to_block_fp8(self, block: tuple[int, int]) -> None:
         """E4M3 expert weights and row-expanded block scales (before loading; see engine/layers/linear.py)."""
-        E, two_i, H = self.w13_weight.shape
-        dev, cols = self.w13_weight.device, lambda n: -(-n // block[1])
-        param = lambda *shape, dtype: nn.Parameter(torch.empty(*shape, dtype=dtype, device=dev), requires_grad=False)
-        self.w13_weight = param(E, two_i, H, dtype=torch.float8_e4m3fn)
-        self.w2_weight = param(E, H, two_i // 2, dtype=torch.float8_e4m3fn)
-        self.w13_weight_scale_inv = param(E, two_i, cols(H), dtype=torch.float32)
-        self.w2_weight_scale_inv = param(E, H, cols(two_i // 2), dtype=torch.float32)
+        dev = self.w13_weight.device
+        self.w13_weight, self.w13_weight_scale_inv = block_fp8_params(tuple(self.w13_weight.shape), block[1], dev)
+        self.w2_weight, self.w2_weight_scale_inv = block_fp8_params(tuple(self.w2_weight.shape), block[1], dev)
         self.block_k = block[1]
 
     def _experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

@@ -26,6 +26,13 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def block_fp8_params(shape: tuple[int, ...], block_k: int, device: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
+    """An E4M3 weight [..., out, in] and its row-expanded block scales [..., out, ceil(in / block_k)] (float32)."""
+    param = lambda *s, dtype: nn.Parameter(torch.empty(*s, dtype=dtype, device=device), requires_grad=False)
+    return (param(*shape, dtype=torch.float8_e4m3fn),
+            param(*shape[:-1], -(-shape[-1] // block_k), dtype=torch.float32))
+
+
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"{what}: checkpoint shard has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
@@ -63,12 +70,7 @@ class LinearBase(nn.Module):
 
     def to_block_fp8(self, block: tuple[int, int]) -> None:
         """E4M3 weight and row-expanded block scales, in place of the model-dtype weight (before loading)."""
-        out_local, in_local = self.weight.shape
-        dev = self.weight.device
-        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=torch.float8_e4m3fn, device=dev),
-                                   requires_grad=False)
-        self.weight_scale_inv = nn.Parameter(torch.empty(out_local, -(-in_local // block[1]), dtype=torch.float32,
-                                                         device=dev), requires_grad=False)
+        self.weight, self.weight_scale_inv = block_fp8_params(tuple(self.weight.shape), block[1], self.weight.device)
         self.block_k = block[1]
 
     def shard_ids(self, name: str) -> tuple:

@@ -25,7 +25,6 @@ from engine.multimodal.processor import ImageProcessorConfig
 from engine.multimodal.step import build_step
 from engine.sampling.metadata import sampling_metadata
 from engine.sampling.sampler import SamplerOutput, sample
-from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.verify import accepted_tokens, sample_rows
 from engine.worker.cuda_graph import DecodeGraphRunner, DecodeInputs, capture_sizes
 from engine.worker.encoder_cache import EncoderCache
@@ -98,7 +97,7 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.hidden_size = model_config.hidden_size
         cls = model_class(model_config)
-        spec = SpeculativeConfig.parse(config.speculative_config) if config.speculative_config else None
+        spec = config.speculative()
         self.mtp = spec is not None and spec.method == "mtp"
         if self.mtp:  # DeepSeek's MTP module drafts: build it (and its KV layer) after the decoder layers
             if not hasattr(cls, "mtp_hidden") or not getattr(model_config.hf, "num_nextn_predict_layers", 0):
