@@ -28,12 +28,21 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, heads, head_dim], k [T, kv_heads, head_dim]; returns rotated copies in their dtype."""
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): interleaved rotary pairs as rotate-half halves."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+               interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, head_dim], k [T, kv_heads, head_dim] (strided views welcome); returns rotated copies in
+    their dtype and in halves. `interleaved`: the inputs hold the rotary pairs side by side (DeepSeek's
+    layout), taken apart into halves first, as the reference does."""
     half = q.shape[-1] // 2
     if (use_triton(q) and cos_sin_cache.shape[-1] == q.shape[-1] and half & (half - 1) == 0
             and q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.is_contiguous()):
         from kernels.triton.elementwise import apply_rope as fused
-        return fused(q, k, positions, cos_sin_cache)
+        return fused(q, k, positions, cos_sin_cache, interleaved)
+    if interleaved:
+        q, k = deinterleave(q), deinterleave(k)
     return apply_rope_ref(q, k, positions, cos_sin_cache)

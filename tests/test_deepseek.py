@@ -165,10 +165,11 @@ def test_mla_backend_choice_on_cpu():
             get_mla_backend(name, cpu, torch.bfloat16, 64, 512, 64)
 
 
-@pytest.mark.parametrize("kernels", ["mla", "fp8"])
+@pytest.mark.parametrize("kernels", ["mla", "fp8", "routing"])
 def test_triton_kernels_interpreted_on_cpu(kernels):
     """The GPU's Triton kernels run here under Triton's interpreter against torch: the latent attention and
-    store (mla), the block-FP8 GEMM and the FP8 fused MoE (fp8)."""
+    store (mla), the block-FP8 GEMM and the FP8 fused MoE (fp8), the router of every MoE family and the rope
+    on interleaved pairs (routing)."""
     pytest.importorskip("triton", reason="triton is not installed")
     import os
     import subprocess

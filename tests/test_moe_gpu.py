@@ -1,5 +1,5 @@
 """GPU MoE kernels against the torch reference (kernels/moe/torch_ref.py), at decode and prefill token counts:
-the Triton router top-k, the Triton fused experts (all experts, and one rank's experts under expert
+the Triton routers, the Triton fused experts (all experts, and one rank's experts under expert
 parallelism), the same inside a CUDA graph, and DeepGEMM's grouped GEMM path when `deep_gemm` imports."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def reference(x, w13, w2, weights, ids, expert_map=None):
 @pytest.mark.parametrize("T", TOKENS)
 def test_router_topk_matches_torch(T):
     from kernels.moe.torch_ref import select_experts_ref
-    from kernels.triton.fused_moe import select_experts
+    from kernels.moe import select_experts
     logits = make(128, 16, 16, 8, T)[3]
     for renorm in (True, False):
         w, ids = select_experts(logits, 8, renorm)
@@ -43,6 +43,14 @@ def test_router_topk_matches_torch(T):
             probs = probs / probs.sum(-1, keepdim=True)
         torch.testing.assert_close(w, probs, atol=1e-6, rtol=1e-5)
         assert (ids == rids).float().mean() > 0.95
+
+
+def test_every_router_and_interleaved_rope_match_torch():
+    """DeepSeek V3 / V2 / Kimi-K2 / Moonlight and Qwen routers (grouped, biased, scaled) and the rope on
+    interleaved pairs, on the GPU at a prefill-sized token count (tests/support/routing.py)."""
+    from tests.support.routing import check_interleaved_rope, check_routers
+    assert check_routers("cuda", tokens=300) < 1e-5
+    assert check_interleaved_rope("cuda") < 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["qwen3-30b-a3b", "small"])

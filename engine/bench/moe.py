@@ -37,10 +37,12 @@ def time_us(fn, iters: int = 20, graph: bool = True) -> float:
 
 
 def candidates():
-    for bm, bn, bk, gm, warps, stages in itertools.product((16, 32, 64), (64, 128), (64, 128), (1, 8), (4, 8),
-                                                           (3, 4)):
-        if bm == 64 and bn == 128 and bk == 128 and stages == 4:
-            continue  # over the shared memory budget
+    for bm, bn, bk, gm, warps, stages in itertools.product((16, 32, 64), (32, 64, 128), (64, 128, 256), (1, 8),
+                                                           (4, 8), (3, 4)):
+        if (bm * bk + bk * bn) * 2 * stages > 160 * 1024:
+            continue  # over the shared memory budget (bf16 tiles, one per stage)
+        if (bn == 32 or bk == 256) and (bm > 16 or warps > 4):
+            continue  # narrow tiles and long K steps: for a few tokens (many programs, each a long weight stream)
         yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps, "num_stages": stages}
 
 
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--block-m", default="16,32,64", help="the row tiles --tune tries (16 alone for a few tokens)")
     ap.add_argument("--backend", choices=("triton", "deep_gemm"), default="triton",
                     help="deep_gemm: DeepGEMM's grouped GEMM, timed eagerly (needs `deep_gemm`)")
     args = ap.parse_args(argv)
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         if args.tune:
             # gate-up and down are tuned one after the other with a shared BLOCK_M
             results = []
-            for bm in (16, 32, 64):
+            for bm in map(int, args.block_m.split(",")):
                 ups = [c for c in candidates() if c["BLOCK_M"] == bm]
                 base = ups[0]
                 up_best = min(ups, key=lambda c: time_us(lambda: fused_moe.fused_experts(

@@ -5,7 +5,7 @@ tensor-parallel ranks; every rank stores the same latents. The attention itself 
 (kernels/attention/mla.py: FlashMLA, Triton or torch), computed in the latent space.
 
 The rotary part is DeepSeek's interleaved layout (pairs (x0, x1), (x2, x3), ...) when `rope_interleave`, taken
-apart into halves here so the usual rotate-half kernels apply (the reference does the same). YaRN scaling
+apart into halves by the rope kernel so the usual rotate-half layout follows (the reference does the same). YaRN scaling
 multiplies the softmax scale by mscale(factor, mscale_all_dim)^2, as the reference does."""
 from __future__ import annotations
 
@@ -38,11 +38,6 @@ def mla_softmax_scale(cfg: ModelConfig) -> float:
         m = yarn_mscale(rope.factor, rope.mscale_all_dim)
         scale *= m * m
     return scale
-
-
-def deinterleave(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): interleaved rotary pairs as rotate-half halves."""
-    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
 
 class MLAAttention(nn.Module):
@@ -79,10 +74,10 @@ class MLAAttention(nn.Module):
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q_nope, q_pe = q.view(T, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent.contiguous())
-        if self.interleaved:
-            q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
-        q_pe, k_pe = apply_rope(q_pe.contiguous(), k_pe.contiguous()[:, None, :], positions, self.rotary.cos_sin_cache)
+        latent = self.kv_a_layernorm(latent)  # a strided view: the norm kernels read rows by stride
+        # the rotary parts stay views of the projections; the rope kernel reads them (and DeepSeek's interleaved
+        # pairs) in place and writes the rotated copies in halves
+        q_pe, k_pe = apply_rope(q_pe, k_pe[:, None, :], positions, self.rotary.cos_sin_cache, self.interleaved)
         self.backend.store(latent, k_pe[:, 0], self.kv_cache, meta.slot_mapping)
         out = self.backend.attend(q_nope, q_pe, self.kv_cache, meta, self.kv_b_proj.weight, self.shape)
         return self.o_proj(out.reshape(T, self.num_heads * self.v_dim))

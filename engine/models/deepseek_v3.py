@@ -27,6 +27,8 @@ MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 class MoEGate(nn.Module):
     """The router: logits in float32 (as the reference computes them) and the score correction bias."""
 
+    float32_parameters = ("weight", "e_score_correction_bias")  # see engine/models/weights.keep_float32
+
     def __init__(self, hidden_size: int, num_experts: int, with_bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
@@ -34,7 +36,7 @@ class MoEGate(nn.Module):
                                         if with_bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        return F.linear(x.float(), self.weight)
 
 
 class DeepseekV3MoE(nn.Module):

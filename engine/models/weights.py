@@ -139,6 +139,16 @@ def fill_random(model: nn.Module, seed: int, device: torch.device) -> None:
                 p.fill_(1.0)
 
 
+def keep_float32(model: nn.Module) -> None:
+    """Parameters a module names in `float32_parameters` stay float32 whatever the model's dtype (routers the
+    reference computes in float32: casting a bf16 weight up on every call was a kernel per layer and step)."""
+    for module in model.modules():
+        for name in getattr(module, "float32_parameters", ()):
+            param = getattr(module, name)
+            if param is not None:
+                setattr(module, name, nn.Parameter(param.data.float(), requires_grad=False))
+
+
 def load_model(model_cls, model_config, parallel, path: Path | None, backend, dtype: torch.dtype,
                device: torch.device, max_positions: int, progress: bool = False) -> nn.Module:
     """Builds the model without initialising its weights, then fills this rank's shards from the
@@ -148,6 +158,7 @@ def load_model(model_cls, model_config, parallel, path: Path | None, backend, dt
     with torch.device("meta"):
         model = model_cls(model_config, parallel, backend, max_positions, device)
     model = model.to_empty(device=device).to(dtype)
+    keep_float32(model)
     if path is None:
         fill_random(model, parallel.tp_rank, device)
     else:

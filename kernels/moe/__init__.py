@@ -1,6 +1,7 @@
 """Mixture-of-experts kernels behind one import point.
 
-`select_experts` turns router logits into (top-k weights, top-k expert ids). `fused_experts` runs every
+`select_experts` / `select_experts_grouped` turn router logits into (top-k weights, top-k expert ids): one
+Triton launch on a GPU (kernels/triton/routing.py), the torch reference elsewhere. `fused_experts` runs every
 token through its experts' gated MLPs and sums the weighted outputs:
 
     out[t] = sum_j w[t, j] * down[e_j](silu(gate[e_j](x[t])) * up[e_j](x[t])),  e_j = ids[t, j]
@@ -20,12 +21,19 @@ from kernels.moe.torch_ref import fused_experts_ref, select_experts_grouped_ref,
 from kernels.triton import use_triton
 
 
+def _fused_router_fits(router_logits: torch.Tensor, num_groups: int) -> bool:
+    """The Triton router holds a token's experts in one [groups, experts per group] tile of <= 1024 values."""
+    E = router_logits.shape[-1]
+    p2 = lambda n: 1 << (n - 1).bit_length()
+    return use_triton(router_logits) and E % num_groups == 0 and p2(num_groups) * p2(E // num_groups) <= 1024
+
+
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the experts, the top k, optionally renormalised to sum to 1 (Qwen3-MoE's
     `norm_topk_prob`). Weights in float32, ids int32."""
-    if use_triton(router_logits) and router_logits.shape[-1] <= 1024:
-        from kernels.triton.fused_moe import select_experts as fused_select
-        return fused_select(router_logits, top_k, renormalize)
+    if _fused_router_fits(router_logits, 1):
+        from kernels.triton.routing import route
+        return route(router_logits, None, top_k, 1, 1, renormalize, 1.0, "softmax")
     return select_experts_ref(router_logits, top_k, renormalize)
 
 
@@ -35,6 +43,10 @@ def select_experts_grouped(router_logits: torch.Tensor, correction_bias: torch.T
     """DeepSeek routing: V3 / Kimi-K2 (sigmoid scores, correction bias, group-limited top-k, routed scaling) or
     V2 (softmax scores, groups ranked by their best expert); see kernels/moe/torch_ref.py. Weights in float32,
     ids int32."""
+    if _fused_router_fits(router_logits, num_groups):
+        from kernels.triton.routing import route
+        return route(router_logits, correction_bias, top_k, num_groups, topk_groups, renormalize, routed_scaling,
+                     scoring)
     return select_experts_grouped_ref(router_logits, correction_bias, top_k, num_groups, topk_groups, renormalize,
                                       routed_scaling, scoring)
 

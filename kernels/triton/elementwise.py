@@ -61,8 +61,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 @triton.jit
 def _rope_kernel(x_ptr, out_ptr, pos_ptr, cache_ptr, H, stride_xt, stride_xh,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    # one program per token: all heads of q (or k) rotated with the token's cos/sin row
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # one program per token: all heads of q (or k) rotated with the token's cos/sin row. INTERLEAVED input
+    # holds the rotary pairs side by side (x0, x1), (x2, x3), ... (DeepSeek); the output is always in halves
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
@@ -70,9 +71,13 @@ def _rope_kernel(x_ptr, out_ptr, pos_ptr, cache_ptr, H, stride_xt, stride_xh,
     sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + d)
     hs = tl.arange(0, BLOCK_H)
     hmask = hs[:, None] < H
-    base = x_ptr + t * stride_xt + hs[:, None] * stride_xh + d[None, :]
-    x1 = tl.load(base, mask=hmask, other=0.0)
-    x2 = tl.load(base + HALF, mask=hmask, other=0.0)
+    base = x_ptr + t * stride_xt + hs[:, None] * stride_xh
+    if INTERLEAVED:
+        x1 = tl.load(base + 2 * d[None, :], mask=hmask, other=0.0)
+        x2 = tl.load(base + 2 * d[None, :] + 1, mask=hmask, other=0.0)
+    else:
+        x1 = tl.load(base + d[None, :], mask=hmask, other=0.0)
+        x2 = tl.load(base + HALF + d[None, :], mask=hmask, other=0.0)
     dt = x1.dtype
     c, s = cos.to(dt).to(tl.float32)[None, :], sin.to(dt).to(tl.float32)[None, :]
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
@@ -81,17 +86,18 @@ def _rope_kernel(x_ptr, out_ptr, pos_ptr, cache_ptr, H, stride_xt, stride_xh,
     tl.store(obase + HALF, (x2f * c + x1f * s).to(dt), mask=hmask)
 
 
-def _rope_one(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+def _rope_one(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, interleaved: bool) -> torch.Tensor:
     T, H, D = x.shape
     out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     if T:
         _rope_kernel[(T,)](x, out, positions, cache, H, x.stride(0), x.stride(1), HALF=D // 2,
-                           BLOCK_H=triton.next_power_of_2(H), num_warps=4)
+                           BLOCK_H=triton.next_power_of_2(H), INTERLEAVED=interleaved, num_warps=4)
     return out
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor):
-    return _rope_one(q, positions, cache), _rope_one(k, positions, cache)
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
+               interleaved: bool = False):
+    return _rope_one(q, positions, cache, interleaved), _rope_one(k, positions, cache, interleaved)
 
 
 @triton.jit

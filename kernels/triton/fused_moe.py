@@ -119,38 +119,24 @@ def align_by_expert(ids: torch.Tensor, block_m: int, num_experts: int):
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_t, TOP_K: tl.constexpr,
-                         RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
-    """One token per program: softmax over the experts in float32, the top k by repeated max (ties to the
-    lower id, as torch.topk), optionally renormalised."""
+def _combine_kernel(rows_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = the sum of token t's k weighted expert rows, in float32, rounded once (as torch's sum)."""
     t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_E)
-    x = tl.load(logits_ptr + t * stride_t + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
-    p = tl.exp(x - tl.max(x, 0))
-    p = p / tl.sum(p, 0)
-    p = tl.where(offs < E, p, -1.0)
-    total = 0.0
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, offs, BLOCK_E), 0)
-        tl.store(weights_ptr + t * TOP_K + j, best)
-        tl.store(ids_ptr + t * TOP_K + j, idx)
-        total += best
-        p = tl.where(offs == idx, -1.0, p)
-    if RENORMALIZE:
-        for j in tl.static_range(TOP_K):
-            w = tl.load(weights_ptr + t * TOP_K + j)
-            tl.store(weights_ptr + t * TOP_K + j, w / total)
+        acc += tl.load(rows_ptr + (t * TOP_K + j) * H + offs, mask=offs < H, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    T, E = router_logits.shape
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device)
-    if T:
-        _topk_softmax_kernel[(T,)](router_logits, weights, ids, E, router_logits.stride(0), TOP_K=top_k,
-                                   RENORMALIZE=renormalize, BLOCK_E=triton.next_power_of_2(E))
-    return weights, ids
+def combine(rows: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[T * k, H] -> [T, H]: one launch (torch's sum over the k axis was a slow generic reduction at decode)."""
+    P, H = rows.shape
+    out = torch.empty(P // top_k, H, dtype=rows.dtype, device=rows.device)
+    if P:
+        block = min(1024, triton.next_power_of_2(H))
+        _combine_kernel[(P // top_k, triton.cdiv(H, block))](rows, out, H, TOP_K=top_k, BLOCK_H=block)
+    return out
 
 
 def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_per_a, cfg, a_scale=None,
@@ -196,4 +182,4 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     down = (torch.zeros if expert_map is not None else torch.empty)(P, H, dtype=x.dtype, device=x.device)
     weights = topk_weights.to(torch.float32).flatten()
     _gemm(a, w2, down, weights, sorted_ids, expert_ids, num_padded, max_rows, 1, cfg_down, a_scale, w2_scale)
-    return down.view(T, k, H).sum(dim=1)
+    return combine(down, k)
