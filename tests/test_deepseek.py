@@ -165,11 +165,11 @@ def test_mla_backend_choice_on_cpu():
             get_mla_backend(name, cpu, torch.bfloat16, 64, 512, 64)
 
 
-@pytest.mark.parametrize("kernels", ["mla", "fp8", "routing"])
+@pytest.mark.parametrize("kernels", ["mla", "fp8", "decode_kernels"])
 def test_triton_kernels_interpreted_on_cpu(kernels):
     """The GPU's Triton kernels run here under Triton's interpreter against torch: the latent attention and
-    store (mla), the block-FP8 GEMM and the FP8 fused MoE (fp8), the router of every MoE family and the rope
-    on interleaved pairs (routing)."""
+    store (mla), the block-FP8 GEMM and the FP8 fused MoE (fp8), the router of every MoE family, the rope
+    on interleaved pairs and the fused experts with and without the sort by expert (decode_kernels)."""
     pytest.importorskip("triton", reason="triton is not installed")
     import os
     import subprocess

@@ -47,8 +47,8 @@ def test_router_topk_matches_torch(T):
 
 def test_every_router_and_interleaved_rope_match_torch():
     """DeepSeek V3 / V2 / Kimi-K2 / Moonlight and Qwen routers (grouped, biased, scaled) and the rope on
-    interleaved pairs, on the GPU at a prefill-sized token count (tests/support/routing.py)."""
-    from tests.support.routing import check_interleaved_rope, check_routers
+    interleaved pairs, on the GPU at a prefill-sized token count (tests/support/decode_kernels.py)."""
+    from tests.support.decode_kernels import check_interleaved_rope, check_routers
     assert check_routers("cuda", tokens=300) < 1e-5
     assert check_interleaved_rope("cuda") < 1e-5
 
@@ -66,7 +66,7 @@ def test_triton_fused_experts(shape, T):
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("T", [3, 300])
+@pytest.mark.parametrize("T", [2, 3, 300])  # 2 tokens: the direct path (no sort)
 def test_triton_fused_experts_one_ranks_share(T):
     from engine.layers.fused_moe import ExpertPlacement
     from kernels.moe.torch_ref import select_experts_ref

@@ -4,6 +4,7 @@ one expert by a BLOCK_N slice of that expert's weights. Two launches per layer: 
 the tokens), then, after SiLU-and-mul, down with the top-k weight applied before the store; the combine is
 the sum over each token's k rows.
 
+A decode step of one or two tokens skips the sort: each pair is a row tile of its own (DIRECT_MAX_PAIRS).
 Everything is sized by the batch (no host sync), so decode steps run inside CUDA graphs. Block configs come
 from the table tuned on an H200 (kernels/triton/fused_moe_configs.py)."""
 from __future__ import annotations
@@ -16,15 +17,21 @@ from kernels.activation import silu_and_mul
 from kernels.moe.torch_ref import local_ids
 from kernels.triton.fused_moe_configs import moe_configs
 
+# up to this many (token, expert) pairs (two decode tokens of a top-8 router) each pair is its own row tile:
+# at batch 1 the sort by expert cost as much as a tenth of the layer's MoE time, and a pair's expert is
+# read once either way unless two of the few tokens share it
+DIRECT_MAX_PAIRS = 16
+
 
 @triton.jit
 def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, as_ptr, bs_ptr,
               N, K, num_rows_max, num_valid,
               stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_asm, stride_bse, stride_bsn,
-              ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8: tl.constexpr,
+              ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8: tl.constexpr, DIRECT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # FP8: a and b are E4M3 with one scale per BLOCK_K (= the checkpoint's 128) columns, a's per row (token),
-    # b's per output row (row-expanded); each K step's product is rescaled before it is accumulated
+    # b's per output row (row-expanded); each K step's product is rescaled before it is accumulated.
+    # DIRECT (a few pairs): row tile m is pair m alone, its expert read from the ids as they are (no sort)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows_max, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -33,12 +40,18 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, 
     size_m = min(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)  # padding rows hold num_valid
+    if DIRECT:
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if expert < 0:  # another rank's expert
+            return
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_valid).to(tl.int64)
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)  # padding rows hold num_valid
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     row_ok = pair < num_valid
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (pair // ROWS_PER_A)[:, None] * stride_am + offs_k[None, :]
@@ -140,7 +153,7 @@ def combine(rows: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_per_a, cfg, a_scale=None,
-          b_scale=None):
+          b_scale=None, direct=False):
     N, K = b.shape[1], b.shape[2]
     grid = (triton.cdiv(max_rows, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     fp8 = b_scale is not None
@@ -148,7 +161,8 @@ def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_p
     _moe_gemm[grid](a, b, c, weights, sorted_ids, expert_ids, num_padded, a_s, b_s, N, K, max_rows, c.shape[0],
                     a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
                     a_s.stride(0), b_s.stride(0) if fp8 else 0, b_s.stride(1) if fp8 else 0,
-                    ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, FP8=fp8, BLOCK_M=cfg["BLOCK_M"],
+                    ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, FP8=fp8, DIRECT=direct,
+                    BLOCK_M=cfg["BLOCK_M"],
                     BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -173,13 +187,19 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         w13_scale, w2_scale, block_k = fp8_scales
         cfg_up, cfg_down = {**cfg_up, "BLOCK_K": block_k}, {**cfg_down, "BLOCK_K": block_k}
         quant = lambda t: quantize_per_token_group(t, block_k)
-    sorted_ids, expert_ids, num_padded, max_rows = align_by_expert(ids, cfg_up["BLOCK_M"], E)
+    direct = P <= DIRECT_MAX_PAIRS
+    if direct:  # pair m is row tile m: the sort (a launch of its own) is skipped
+        sorted_ids = expert_ids = num_padded = ids
+        max_rows = P * cfg_up["BLOCK_M"]
+    else:
+        sorted_ids, expert_ids, num_padded, max_rows = align_by_expert(ids, cfg_up["BLOCK_M"], E)
     up = torch.empty(P, two_i, dtype=x.dtype, device=x.device)
     a, a_scale = quant(x)
-    _gemm(a, w13, up, None, sorted_ids, expert_ids, num_padded, max_rows, k, cfg_up, a_scale, w13_scale)
+    _gemm(a, w13, up, None, sorted_ids, expert_ids, num_padded, max_rows, k, cfg_up, a_scale, w13_scale, direct)
     a, a_scale = quant(silu_and_mul(up))
     # rows of pairs another rank computes are never written: zeros make them add nothing
     down = (torch.zeros if expert_map is not None else torch.empty)(P, H, dtype=x.dtype, device=x.device)
     weights = topk_weights.to(torch.float32).flatten()
-    _gemm(a, w2, down, weights, sorted_ids, expert_ids, num_padded, max_rows, 1, cfg_down, a_scale, w2_scale)
+    _gemm(a, w2, down, weights, sorted_ids, expert_ids, num_padded, max_rows, 1, cfg_down, a_scale, w2_scale,
+          direct)
     return combine(down, k)

@@ -81,9 +81,11 @@ def check_triton_kernels(device: str = "cpu") -> float:
     w13, w2 = torch.randn(4, 64, 64, generator=g) * 0.2, torch.randn(4, 64, 32, generator=g) * 0.2
     (w13q, w13s), (w2q, w2s) = [quantize_per_token_group(t.flatten(0, 1), 32) for t in (w13, w2)]
     w13q, w13s, w2q, w2s = w13q.view(4, 64, 64), w13s.view(4, 64, 2), w2q.view(4, 64, 32), w2s.view(4, 64, 1)
-    h = torch.randn(5, 64, generator=g)
-    ids = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]], dtype=torch.int32)
-    weights = torch.rand(5, 2, generator=g)
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
-    got = fused_experts(h, w13q, w2q, weights, ids, None, configs=(cfg, cfg), fp8_scales=(w13s, w2s, 32))
-    return max(worst, rel(got, fused_experts_w8a8_ref(h, w13q, w13s, w2q, w2s, weights, ids, 32)))
+    for T in (5, 12):  # 10 pairs take the direct path, 24 the sorted one (kernels/triton/fused_moe.py)
+        h = torch.randn(T, 64, generator=g)
+        ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(T)]).to(torch.int32)
+        weights = torch.rand(T, 2, generator=g)
+        got = fused_experts(h, w13q, w2q, weights, ids, None, configs=(cfg, cfg), fp8_scales=(w13s, w2s, 32))
+        worst = max(worst, rel(got, fused_experts_w8a8_ref(h, w13q, w13s, w2q, w2s, weights, ids, 32)))
+    return worst

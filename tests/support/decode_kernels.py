@@ -1,6 +1,7 @@
-"""The router's Triton kernel (kernels/triton/routing.py) against the torch references, every router shape the
-engine serves, and the rope kernel on DeepSeek's interleaved rotary pairs; run on the CPU under
-TRITON_INTERPRET=1 by tests/test_deepseek.py."""
+"""Triton kernels of the decode path against their torch references: the router (kernels/triton/routing.py) for
+every router shape the engine serves, the rope kernel on DeepSeek's interleaved rotary pairs, and the fused
+experts with and without the sort by expert, all experts or one rank's. Run on the CPU under TRITON_INTERPRET=1
+by tests/test_deepseek.py, and on the GPU by tests/test_moe_gpu.py."""
 from __future__ import annotations
 
 import torch
@@ -57,5 +58,31 @@ def check_interleaved_rope(device: str = "cpu") -> float:
     return max(float((a - b).abs().max()) for a, b in zip(got, want))
 
 
+def check_fused_experts(device: str = "cpu") -> float:
+    """float32 experts (8 experts, hidden 64, intermediate 48, top 2): one or two tokens take the direct path (a
+    row tile per pair), more take the sorted one; then a rank's half of the experts under expert parallelism."""
+    from engine.layers.fused_moe import ExpertPlacement
+    from kernels.moe.torch_ref import fused_experts_ref
+    from kernels.triton.fused_moe import DIRECT_MAX_PAIRS, fused_experts
+    g = torch.Generator(device=device).manual_seed(2)
+    E, H, I, k = 8, 64, 48, 2
+    w13 = torch.randn(E, 2 * I, H, generator=g, device=device) * 0.2
+    w2 = torch.randn(E, H, I, generator=g, device=device) * 0.2
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    worst = 0.0
+    for T in (1, DIRECT_MAX_PAIRS // k, DIRECT_MAX_PAIRS // k + 1, 21):
+        x = torch.randn(T, H, generator=g, device=device)
+        weights = torch.rand(T, k, generator=g, device=device)
+        ids = torch.stack([torch.randperm(E, generator=g, device=device)[:k] for _ in range(T)]).to(torch.int32)
+        worst = max(worst, rel(fused_experts(x, w13, w2, weights, ids, configs=(cfg, cfg)),
+                               fused_experts_ref(x, w13, w2, weights, ids)))
+        placement = ExpertPlacement.even(E, 2)
+        local, m = placement.local_experts(1), placement.expert_map(1, torch.device(device))
+        part = fused_experts(x, w13[local].contiguous(), w2[local].contiguous(), weights, ids, m, configs=(cfg, cfg))
+        worst = max(worst, rel(part, fused_experts_ref(x, w13[local], w2[local], weights, ids, m)))
+    return worst
+
+
 def check_triton_kernels(device: str = "cpu") -> float:
-    return max(check_routers(device), check_interleaved_rope(device))
+    return max(check_routers(device), check_interleaved_rope(device), check_fused_experts(device))
