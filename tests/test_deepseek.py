@@ -216,16 +216,18 @@ def test_checkpoint_with_mtp_modules_loads(mtp_checkpoint, deepseek_models, llm_
 
 
 MTP = '{"method": "mtp", "num_speculative_tokens": 1}'
+mtp_k = lambda k: f'{{"method": "mtp", "num_speculative_tokens": {k}}}'
 
 
-@pytest.mark.parametrize("options", [{}, dict(tensor_parallel_size=2), dict(enable_prefix_caching=True, block_size=4,
-                                                                           max_num_batched_tokens=8)],
-                         ids=["one-rank", "tp2", "chunks"])
-def test_mtp_speculation_keeps_the_output(mtp_checkpoint, llm_cache, options):
-    """DeepSeek's MTP module drafts one token per step (its latent KV a layer of the pool): greedy tokens,
-    logprobs and seeded samples equal plain decoding's."""
+@pytest.mark.parametrize("options,k", [({}, 1), ({}, 3), (dict(tensor_parallel_size=2), 2),
+                                       (dict(enable_prefix_caching=True, block_size=4, max_num_batched_tokens=8), 3)],
+                         ids=["one-rank", "one-rank-chain3", "tp2-chain2", "chunks-chain3"])
+def test_mtp_speculation_keeps_the_output(mtp_checkpoint, llm_cache, options, k):
+    """DeepSeek's MTP module drafts k tokens per step (its latent KV a layer of the pool; k > 1 chains it over
+    lookahead slots): greedy tokens, logprobs and seeded samples equal plain decoding's (and the pool is whole
+    again afterwards, as after every test)."""
     from engine.sampling_params import SamplingParams
-    plain, spec = llm_cache.get(mtp_checkpoint, **options), llm_cache.get(mtp_checkpoint, speculative_config=MTP,
+    plain, spec = llm_cache.get(mtp_checkpoint, **options), llm_cache.get(mtp_checkpoint, speculative_config=mtp_k(k),
                                                                           **options)
     runner = spec.engine.runner
     assert len(runner.model.mtp) == 1 and spec.engine.kv_spec.num_layers == 4  # 3 decoder layers + the MTP's
@@ -233,15 +235,18 @@ def test_mtp_speculation_keeps_the_output(mtp_checkpoint, llm_cache, options):
     assert tokens(spec.generate(prompts, greedy(logprobs=2))) == tokens(plain.generate(prompts, greedy(logprobs=2)))
     params = [SamplingParams(temperature=0.8, seed=i, max_tokens=12, ignore_eos=True) for i in range(len(prompts))]
     assert tokens(spec.generate(prompts, params)) == tokens(plain.generate(prompts, params))
-    if not options:
-        stats = spec.engine.stats()
-        assert stats["spec_draft_tokens"] > 0 and stats["spec_verify_rows"] == stats["spec_draft_tokens"], stats
+    stats = spec.engine.stats()
+    assert stats["spec_draft_tokens"] > 0, stats
+    # k drafts a step, fewer only near a request's length limit
+    rows, drafts = stats["spec_verify_rows"], stats["spec_draft_tokens"]
+    assert (drafts == rows) if k == 1 else (1.5 * rows < drafts <= k * rows), stats
 
 
-def mtp_reference_draft(path, token_ids: list[int]) -> int:
-    """The MTP module's greedy draft after `token_ids`, computed with transformers' own DeepSeek-V3 layer: the
+def mtp_reference_drafts(path, token_ids: list[int], k: int) -> list[int]:
+    """The MTP module's k greedy drafts after `token_ids`, computed with transformers' own DeepSeek-V3 layer: the
     main model's final hidden states h_i, the module's inputs (token i + 1, h_i) through enorm / hnorm / eh_proj,
-    its decoder layer over all positions (causal), shared_head, at the last position."""
+    its decoder layer over all positions (causal), shared_head, at the last position. Each further draft appends
+    one position: (the previous draft, the layer's output at the previous last position)."""
     import json
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -260,35 +265,43 @@ def mtp_reference_draft(path, token_ids: list[int]) -> int:
     layer.load_state_dict(state)
     eps = hf.config.rms_norm_eps
     norm = lambda x, weight: weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    mtp_in = lambda e, h: torch.cat([norm(e, w["enorm.weight"]), norm(h, w["hnorm.weight"])], -1) @ w["eh_proj.weight"].t()
+    drafts = []
     with torch.no_grad():
         ids = torch.tensor([token_ids])
         h = hf.model(input_ids=ids[:, :-1]).last_hidden_state  # positions 0 .. L-2
-        e = hf.model.embed_tokens(ids[:, 1:])  # the token after each of them
-        x = torch.cat([norm(e, w["enorm.weight"]), norm(h, w["hnorm.weight"])], -1) @ w["eh_proj.weight"].t()
-        pos = torch.arange(x.shape[1])[None]
-        L = x.shape[1]
-        mask = torch.full((L, L), float("-inf")).triu(1)[None, None]
-        y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=hf.model.rotary_emb(x, pos))
-        logits = norm(y[0, -1], w["shared_head.norm.weight"]) @ w["shared_head.head.weight"].t()
-    return int(logits.argmax())
+        x = mtp_in(hf.model.embed_tokens(ids[:, 1:]), h)  # with the token after each of them
+        for _ in range(k):
+            L = x.shape[1]
+            pos = torch.arange(L)[None]
+            mask = torch.full((L, L), float("-inf")).triu(1)[None, None]
+            y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=hf.model.rotary_emb(x, pos))
+            logits = norm(y[0, -1], w["shared_head.norm.weight"]) @ w["shared_head.head.weight"].t()
+            drafts.append(int(logits.argmax()))
+            x = torch.cat([x, mtp_in(hf.model.embed_tokens(torch.tensor([[drafts[-1]]])), y[:, -1:])], dim=1)
+    return drafts
 
 
-def test_mtp_drafts_match_transformers_layers(mtp_checkpoint):
-    """Each step's draft is the MTP module's prediction as transformers' layers compute it (greedy run)."""
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_drafts_match_transformers_layers(mtp_checkpoint, k):
+    """Each step's drafts are the MTP module's predictions as transformers' layers compute them (greedy run;
+    k = 3: the chained module)."""
     from engine.config import EngineConfig
     from engine.core import EngineCore
-    core = EngineCore(EngineConfig(model=str(mtp_checkpoint), device="cpu", speculative_config=MTP))
+    core = EngineCore(EngineConfig(model=str(mtp_checkpoint), device="cpu", speculative_config=mtp_k(k)))
     try:
         core.add_request(EngineCoreRequest(request_id="d", prompt_token_ids=[5, 9, 14, 3, 27, 8, 11],
                                            params=greedy(max_tokens=8)))
-        checked = 0
+        checked = longest = 0
         while core.has_unfinished():
             core.step()
             seq = core.seqs.get("d")
             if seq is not None and seq.spec_token_ids:
-                assert seq.spec_token_ids == [mtp_reference_draft(mtp_checkpoint, seq.token_ids)]
+                assert seq.spec_token_ids == mtp_reference_drafts(mtp_checkpoint, seq.token_ids,
+                                                                  len(seq.spec_token_ids))
                 checked += 1
-        assert checked >= 3
+                longest = max(longest, len(seq.spec_token_ids))
+        assert checked >= 3 and longest == k
     finally:
         core.shutdown()
 
@@ -307,11 +320,12 @@ def test_mtp_module_of_an_fp8_checkpoint_stays_fp8(mtp_checkpoint, llm_cache, tm
 
 
 def test_mtp_speculation_across_a_hand_off(mtp_checkpoint, llm_cache):
-    """1P1D with MTP on both sides: the module's latent KV layer travels with the blocks (the prefill engine
-    wrote it for the prompt); the decode engine drafts from there and gives the hybrid engine's tokens."""
+    """1P1D with MTP (chained, k = 2) on both sides: the module's latent KV layer travels with the prompt's blocks
+    (the prefill engine wrote it; its lookahead blocks stay behind); the decode engine drafts from there and
+    gives the hybrid engine's tokens."""
     pytest.importorskip("dlslime", reason="dlslime (and libibverbs1) is needed for KV transfer")
     from tests.test_pd_core import OPTS, cases, hand_off_all
-    opts = dict(OPTS, speculative_config=MTP)
+    opts = dict(OPTS, speculative_config=mtp_k(2))
     prefill = llm_cache.get(mtp_checkpoint, role="prefill", **opts).engine
     decode = llm_cache.get(mtp_checkpoint, role="decode", **opts).engine
     cs = cases()

@@ -33,7 +33,6 @@ def test_acceptance_rule():
 @pytest.mark.parametrize("text,why", [("nope", "not JSON"), ("[1]", "JSON object"),
                                       ('{"num_speculative_tokens": 0}', ">= 1"),
                                       ('{"method": "eagle", "num_speculative_tokens": 1}', "not available"),
-                                      ('{"method": "mtp", "num_speculative_tokens": 2}', "takes num_speculative_tokens 1"),
                                       ('{"num_speculative_tokens": 2, "draft": 1}', "unknown keys"),
                                       ('{"method": "ngram"}', "needs num_speculative_tokens")])
 def test_speculative_config_errors(text, why):
@@ -148,3 +147,21 @@ def test_decode_engine_speculates_after_a_hand_off(tiny_models, llm_cache):
     got, _ = hand_off_all(prefill, decode, [(f"s{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
     assert [got[f"s{i}"] for i in range(len(prompts))] == expected
     assert decode.stats()["spec_draft_tokens"] > 0
+
+
+def test_scheduler_reserves_lookahead_slots_for_mtp_chains():
+    """An MTP chain of k drafts writes the module's KV at the k - 1 positions after the last kept token: the
+    scheduler reserves them with every step's blocks, never past max_model_len."""
+    from engine.core.block_manager import BlockManager
+    from engine.core.scheduler import Scheduler
+    from engine.core.sequence import Sequence
+    assert SpeculativeConfig.parse('{"method": "mtp", "num_speculative_tokens": 3}').lookahead_slots == 2
+    assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3}').lookahead_slots == 0
+    for max_model_len, blocks in [(64, 3), (9, 3), (8, 2)]:  # 7 prompt tokens + 2 slots, 4-token blocks
+        sched = Scheduler(BlockManager(32, 4, False), 4, 64, lookahead_slots=2, max_model_len=max_model_len)
+        seq = Sequence("s", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=1), 0, 1)
+        sched.add(seq)
+        (scheduled,) = sched.schedule().scheduled
+        assert scheduled.num_new_tokens == 7 and len(seq.block_table) == blocks
+        sched.finish(seq, "abort")
+        assert sched.block_manager.num_free_blocks == 32

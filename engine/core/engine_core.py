@@ -78,11 +78,13 @@ class EngineCore:
         # data parallelism: each DP group has its own scheduler slice over its own KV pool (every rank's pool
         # holds num_blocks); the core schedules every slice each step
         self.slices = []
+        spec = config.speculative()
         for _ in range(config.data_parallel_size):
             bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                               on_free=self.executor.on_free if multi_rank else None)
             self.slices.append(Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
-                                         config.enable_chunked_prefill))
+                                         config.enable_chunked_prefill, spec.lookahead_slots if spec else 0,
+                                         self.max_model_len))
         # DP group 0's (the only one at data_parallel_size 1)
         self.scheduler = self.slices[0]
         self.block_manager = self.scheduler.block_manager
@@ -97,7 +99,7 @@ class EngineCore:
         self._in_flight: LaunchedStep | None = None  # the launched step not yet read back
         # speculative decoding: a step's drafts are proposed from its read-back tokens, so it is read back
         # before the next is scheduled
-        self.spec = config.speculative()
+        self.spec = spec
         self.async_scheduling = config.async_scheduling and self.spec is None
         self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verify_rows = 0
         log.info("engine ready: %s, %d ranks, %d KV blocks x %d tokens, %.1fs", self.model_path.name,
@@ -358,13 +360,13 @@ class EngineCore:
                 self.seqs.pop(seq.seq_id, None)
             else:
                 self._slice(seq).block_manager.cache_full_blocks(seq)
-                seq.spec_token_ids = self._propose(seq, mtp_drafts[i] if mtp_drafts is not None else None)
+                seq.spec_token_ids = self._propose(seq, mtp_drafts[i] if mtp_drafts is not None else [])
             outputs.append(self._output(seq, new, new_lp))
         return outputs
 
-    def _propose(self, seq: Sequence, mtp_draft: int | None) -> list[int]:
-        """The drafts the next step feeds after the sequence's last token: the MTP module's (`mtp_draft`, made
-        by the step just read back) or the ngram lookup's. None without speculative decoding, for requests whose
+    def _propose(self, seq: Sequence, mtp_drafts: list[int]) -> list[int]:
+        """The drafts the next step feeds after the sequence's last token: the MTP module's (`mtp_drafts`, made
+        by the step just read back; -1 past where its chain stopped) or the ngram lookup's. None without speculative decoding, for requests whose
         sampling looks at earlier outputs or follows a grammar, and past the length limits."""
         spec = self.spec
         if spec is None or seq.grammar is not None or seq.params.repetition_penalty != 1.0 \
@@ -375,7 +377,7 @@ class EngineCore:
         if k <= 0:
             return []
         if spec.method == "mtp":
-            return [mtp_draft] if mtp_draft is not None else []
+            return list(itertools.takewhile(lambda t: t >= 0, mtp_drafts))[:k]
         return ngram.propose(seq.token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _advance_handoff(self) -> list[EngineCoreOutput]:

@@ -43,8 +43,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, lookahead_slots: int = 0, max_model_len: int | None = None):
         self.block_manager = block_manager
+        # KV slots reserved past a step's fed tokens (an MTP chain's drafts write there), never past max_model_len
+        self.lookahead_slots, self.max_model_len = lookahead_slots, max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -75,14 +77,15 @@ class Scheduler:
             # a decoding sequence with drafts feeds them too, when the budget has room for all of them
             drafts = seq.spec_token_ids if num_new == 1 and 1 + len(seq.spec_token_ids) <= budget else []
             num_new += len(drafts)
-            while not bm.can_allocate(seq, num_new):
+            reserve = num_new + self._lookahead(seq.num_computed_tokens + num_new)
+            while not bm.can_allocate(seq, reserve):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                bm.allocate(seq, num_new)
+                bm.allocate(seq, reserve)
                 out.scheduled.append(ScheduledSeq(seq, num_new, spec_token_ids=list(drafts)))
                 budget -= num_new
                 i += 1
@@ -95,10 +98,11 @@ class Scheduler:
             num_new = min(remaining, budget)
             if num_new < remaining and not self.enable_chunked_prefill and self.running:
                 break  # without chunking a prompt waits for a step with room for all of it
-            if not bm.can_allocate(seq, num_new, prefix):
+            reserve = num_new + self._lookahead(len(prefix) * bm.block_size + num_new)
+            if not bm.can_allocate(seq, reserve, prefix):
                 break
             self.waiting.popleft()
-            bm.allocate(seq, num_new, prefix)
+            bm.allocate(seq, reserve, prefix)
             seq.status = SequenceStatus.RUNNING
             if seq.queue_time is None:
                 seq.queue_time = time.monotonic() - seq.created
@@ -106,6 +110,11 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return out
+
+    def _lookahead(self, end: int) -> int:
+        if not self.lookahead_slots:
+            return 0
+        return max(0, min(self.lookahead_slots, self.max_model_len - end))
 
     def adopt(self, seq: Sequence) -> None:
         """Joins a sequence whose prompt KV is already in its blocks (migrated in) to the batch."""

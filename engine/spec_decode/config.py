@@ -13,9 +13,15 @@ METHODS = ("ngram", "mtp")
 @dataclass(frozen=True)
 class SpeculativeConfig:
     # ngram: drafts copied from the sequence's own earlier tokens (prompt lookup); mtp: the checkpoint's
-    # multi-token-prediction module (DeepSeek-V3, Kimi-K2), one draft per step
+    # multi-token-prediction module (DeepSeek-V3, Kimi-K2), chained for k > 1 (each draft feeds the next)
     method: str
     num_speculative_tokens: int  # drafts per step (k): a verify step feeds k + 1 tokens
+
+    @property
+    def lookahead_slots(self) -> int:
+        """KV slots a step reserves past its fed tokens: an MTP chain writes the module's KV at the k - 1
+        positions after the last kept token before the next step feeds them."""
+        return self.num_speculative_tokens - 1 if self.method == "mtp" else 0
     prompt_lookup_max: int = 4  # ngram: the longest suffix looked up
     prompt_lookup_min: int = 1  # ngram: the shortest
 
@@ -41,9 +47,6 @@ class SpeculativeConfig:
         if "num_speculative_tokens" not in ints:
             raise fail("needs num_speculative_tokens")
         out = cls(method, **ints)
-        if method == "mtp" and out.num_speculative_tokens != 1:
-            raise fail("with method mtp takes num_speculative_tokens 1 (chaining the module for more drafts is not "
-                       "built)")
         if out.prompt_lookup_min > out.prompt_lookup_max:
             raise fail("prompt_lookup_min must not exceed prompt_lookup_max")
         return out

@@ -5,7 +5,6 @@ still in flight to the next step on its own device."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ from engine.multimodal.processor import ImageProcessorConfig
 from engine.multimodal.step import build_step
 from engine.sampling.metadata import sampling_metadata
 from engine.sampling.sampler import SamplerOutput, sample
-from engine.spec_decode.verify import accepted_tokens, sample_rows
+from engine.spec_decode.mtp import MTPDrafter
+from engine.spec_decode.verify import sample_rows
 from engine.worker.cuda_graph import DecodeGraphRunner, DecodeInputs, capture_sizes
 from engine.worker.encoder_cache import EncoderCache
 from engine.worker.host_copy import to_device
@@ -98,8 +98,9 @@ class ModelRunner:
         self.hidden_size = model_config.hidden_size
         cls = model_class(model_config)
         spec = config.speculative()
-        self.mtp = spec is not None and spec.method == "mtp"
-        if self.mtp:  # DeepSeek's MTP module drafts: build it (and its KV layer) after the decoder layers
+        # DeepSeek's MTP module drafts (engine/spec_decode/mtp.py): built with its KV layer after the decoder layers
+        self.mtp = MTPDrafter(self, spec.num_speculative_tokens) if spec is not None and spec.method == "mtp" else None
+        if self.mtp:
             if not hasattr(cls, "mtp_hidden") or not getattr(model_config.hf, "num_nextn_predict_layers", 0):
                 raise UnsupportedModelError("speculative decoding by MTP needs a checkpoint with MTP modules "
                                             "(num_nextn_predict_layers, DeepSeek-V3 / Kimi-K2)",
@@ -225,7 +226,7 @@ class ModelRunner:
             self.model.idle_step(self.hidden_size, self.dtype, self.device)
         if total == 0:
             if self.mtp and len(batch.num_new):  # prefill chunks only: the MTP module still writes its KV
-                self._mtp_drafts(batch, x, hidden, torch.empty(0, dtype=torch.int64))
+                self.mtp.draft(batch, x, hidden, torch.empty(0, dtype=torch.int64), block_tables)
             return None
         if p.dp_size > 1 and p.is_first:
             if logits is None:
@@ -240,42 +241,8 @@ class ModelRunner:
             p.broadcast_from_driver(out.token_ids)
         p.broadcast_from_first(out.token_ids)
         if self.mtp and len(batch.num_new):
-            out.draft_ids = self._mtp_drafts(batch, x, hidden, out.token_ids)
+            out.draft_ids = self.mtp.draft(batch, x, hidden, out.token_ids, block_tables)
         return LaunchedStep(seqs or [], out, to_host=p.is_driver)
-
-    def _mtp_drafts(self, batch: StepBatch, x: StepInputs, hidden: torch.Tensor,
-                    sampled: torch.Tensor) -> torch.Tensor | None:
-        """The MTP module over the step's tokens (every rank; it writes its KV layer), and on rank 0 each sampled
-        sequence's greedy draft. Position i reads the token after it: the next fed token, the next prompt token
-        (a chunk's end), or the step's sample at the last position it keeps (drafts verified as the engine core
-        does, engine/spec_decode/verify.py); the draft is read at that last kept position."""
-        tokens = sampled.tolist()  # verification needs the samples on the host (speculative steps are synchronous)
-        fed = batch.token_ids
-        next_ids = np.empty(len(fed), np.int64)
-        next_ids[:-1] = fed[1:]
-        draft_rows, row, start = [], 0, 0
-        spec = batch.spec_lens if batch.spec_lens is not None else np.zeros(len(batch.num_new), np.int64)
-        for n, k, samples, after in zip(batch.num_new.tolist(), spec.tolist(), batch.samples.tolist(),
-                                        (batch.next_ids if batch.next_ids is not None else itertools.repeat(-1))):
-            end = start + n
-            if samples:
-                drafts = fed[end - k:end].tolist()
-                kept = accepted_tokens(tokens[row:row + k + 1], drafts)
-                last = end - 1 - k + len(kept) - 1  # the position of the last kept token's prediction
-                next_ids[last] = kept[-1]
-                draft_rows.append(last)
-                row += k + 1
-            else:
-                next_ids[end - 1] = max(int(after), 0)
-            start = end
-        ids, pos, meta, _ = self._device_inputs(x)
-        meta.plan = self.backend.plan(meta)
-        ids.copy_(torch.from_numpy(next_ids))
-        h = self.model.mtp_hidden(ids, pos, hidden, meta)
-        if not draft_rows:
-            return None
-        logits = self.model.mtp_logits(h[torch.tensor(draft_rows, device=h.device)])
-        return None if logits is None else logits.argmax(dim=-1)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> list | None:
         """Logprob, rank and top-N of each wanted prompt token (rank 0; every rank joins the logits collective),

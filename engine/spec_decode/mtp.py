@@ -1,0 +1,105 @@
+"""MTP drafting (DeepSeek-V3 / Kimi-K2): the checkpoint's next-token-prediction module proposes k tokens after
+each sampled sequence's last kept token.
+
+The module at position i reads (token i + 1, the main model's hidden state at i) and predicts token i + 2.
+Every step runs it over the step's tokens, which writes its latent KV layer for every fed position; the first
+draft is read at the position of the last kept token's prediction. For k > 1 the module is chained, as vLLM
+and DeepSeek's reference do: draft j + 1 comes from (draft j, the module's own hidden state for draft j) one
+position further on, with the module's KV written there; the scheduler reserves those k - 1 lookahead slots
+(engine/core/scheduler.py), and the next step writes the true KV over them. Drafts are greedy: any draft
+keeps the output exact (verification, engine/spec_decode/verify.py), better ones keep more."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from engine.spec_decode.verify import accepted_tokens
+from engine.worker.input_batch import StepBatch, prepare_host
+
+
+class MTPDrafter:
+    def __init__(self, runner, num_drafts: int):
+        self.runner, self.k = runner, num_drafts
+
+    def draft(self, batch: StepBatch, x, hidden: torch.Tensor, sampled: torch.Tensor,
+              block_tables: list[list[int]]) -> torch.Tensor | None:
+        """The module over the step's tokens (every rank: it writes the module's KV layer), then each sampled
+        sequence's k drafts [S, k] on rank 0 (-1 past where a chain had no KV slot), None when nothing was
+        sampled. Position i reads the token after it: the next fed token, the next prompt token (a chunk's
+        end), or the step's sample at the last position it keeps; a draft is read at that last kept position."""
+        r = self.runner
+        tokens = sampled.tolist()  # verification needs the samples on the host (speculative steps are synchronous)
+        fed = batch.token_ids
+        next_ids = np.zeros(len(fed), np.int64)  # a row's positions after its last kept one: rejected, any token
+        next_ids[:-1] = fed[1:]
+        draft_rows, seq_rows, row, start = [], [], 0, 0
+        spec = batch.spec_lens if batch.spec_lens is not None else np.zeros(len(batch.num_new), np.int64)
+        for i, (n, k, samples, after) in enumerate(zip(
+                batch.num_new.tolist(), spec.tolist(), batch.samples.tolist(),
+                batch.next_ids if batch.next_ids is not None else itertools.repeat(-1))):
+            end = start + n
+            if samples:
+                drafts = fed[end - k:end].tolist()
+                kept = accepted_tokens(tokens[row:row + k + 1], drafts)
+                last = end - 1 - k + len(kept) - 1  # the position of the last kept token's prediction
+                next_ids[last] = kept[-1]
+                draft_rows.append(last)
+                seq_rows.append(i)
+                row += k + 1
+            else:
+                next_ids[end - 1] = max(int(after), 0)
+            start = end
+        ids, pos, meta, _ = r._device_inputs(x)
+        meta.plan = r.backend.plan(meta)
+        ids.copy_(torch.from_numpy(next_ids))
+        h = r.model.mtp_hidden(ids, pos, hidden, meta)
+        if not draft_rows:
+            return None
+        h = h[torch.tensor(draft_rows, device=h.device)]
+        d = self._greedy(h, len(draft_rows))
+        out = torch.full((len(draft_rows), self.k), -1, dtype=torch.int64, device=h.device)
+        out[:, 0] = d
+        if self.k > 1:
+            self._chain(out, d, h, x.positions[draft_rows], [block_tables[i] for i in seq_rows])
+        return out if r.parallel.is_driver else None
+
+    def _greedy(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        """The module's argmax tokens for hidden states h; on every rank when a chain feeds them back."""
+        r = self.runner
+        logits = r.model.mtp_logits(h)
+        d = logits.argmax(dim=-1) if logits is not None else torch.empty(n, dtype=torch.int64, device=h.device)
+        if self.k > 1:
+            p = r.parallel
+            if p.is_first:
+                p.broadcast_from_driver(d)
+            p.broadcast_from_first(d)
+        return d
+
+    def _chain(self, out: torch.Tensor, d: torch.Tensor, h: torch.Tensor, last_pos: np.ndarray,
+               tables: list[list[int]]) -> None:
+        """Drafts 2..k: one decode-shaped step of the module per draft, over the sequences that still have a
+        reserved slot (and rope positions) for it."""
+        r = self.runner
+        bs = r.config.block_size
+        live = np.arange(len(tables))
+        for j in range(1, self.k):
+            pos = last_pos[live] + j
+            room = np.array([len(tables[i]) * bs for i in live.tolist()]) > pos
+            room &= pos < r.max_model_len
+            if not room.all():
+                keep = torch.from_numpy(np.flatnonzero(room)).to(h.device)
+                live, pos, d, h = live[room], pos[room], d[keep], h[keep]
+            if len(live) == 0:
+                return
+            n = len(live)
+            step = StepBatch(num_computed=pos, num_new=np.ones(n, np.int64), pending_rows=np.full(n, -1, np.int64),
+                             samples=np.ones(n, bool), token_ids=np.zeros(n, np.int64))
+            xj = prepare_host(step, [tables[i] for i in live.tolist()], bs, r.backend.needs_block_tables)
+            ids, positions, meta, _ = r._device_inputs(xj)
+            meta.plan = r.backend.plan(meta)
+            ids.copy_(d)
+            h = r.model.mtp_hidden(ids, positions, h, meta)
+            d = self._greedy(h, n)
+            out[torch.from_numpy(live).to(out.device), j] = d
