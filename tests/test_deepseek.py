@@ -183,28 +183,9 @@ def test_triton_kernels_interpreted_on_cpu(kernels):
 
 @pytest.fixture(scope="module")
 def mtp_checkpoint(deepseek_models, tmp_path_factory):
-    """The tiny V3 with an MTP module, as DeepSeek-V3 / Kimi-K2 checkpoints carry it: one more layer
-    (`model.layers.{num_hidden_layers}`: enorm, hnorm, eh_proj, a decoder layer, shared_head, embed_tokens)."""
-    import json
-    import shutil
-    from safetensors.torch import load_file, save_file
-    src = deepseek_models["q_lora"]
-    dst = tmp_path_factory.mktemp("mtp") / "with_mtp"
-    shutil.copytree(src, dst)
-    tensors = load_file(str(src / "model.safetensors"))
-    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    last, g = f"model.layers.{n - 1}.", torch.Generator().manual_seed(3)
-    mtp = {f"model.layers.{n}." + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)}
-    hidden = tensors["model.norm.weight"].shape[0]
-    mtp.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden), f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
-                f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=g) * 0.05,
-                f"model.layers.{n}.shared_head.norm.weight": torch.ones(hidden),
-                f"model.layers.{n}.shared_head.head.weight": tensors["lm_head.weight"].clone(),
-                f"model.layers.{n}.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone()})
-    save_file({**tensors, **mtp}, str(dst / "model.safetensors"))
-    config = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
-    return dst
+    """The tiny V3 with an MTP module (tests/support/mla.with_mtp_layer)."""
+    from tests.support.mla import with_mtp_layer
+    return with_mtp_layer(deepseek_models["q_lora"], tmp_path_factory.mktemp("mtp") / "with_mtp")
 
 
 def test_checkpoint_with_mtp_modules_loads(mtp_checkpoint, deepseek_models, llm_cache):

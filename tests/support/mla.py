@@ -3,6 +3,7 @@ seq_lens[b] tokens cached in shuffled pages, the last q_lens[b] of them fed by t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,3 +81,27 @@ def check_triton_kernels(device: str = "cpu") -> float:
     store_latent(torch.cat([fused[:, :32], fused[:, 40:56]], -1)[keep], want[:, 1], slots[keep])
     assert torch.equal(pool, want), "the Triton latent store differs from the torch store"
     return worst
+
+
+def with_mtp_layer(src: Path, dst: Path) -> Path:
+    """A copy of a tiny V3 checkpoint with an MTP module, as DeepSeek-V3 / Kimi-K2 checkpoints carry it: one more
+    layer (`model.layers.{num_hidden_layers}`: enorm, hnorm, eh_proj, a decoder layer (the last one's copy),
+    shared_head, embed_tokens)."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    last, g = f"model.layers.{n - 1}.", torch.Generator().manual_seed(3)
+    mtp = {f"model.layers.{n}." + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)}
+    hidden = tensors["model.norm.weight"].shape[0]
+    mtp.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden), f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
+                f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=g) * 0.05,
+                f"model.layers.{n}.shared_head.norm.weight": torch.ones(hidden),
+                f"model.layers.{n}.shared_head.head.weight": tensors["lm_head.weight"].clone(),
+                f"model.layers.{n}.embed_tokens.weight": tensors["model.embed_tokens.weight"].clone()})
+    save_file({**tensors, **mtp}, str(dst / "model.safetensors"))
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return dst
