@@ -287,6 +287,47 @@ def test_mtp_drafts_match_transformers_layers(mtp_checkpoint, k):
         core.shutdown()
 
 
+def test_mtp_kv_after_a_prefix_hit_is_the_sequences_own(mtp_checkpoint):
+    """The MTP module's KV at a position depends on the token after it, so at a cached block's last position it
+    belongs to the sequence that wrote the block: a sequence that shares the block but not the token after it
+    computes that block again. Its module KV then equals an engine's without prefix caching, position for
+    position."""
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    shared, first = [5, 9, 14, 3], [27, 8, 11, 2, 30]
+    second = shared + [40, 41, 42, 43, 44]
+
+    def module_kv(core, prompt):  # the module's latents of the prompt's positions after its first step
+        core.add_request(EngineCoreRequest(request_id="b", prompt_token_ids=prompt, params=greedy(max_tokens=3)))
+        core.step()
+        seq, cache = core.seqs["b"], core.runner.model.mtp[0].self_attn.kv_cache
+        bs = core.block_manager.block_size
+        kv = torch.stack([cache[seq.block_table[i // bs], i % bs] for i in range(len(prompt))]).clone()
+        hits = seq.num_cached_tokens
+        while core.has_unfinished():
+            core.step()
+        return kv, hits
+
+    opts = dict(model=str(mtp_checkpoint), device="cpu", speculative_config=MTP, block_size=4, num_kv_blocks=256)
+    cached, plain = EngineCore(EngineConfig(**opts)), EngineCore(EngineConfig(**opts, enable_prefix_caching=False))
+    try:
+        cached.add_request(EngineCoreRequest(request_id="a", prompt_token_ids=shared + first, params=greedy(max_tokens=2)))
+        while cached.has_unfinished():
+            cached.step()
+        got, hits = module_kv(cached, second)
+        want, _ = module_kv(plain, second)
+        assert hits == 0  # the one shared block was computed again
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # a longer shared prefix still hits, less its last block
+        got, hits = module_kv(cached, shared + first[:4] + [50, 51])
+        assert hits == 4
+        # (a different step shape from the plain engine's: equal to rounding)
+        torch.testing.assert_close(got, module_kv(plain, shared + first[:4] + [50, 51])[0], rtol=1e-4, atol=1e-5)
+    finally:
+        cached.shutdown()
+        plain.shutdown()
+
+
 def test_mtp_module_of_an_fp8_checkpoint_stays_fp8(mtp_checkpoint, llm_cache, tmp_path):
     """The MTP layer's projections and experts load in FP8 too, and MTP drafting keeps the output."""
     from tests.support.fp8 import write_block_fp8_copy

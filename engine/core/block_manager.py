@@ -28,8 +28,12 @@ def block_hash(parent: int | None, token_ids: tuple[int, ...], extra: tuple = ()
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 on_free: Callable[[str], None] | None = None):
+                 on_free: Callable[[str], None] | None = None, drop_last_hit: bool = False):
         self.num_blocks = num_blocks
+        # a drafter that reads one token ahead (MTP: its KV at position i depends on token i + 1) makes a cached
+        # block's last position depend on the token after the block, which the next sequence may not share:
+        # the last block of a hit is computed again (vLLM does the same for EAGLE)
+        self.drop_last_hit = drop_last_hit
         # told the id of every sequence whose table is dropped (multi-rank engines forget their copies)
         self.on_free = on_free
         self.block_size = block_size
@@ -76,6 +80,8 @@ class BlockManager:
             if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
                 break
             hit.append(block_id)
+        if self.drop_last_hit and hit:
+            hit.pop()
         return hit
 
     def cache_full_blocks(self, seq: Sequence) -> None:

@@ -81,7 +81,8 @@ class EngineCore:
         spec = config.speculative()
         for _ in range(config.data_parallel_size):
             bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                              on_free=self.executor.on_free if multi_rank else None)
+                              on_free=self.executor.on_free if multi_rank else None,
+                              drop_last_hit=spec is not None and spec.method == "mtp")
             self.slices.append(Scheduler(bm, config.max_num_seqs, config.max_num_batched_tokens,
                                          config.enable_chunked_prefill, spec.lookahead_slots if spec else 0,
                                          self.max_model_len))
