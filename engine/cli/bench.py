@@ -14,6 +14,7 @@ BENCHMARKS = {
     "encoder": "the Qwen3-VL vision tower alone: images/s and TFLOP/s at batch 1, 8, 32 for 448 and 1024 px images",
     "epd": "image TTFT / ITL of one hybrid engine vs encoder + prefill + decode behind the router, at a few rates",
     "attention": "decode attention kernels alone (FlashInfer, Triton, XQA on FP8 pages), GB/s and error per batch size",
+    "profile": "a decode step kernel by kernel (torch.profiler) at a few batch sizes: calls, µs and share per step",
 }
 
 
