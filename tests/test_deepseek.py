@@ -263,6 +263,20 @@ def mtp_reference_drafts(path, token_ids: list[int], k: int) -> list[int]:
     return drafts
 
 
+def test_mtp_chain_under_forced_preemption(mtp_checkpoint, llm_cache):
+    """A latent pool too small for the batch with an MTP chain of 3: each step also reserves the chain's two
+    lookahead slots, sequences are preempted and recomputed, and greedy tokens equal plain decoding's (at
+    max_model_len the chain stops where no slot may be reserved)."""
+    opts = dict(num_kv_blocks=14, block_size=4, max_model_len=40, enable_prefix_caching=False)
+    plain, spec = llm_cache.get(mtp_checkpoint, **opts), llm_cache.get(mtp_checkpoint, speculative_config=mtp_k(3),
+                                                                       **opts)
+    prompts = mixed_prompts(plain.engine.runner.vocab_size, seed=4, lengths=(20, 14, 9, 25, 3, 17))
+    params = greedy(max_tokens=40)  # the longest prompts run into max_model_len
+    assert tokens(spec.generate(prompts, params)) == tokens(plain.generate(prompts, params))
+    stats = spec.engine.stats()
+    assert stats["num_preemptions"] > 0 and stats["spec_draft_tokens"] > 0, stats
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_mtp_drafts_match_transformers_layers(mtp_checkpoint, k):
     """Each step's drafts are the MTP module's predictions as transformers' layers compute them (greedy run;
