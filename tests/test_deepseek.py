@@ -196,8 +196,11 @@ def test_checkpoint_with_mtp_modules_loads(mtp_checkpoint, deepseek_models, llm_
     assert tokens(with_mtp.generate(prompts, greedy())) == tokens(plain.generate(prompts, greedy()))
 
 
-MTP = '{"method": "mtp", "num_speculative_tokens": 1}'
-mtp_k = lambda k: f'{{"method": "mtp", "num_speculative_tokens": {k}}}'
+def mtp_k(k: int) -> str:
+    return f'{{"method": "mtp", "num_speculative_tokens": {k}}}'
+
+
+MTP = mtp_k(1)
 
 
 @pytest.mark.parametrize("options,k", [({}, 1), ({}, 3), (dict(tensor_parallel_size=2), 2),
@@ -246,7 +249,8 @@ def mtp_reference_drafts(path, token_ids: list[int], k: int) -> list[int]:
     layer.load_state_dict(state)
     eps = hf.config.rms_norm_eps
     norm = lambda x, weight: weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    mtp_in = lambda e, h: torch.cat([norm(e, w["enorm.weight"]), norm(h, w["hnorm.weight"])], -1) @ w["eh_proj.weight"].t()
+    mtp_in = lambda e, h: (torch.cat([norm(e, w["enorm.weight"]), norm(h, w["hnorm.weight"])], -1)
+                           @ w["eh_proj.weight"].t())
     drafts = []
     with torch.no_grad():
         ids = torch.tensor([token_ids])
@@ -325,7 +329,8 @@ def test_mtp_kv_after_a_prefix_hit_is_the_sequences_own(mtp_checkpoint):
     opts = dict(model=str(mtp_checkpoint), device="cpu", speculative_config=MTP, block_size=4, num_kv_blocks=256)
     cached, plain = EngineCore(EngineConfig(**opts)), EngineCore(EngineConfig(**opts, enable_prefix_caching=False))
     try:
-        cached.add_request(EngineCoreRequest(request_id="a", prompt_token_ids=shared + first, params=greedy(max_tokens=2)))
+        cached.add_request(EngineCoreRequest(request_id="a", prompt_token_ids=shared + first,
+                                             params=greedy(max_tokens=2)))
         while cached.has_unfinished():
             cached.step()
         got, hits = module_kv(cached, second)

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells[name] = f"{us:.1f} ({kv_bytes / us / 1e3:.0f}, {kv_bytes / us / 1e3 / bandwidth:.0%}; {err:.0e})"
             rows.append((str(kv_dtype).removeprefix("torch."), B, int(lens.sum()), cells))
             print(f"[{rows[-1][0]} B={B}] {cells}", file=sys.stderr, flush=True)
-        pool = cache = None  # frees this dtype's pool before the next (rebound, not deleted: the kernels close over cache)
+        # frees this dtype's pool before the next (rebound, not deleted: the kernels above close over cache)
+        pool = cache = None
         torch.cuda.empty_cache()
     print(f"\ndevice: {torch.cuda.get_device_name()}; copy bandwidth {bandwidth:.0f} GB/s; one layer, "
           f"{H} q heads / {KVH} KV heads / head_dim {D}, {BS}-token pages scattered over a {args.layers}-layer pool")

@@ -26,7 +26,8 @@ def _device_time(evt, cuda: bool) -> float:
     return 0.0
 
 
-def profile_decode(core, batch: int, prompt_len: int, steps: int, cuda: bool) -> tuple[list[tuple[str, float, float]], int]:
+def profile_decode(core, batch: int, prompt_len: int, steps: int,
+                   cuda: bool) -> tuple[list[tuple[str, float, float]], int]:
     """Profiles `steps` decode steps of `batch` sequences (prefilled first, outside the profile): [(kernel, calls
     per step, µs per step)] by time, and the decode steps profiled."""
     from torch.profiler import ProfilerActivity, profile

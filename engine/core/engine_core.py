@@ -367,7 +367,8 @@ class EngineCore:
 
     def _propose(self, seq: Sequence, mtp_drafts: list[int]) -> list[int]:
         """The drafts the next step feeds after the sequence's last token: the MTP module's (`mtp_drafts`, made
-        by the step just read back; -1 past where its chain stopped) or the ngram lookup's. None without speculative decoding, for requests whose
+        by the step just read back; -1 past where its chain stopped) or the ngram lookup's. None without
+        speculative decoding, for requests whose
         sampling looks at earlier outputs or follows a grammar, and past the length limits."""
         spec = self.spec
         if spec is None or seq.grammar is not None or seq.params.repetition_penalty != 1.0 \

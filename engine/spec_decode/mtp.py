@@ -84,10 +84,11 @@ class MTPDrafter:
         r = self.runner
         bs = r.config.block_size
         live = np.arange(len(tables))
+        # positions with a KV slot: the sequence's blocks (lookahead included), within the rope's max_model_len
+        capacity = np.minimum(np.array([len(t) * bs for t in tables]), r.max_model_len)
         for j in range(1, self.k):
             pos = last_pos[live] + j
-            room = np.array([len(tables[i]) * bs for i in live.tolist()]) > pos
-            room &= pos < r.max_model_len
+            room = pos < capacity[live]
             if not room.all():
                 keep = torch.from_numpy(np.flatnonzero(room)).to(h.device)
                 live, pos, d, h = live[room], pos[room], d[keep], h[keep]

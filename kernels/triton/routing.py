@@ -74,7 +74,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, scaling,
 
 
 def route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, num_groups: int,
-          topk_groups: int, renormalize: bool, routed_scaling: float, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
+          topk_groups: int, renormalize: bool, routed_scaling: float,
+          scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
     """See the module docstring; weights float32 [T, top_k], ids int32 [T, top_k]."""
     T, E = router_logits.shape
     weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)

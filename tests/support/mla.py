@@ -96,7 +96,8 @@ def with_mtp_layer(src: Path, dst: Path) -> Path:
     last, g = f"model.layers.{n - 1}.", torch.Generator().manual_seed(3)
     mtp = {f"model.layers.{n}." + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)}
     hidden = tensors["model.norm.weight"].shape[0]
-    mtp.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden), f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
+    mtp.update({f"model.layers.{n}.enorm.weight": torch.ones(hidden),
+                f"model.layers.{n}.hnorm.weight": torch.ones(hidden),
                 f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=g) * 0.05,
                 f"model.layers.{n}.shared_head.norm.weight": torch.ones(hidden),
                 f"model.layers.{n}.shared_head.head.weight": tensors["lm_head.weight"].clone(),
