@@ -16,30 +16,41 @@ import torch.nn.functional as F
 from kernels.triton import use_triton
 
 SKINNY_MAX_ROWS = 16  # also the kernel's row tile
-# the kernel's output-column tile and K step, and the program count that kept the H200's memory busy
-_BN, _BK, _TARGET_PROGRAMS = 64, 128, 64
+# router logits (float32 weights): narrow tiles, so that a 64-expert router still spreads over many programs
+_ROUTER_BN, _ROUTER_BK, ROUTER_MAX_ROWS = 16, 64, 256
 
 
-def skinny_split(m: int, n: int, k: int, dtype: torch.dtype) -> int | None:
-    """How many ways the skinny GEMM splits K for an [m, k] x [n, k]^T product (None: use torch).
-    Enough programs to keep the memory system busy: N/64 column tiles times the split reach ~64."""
+def skinny_config(m: int, n: int, k: int, dtype: torch.dtype):
+    """The skinny GEMM's config for an [m, k] x [n, k]^T product (None: use torch): the tuned table's or the rule's
+    (kernels/triton/skinny_configs.py)."""
     if not (0 < m <= SKINNY_MAX_ROWS) or dtype not in (torch.bfloat16, torch.float16):
         return None
-    if n % _BN or k % _BK:
-        return None
-    split = 1
-    while n // _BN * split * 2 <= _TARGET_PROGRAMS and split < 4 and k % (2 * split * _BK) == 0:
-        split *= 2
-    return split
+    from kernels.triton.skinny_configs import skinny_config as pick
+    return pick(m, n, k)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if x.dim() == 2 and use_triton(x) and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1:
-        split = skinny_split(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
+        cfg = skinny_config(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
+        if cfg is not None:
+            from kernels.triton.skinny_gemm import skinny_gemm
+            return skinny_gemm(x, weight, bias, cfg.S, BN=cfg.BN, BK=cfg.BK, BM=SKINNY_MAX_ROWS,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return F.linear(x, weight, bias)
+
+
+def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """MoE router logits in float32: x (the model's dtype) @ weight (float32)^T as an exact float32 product, as
+    DeepSeek's reference computes them. Decode and small prefill batches on a GPU take one skinny launch; torch
+    needs three (the cast to float32, cuBLAS's GEMV and its split-K reduction)."""
+    if (x.dim() == 2 and 0 < x.shape[0] <= ROUTER_MAX_ROWS and use_triton(x) and weight.dtype == torch.float32
+            and x.stride(1) == 1 and weight.stride(1) == 1):
+        from kernels.triton.skinny_configs import rule_split
+        split = rule_split(weight.shape[0], weight.shape[1], _ROUTER_BN, _ROUTER_BK, 16)
         if split is not None:
             from kernels.triton.skinny_gemm import skinny_gemm
-            return skinny_gemm(x, weight, bias, split, BN=_BN, BK=_BK, BM=SKINNY_MAX_ROWS)
-    return F.linear(x, weight, bias)
+            return skinny_gemm(x, weight, None, split, BN=_ROUTER_BN, BK=_ROUTER_BK, BM=SKINNY_MAX_ROWS)
+    return F.linear(x.float(), weight.float())
 
 
 def dequantize_block_fp8_rows(weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:

@@ -257,13 +257,13 @@ def test_skinny_gemm(n, k, dtype):
     """The split-K skinny GEMM against a float64 product, for every batch size it is routed (1..16), with
     and without bias; its counters are back at zero after each launch, so repeated launches and CUDA
     graph replays on new inputs stay right."""
-    from kernels.linear import linear, skinny_split
+    from kernels.linear import linear, skinny_config
     from kernels.triton.skinny_gemm import workspace
     torch.manual_seed(0)
     w = torch.randn(n, k, device=DEV, dtype=dtype) * 0.05
     b = torch.randn(n, device=DEV, dtype=dtype)
     for m in (1, 3, 8, 16):
-        assert skinny_split(m, n, k, dtype) is not None
+        assert skinny_config(m, n, k, dtype) is not None
         x = torch.randn(m, k, device=DEV, dtype=dtype)
         for bias in (None, b):
             ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
@@ -281,3 +281,17 @@ def test_skinny_gemm(n, k, dtype):
         graph.replay()
         assert rel_err(y, x.double() @ w.double().t() + b.double()) < 5e-3
     assert int(counters.count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("experts,hidden", [(64, 2048), (128, 2048), (256, 7168), (384, 7168), (60, 2048)])
+def test_router_linear(experts, hidden):
+    """MoE router logits (bf16 activations, float32 weights) as an exact float32 product at decode and prefill
+    batch sizes: the skinny kernel where the shape tiles (60 experts does not: torch), against float64."""
+    from kernels.linear import router_linear
+    torch.manual_seed(0)
+    w = torch.randn(experts, hidden, device=DEV) * 0.02
+    for m in (1, 7, 16, 130, 256, 300):
+        x = torch.randn(m, hidden, device=DEV).to(torch.bfloat16)
+        got = router_linear(x, w)
+        assert got.dtype == torch.float32 and got.shape == (m, experts)
+        assert rel_err(got, x.double() @ w.double().t()) < 1e-5  # float32 sums over up to 7,168 products

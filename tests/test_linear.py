@@ -1,22 +1,34 @@
 """Which products the skinny split-K GEMM takes (kernels/linear.py), and the CPU path of `linear`."""
 import torch
 
-from kernels.linear import SKINNY_MAX_ROWS, linear, skinny_split
+from kernels.linear import SKINNY_MAX_ROWS, linear, skinny_config
+from kernels.triton.skinny_configs import TUNED, SkinnyConfig
 
 
-def test_skinny_split_rules():
+def test_skinny_config_rules():
     bf16 = torch.bfloat16
-    # Qwen3-0.6B's projections at one row: wide outputs need no split, the 1024-wide ones split K 4 ways
-    assert [skinny_split(1, n, k, bf16) for n, k in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072))] \
-        == [1, 4, 1, 4]
-    assert skinny_split(1, 2048, 1024, bf16) == 2
-    assert skinny_split(1, 1024, 128, bf16) == 1  # K too short to split
-    assert skinny_split(SKINNY_MAX_ROWS, 1024, 2048, bf16) == 4
-    assert skinny_split(SKINNY_MAX_ROWS + 1, 1024, 2048, bf16) is None  # cuBLAS wins on larger batches
-    assert skinny_split(0, 1024, 2048, bf16) is None
-    assert skinny_split(1, 1000, 2048, bf16) is None  # N not a multiple of the 64-row tile
-    assert skinny_split(1, 1024, 1000, bf16) is None  # K not a multiple of the 128-column step
-    assert skinny_split(1, 1024, 2048, torch.float32) is None
+    split = lambda m, n, k, dtype=bf16: None if (c := skinny_config(m, n, k, dtype)) is None else c.S
+    # Qwen3-0.6B's projections at one row (the rule): wide outputs need no split, the 1024-wide ones split K 4 ways
+    assert [split(1, n, k) for n, k in ((4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072))] == [1, 4, 1, 4]
+    assert split(1, 2048, 1024) == 2
+    assert split(1, 1024, 128) == 1  # K too short to split
+    assert split(SKINNY_MAX_ROWS, 1024, 2048) == 4
+    assert split(SKINNY_MAX_ROWS + 1, 1024, 2048) is None  # cuBLAS wins on larger batches
+    assert split(0, 1024, 2048) is None
+    assert split(1, 1000, 2048) is None  # N not a multiple of the 64-row tile
+    assert split(1, 1024, 1000) is None  # K not a multiple of the 128-column step
+    assert split(1, 1024, 2048, torch.float32) is None
+
+
+def test_tuned_skinny_configs_tile_their_shapes():
+    """Every tuned config divides its shape (N by the column tile, K by split x K step) and fits the kernel's
+    workspace (tile counters and float32 partials for 16 rows); rows limits increase to the kernel's 16."""
+    for (n, k), rows in TUNED.items():
+        assert [r for r, _ in rows] == sorted(r for r, _ in rows) and rows[-1][0] == SKINNY_MAX_ROWS
+        for m, cfg in rows:
+            assert isinstance(cfg, SkinnyConfig) and skinny_config(m, n, k, torch.bfloat16) == cfg
+            assert n % cfg.BN == 0 and k % (cfg.S * cfg.BK) == 0, (n, k, cfg)
+            assert n // cfg.BN <= 1024 and n // cfg.BN * cfg.S * cfg.BN * SKINNY_MAX_ROWS <= 1 << 20, (n, k, cfg)
 
 
 def test_linear_on_cpu_is_torch():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.parallel import ParallelContext
@@ -20,6 +19,7 @@ from engine.models.config import ModelConfig
 from engine.models.deepseek_mtp import DeepseekMTPLayer
 from engine.models.llama import LlamaForCausalLM, LlamaMLP
 from kernels.attention.mla import MLABackend
+from kernels.linear import router_linear
 
 MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -36,7 +36,7 @@ class MoEGate(nn.Module):
                                         if with_bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight)
+        return router_linear(x, self.weight)
 
 
 class DeepseekV3MoE(nn.Module):

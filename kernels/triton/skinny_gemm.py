@@ -6,7 +6,10 @@ batches: too few output tiles to keep the GPU's memory pipes busy. Here every pr
 [BN, K/S] slice of the weights (the operands swapped, so the weight rows are the MMA's M) and the
 S programs of an output tile meet in a serial split-K fix-up: each leaves its fp32 partial in a
 workspace and counts itself in; the last one sums the partials, writes y and re-arms the counter, so
-one launch does everything and the counters are zero again for the next launch (CUDA graphs)."""
+one launch does everything and the counters are zero again for the next launch (CUDA graphs).
+
+Float32 weights (MoE routers, whose logits the references compute in float32) take the activations cast to
+float32 and an exact float32 product (no TF32), and write float32."""
 from __future__ import annotations
 
 import functools
@@ -19,7 +22,7 @@ import triton.language as tl
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_SPLIT, stride_xm, stride_wn,
                         stride_ym, S, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        HAS_BIAS: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -31,8 +34,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_SPL
     acc = tl.zeros((BN, BM), dtype=tl.float32)  # y^T tile
     for _ in range(0, K_SPLIT, BK):
         w = tl.load(w_ptrs)
-        xt = tl.load(x_ptrs, mask=m_ok, other=0.0)
-        acc = tl.dot(w, xt, acc)
+        xt = tl.load(x_ptrs, mask=m_ok, other=0.0).to(w.dtype)
+        if IEEE:
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
         w_ptrs += BK
         x_ptrs += BK
     y_ptrs = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
@@ -75,16 +81,17 @@ def workspace(device: torch.device) -> SkinnyGemmWorkspace:
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, S: int, BN: int, BK: int, BM: int,
                 ws: SkinnyGemmWorkspace | None = None, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T (+ bias) with K split S ways, in [BN, BM] tiles of y^T stepping BK along K;
-    N % BN == 0 and K % (S * BK) == 0."""
+    N % BN == 0 and K % (S * BK) == 0. y is in w's dtype (float32 weights: an exact float32 product)."""
     M, K = x.shape
     N = w.shape[0]
     assert N % BN == 0 and K % (S * BK) == 0 and x.stride(1) == 1 and w.stride(1) == 1
     ws = ws or workspace(x.device)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=w.dtype, device=x.device)
     grid = (N // BN, S, triton.cdiv(M, BM))
     tiles = grid[0] * grid[2]
     assert S == 1 or (tiles <= ws.counters.numel() and tiles * S * BN * BM <= ws.partials.numel())
     _skinny_gemm_kernel[grid](x, w, bias if bias is not None else w, y, ws.partials, ws.counters, M, N, K // S,
                               x.stride(0), w.stride(0), y.stride(0), S, BM=BM, BN=BN, BK=BK,
-                              HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages)
+                              HAS_BIAS=bias is not None, IEEE=w.dtype == torch.float32, num_warps=num_warps,
+                              num_stages=num_stages)
     return y

@@ -1,0 +1,53 @@
+"""Configs of the skinny split-K GEMM (kernels/triton/skinny_gemm.py): the table tuned for the decode projections
+of the MoE models' shapes, and the rule for the rest. A config is the output-column tile BN, the K step BK,
+the K split S (S programs per output tile, meeting in the serial fix-up), warps and pipeline stages.
+
+The rule (tuned on Qwen3-0.6B's projections): 64-column tiles, 128-wide K steps, and K split until the column
+tiles times the split reach ~64 programs. Wider models' projections want more programs than that: the table
+has, per (N, K), the best config for up to 4 rows and for up to 16, from `python -m engine.bench.skinny --tune`
+(weights rotated past the L2, as a step's layers are)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class SkinnyConfig(NamedTuple):
+    BN: int
+    BK: int
+    S: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+RULE_BN, RULE_BK, RULE_PROGRAMS = 64, 128, 64
+
+# (N, K) -> ((rows up to 4, config), (rows up to 16, config)); bf16 weights
+TUNED: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
+    (128, 2048): ((4, SkinnyConfig(16, 128, 8, 4, 4)), (16, SkinnyConfig(16, 256, 8, 4, 4))),
+    (2048, 2048): ((4, SkinnyConfig(64, 128, 4, 4, 4)), (16, SkinnyConfig(64, 128, 4, 4, 4))),
+    (2048, 2816): ((4, SkinnyConfig(64, 256, 1, 4, 4)), (16, SkinnyConfig(64, 128, 2, 4, 4))),
+    (2048, 4096): ((4, SkinnyConfig(64, 256, 4, 4, 3)), (16, SkinnyConfig(64, 256, 4, 4, 3))),
+    (2048, 11264): ((4, SkinnyConfig(64, 256, 4, 4, 4)), (16, SkinnyConfig(64, 256, 4, 4, 3))),
+    (3648, 2048): ((4, SkinnyConfig(64, 256, 1, 4, 4)), (16, SkinnyConfig(64, 256, 1, 4, 4))),
+    (5120, 2048): ((4, SkinnyConfig(64, 256, 1, 4, 4)), (16, SkinnyConfig(64, 256, 1, 4, 4))),
+    (5632, 2048): ((4, SkinnyConfig(64, 256, 1, 4, 4)), (16, SkinnyConfig(64, 256, 1, 4, 4))),
+    (22528, 2048): ((4, SkinnyConfig(64, 128, 1, 4, 3)), (16, SkinnyConfig(64, 128, 1, 4, 3))),
+}
+
+
+def rule_split(n: int, k: int, bn: int, bk: int, most: int, programs: int = RULE_PROGRAMS) -> int | None:
+    """K split so that N / bn column tiles times the split reach ~`programs` (None: the shape does not tile)."""
+    if n % bn or k % bk:
+        return None
+    split = 1
+    while n // bn * split * 2 <= programs and split < most and k % (2 * split * bk) == 0:
+        split *= 2
+    return split
+
+
+def skinny_config(m: int, n: int, k: int) -> SkinnyConfig | None:
+    for rows, cfg in TUNED.get((n, k), ()):
+        if m <= rows:
+            return cfg
+    split = rule_split(n, k, RULE_BN, RULE_BK, 4)
+    return None if split is None else SkinnyConfig(RULE_BN, RULE_BK, split)
