@@ -83,10 +83,13 @@ def route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top
     if T:
         per = E // num_groups
         bias = correction_bias if correction_bias is not None else weights  # unread without HAS_BIAS
+        block_g, block_p = triton.next_power_of_2(num_groups), triton.next_power_of_2(per)
         _route_kernel[(T,)](router_logits, bias, weights, ids, router_logits.stride(0), float(routed_scaling),
                             PER_GROUP=per, GROUPS=num_groups, TOPK_GROUPS=topk_groups, TOP_K=top_k,
                             SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None,
-                            RENORMALIZE=renormalize, BLOCK_G=triton.next_power_of_2(num_groups),
-                            BLOCK_P=triton.next_power_of_2(per), BLOCK_K=triton.next_power_of_2(top_k),
-                            num_warps=4 if E <= 256 else 8)
+                            RENORMALIZE=renormalize, BLOCK_G=block_g, BLOCK_P=block_p,
+                            BLOCK_K=triton.next_power_of_2(top_k),
+                            # one warp up to 512 experts: k rounds of reductions, each within the warp (more
+                            # warps meet in shared memory at every round)
+                            num_warps=1 if block_g * block_p <= 512 else 4)
     return weights, ids
