@@ -34,15 +34,22 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-               interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               interleaved: bool = False, q_out: torch.Tensor | None = None,
+               k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, heads, head_dim], k [T, kv_heads, head_dim] (strided views welcome); returns rotated copies in
-    their dtype and in halves. `interleaved`: the inputs hold the rotary pairs side by side (DeepSeek's
-    layout), taken apart into halves first, as the reference does."""
+    their dtype and in halves, written into q_out / k_out where given (e.g. the rotary part of a larger query
+    buffer, which saves the concatenation after). `interleaved`: the inputs hold the rotary pairs side by side
+    (DeepSeek's layout), taken apart into halves first, as the reference does."""
     half = q.shape[-1] // 2
     if (use_triton(q) and cos_sin_cache.shape[-1] == q.shape[-1] and half & (half - 1) == 0
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.is_contiguous()):
+            and all(t is None or t.stride(-1) == 1 for t in (q, k, q_out, k_out)) and cos_sin_cache.is_contiguous()):
         from kernels.triton.elementwise import apply_rope as fused
-        return fused(q, k, positions, cos_sin_cache, interleaved)
+        return fused(q, k, positions, cos_sin_cache, interleaved, q_out, k_out)
     if interleaved:
         q, k = deinterleave(q), deinterleave(k)
-    return apply_rope_ref(q, k, positions, cos_sin_cache)
+    q, k = apply_rope_ref(q, k, positions, cos_sin_cache)
+    if q_out is not None:
+        q = q_out.copy_(q)
+    if k_out is not None:
+        k = k_out.copy_(k)
+    return q, k

@@ -108,7 +108,7 @@ def test_block_fp8_checkpoint_matches_dequantised(fp8_checkpoint, llm_cache):
     llm = llm_cache.get(fp8_dir)
     layer = llm.engine.runner.model.model.layers[1]
     attn, moe = layer.self_attn, layer.mlp
-    assert attn.q_a_proj.weight.dtype == torch.float8_e4m3fn and attn.q_a_proj.weight_scale_inv is not None
+    assert attn.fused_qkv_a_proj.weight.dtype == torch.float8_e4m3fn and attn.fused_qkv_a_proj.weight_scale_inv is not None
     assert attn.o_proj.weight.dtype == moe.experts.w13_weight.dtype == torch.float8_e4m3fn
     assert moe.shared_experts.gate_up_proj.weight.dtype == torch.float8_e4m3fn
     assert attn.kv_b_proj.weight.dtype == torch.float32 and attn.kv_b_proj.weight_scale_inv is None
@@ -354,7 +354,7 @@ def test_mtp_module_of_an_fp8_checkpoint_stays_fp8(mtp_checkpoint, llm_cache, tm
     plain, spec = llm_cache.get(fp8_dir), llm_cache.get(fp8_dir, speculative_config=MTP)
     mtp = spec.engine.runner.model.mtp[0]
     assert mtp.eh_proj.weight.dtype == mtp.mlp.experts.w13_weight.dtype == torch.float8_e4m3fn
-    assert mtp.self_attn.q_a_proj.weight.dtype == torch.float8_e4m3fn
+    assert mtp.self_attn.fused_qkv_a_proj.weight.dtype == torch.float8_e4m3fn
     prompts = mixed_prompts(plain.engine.model_config.vocab_size, seed=19)
     assert tokens(spec.generate(prompts, greedy())) == tokens(plain.generate(prompts, greedy()))
     assert spec.engine.stats()["spec_draft_tokens"] > 0

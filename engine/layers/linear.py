@@ -99,21 +99,34 @@ class ColumnParallelLinear(LinearBase):
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel projections of one input in one GEMM (gate and up): each rank keeps its share
-    of every projection, side by side."""
+    """Several projections of one input in one GEMM (gate and up; MLA's query and latent projections): each rank
+    keeps its share of every projection, side by side, or the whole of a `replicated` one. `unbiased` sources have
+    no bias in the checkpoint (their rows of the fused bias stay zero)."""
 
     def __init__(self, in_features: int, output_sizes: list[int], sources: tuple[str, ...], bias: bool = False,
-                 parallel: ParallelContext = SINGLE):
+                 parallel: ParallelContext = SINGLE, replicated: tuple[bool, ...] = (),
+                 unbiased: tuple[str, ...] = ()):
         self.output_sizes = output_sizes
         self.checkpoint_shards = {name: i for i, name in enumerate(sources)}
-        super().__init__(in_features, sum(output_sizes), bias, parallel)
-        self.local_sizes = [parallel.shard(n, f"projection {sources[i]}")[1] for i, n in enumerate(output_sizes)]
+        self.replicated = replicated or (False,) * len(sources)
+        self.unbiased = unbiased
+        self.local_sizes = [n if self.replicated[i] else parallel.shard(n, f"projection {sources[i]}")[1]
+                            for i, n in enumerate(output_sizes)]
+        LinearBase.__init__(self, in_features, sum(self.local_sizes), bias, parallel)
+        if self.bias is not None and unbiased:
+            self.bias.data.zero_()
+
+    def shard_ids(self, name: str) -> tuple:
+        if name == "bias":
+            return tuple(i for source, i in self.checkpoint_shards.items() if source not in self.unbiased)
+        return super().shard_ids(name)
 
     def load_weight(self, name: str, tensor, shard_id=None) -> None:
         param = getattr(self, name).data
         size = self.local_sizes[shard_id]
         dst = param.narrow(0, sum(self.local_sizes[:shard_id]), size)
-        copy_checked(dst, tensor.narrow(0, self.parallel.tp_rank * size, size), f"{name} shard {shard_id}")
+        start = 0 if self.replicated[shard_id] else self.parallel.tp_rank * size
+        copy_checked(dst, tensor.narrow(0, start, size), f"{name} shard {shard_id}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine.distributed.parallel import ParallelContext
-from engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from engine.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
@@ -49,13 +49,17 @@ class MLAAttention(nn.Module):
         self.q_lora_rank, self.kv_lora_rank = hf.q_lora_rank, hf.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = hf.qk_nope_head_dim, hf.qk_rope_head_dim, hf.v_head_dim
         qk_dim, bias = self.nope_dim + self.rope_dim, cfg.attention_bias
+        # the query's first projection and the latent's in one GEMM (one launch less per layer at decode): q_a_proj
+        # (replicated) with a low-rank query, else q_proj (this rank's heads; no bias in the reference)
+        self.latent_dim = self.kv_lora_rank + self.rope_dim
+        self.q_out = self.q_lora_rank or self.num_heads * qk_dim
+        q_source = "q_a_proj" if self.q_lora_rank else "q_proj"
+        self.fused_qkv_a_proj = MergedColumnParallelLinear(
+            hidden, [self.q_lora_rank or heads * qk_dim, self.latent_dim], (q_source, "kv_a_proj_with_mqa"), bias,
+            parallel, replicated=(bool(self.q_lora_rank), True), unbiased=() if self.q_lora_rank else ("q_proj",))
         if self.q_lora_rank:
-            self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_dim, False, parallel)
-        else:
-            self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim, False, parallel)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), False, parallel)
         self.kv_b_proj.block_fp8_capable = False  # folded into q and the output: FP8 checkpoints dequantise it
@@ -63,7 +67,6 @@ class MLAAttention(nn.Module):
         self.rotary = rotary
         self.interleaved = bool(getattr(hf, "rope_interleave", True))
         self.scale = mla_softmax_scale(cfg)
-        self.latent_dim = self.kv_lora_rank + self.rope_dim
         self.backend = backend
         self.shape = MLAShape(self.num_heads, self.kv_lora_rank, self.rope_dim, self.nope_dim, self.v_dim, self.scale)
         # this layer's view `pool[:, layer]` [blocks, block_size, latent_dim], bound by the model runner
@@ -71,13 +74,15 @@ class MLAAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q, latent, k_pe = self.fused_qkv_a_proj(x).split([self.q_out, self.kv_lora_rank, self.rope_dim], dim=-1)
+        q = self.q_b_proj(self.q_a_layernorm(q)) if self.q_lora_rank else q
         q_nope, q_pe = q.view(T, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # a strided view: the norm kernels read rows by stride
-        # the rotary parts stay views of the projections; the rope kernel reads them (and DeepSeek's interleaved
-        # pairs) in place and writes the rotated copies in halves
-        q_pe, k_pe = apply_rope(q_pe, k_pe[:, None, :], positions, self.rotary.cos_sin_cache, self.interleaved)
+        latent = self.kv_a_layernorm(latent)  # strided views: the norm kernels read rows by stride
+        # the latent query [T, heads, kv_lora_rank + rope]: the rope kernel writes the rotated part, the backend
+        # the absorbed q_nope beside it
+        q_latent = x.new_empty(T, self.num_heads, self.latent_dim)
+        q_pe, k_pe = apply_rope(q_pe, k_pe[:, None, :], positions, self.rotary.cos_sin_cache, self.interleaved,
+                                q_out=q_latent[..., self.kv_lora_rank:])
         self.backend.store(latent, k_pe[:, 0], self.kv_cache, meta.slot_mapping)
-        out = self.backend.attend(q_nope, q_pe, self.kv_cache, meta, self.kv_b_proj.weight, self.shape)
+        out = self.backend.attend(q_nope, q_pe, self.kv_cache, meta, self.kv_b_proj.weight, self.shape, q_latent)
         return self.o_proj(out.reshape(T, self.num_heads * self.v_dim))

@@ -62,14 +62,19 @@ class MLABackend(abc.ABC):
         """q [T, heads, kv_lora_rank + rope_dim] over the cached latents -> [T, heads, kv_lora_rank]."""
 
     def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
-               w_kv_b: torch.Tensor, shape: MLAShape) -> torch.Tensor:
+               w_kv_b: torch.Tensor, shape: MLAShape, q_latent: torch.Tensor | None = None) -> torch.Tensor:
         """q_nope [T, heads, nope], q_pe [T, heads, rope] (rotated); w_kv_b [heads * (nope + v), kv_lora_rank],
-        this rank's rows of kv_b_proj. Returns [T, heads, v_dim]."""
+        this rank's rows of kv_b_proj. Returns [T, heads, v_dim]. `q_latent` [T, heads, kv_lora_rank + rope], when
+        given, already holds q_pe in its rope part (the layer's rope kernel writes it there) and receives the
+        absorbed query in place: no concatenation of the two."""
         H, C = shape.num_heads, shape.kv_lora_rank
         w = w_kv_b.view(H, shape.nope_dim + shape.v_dim, C)
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :shape.nope_dim]).transpose(0, 1)  # [T, H, C]
-        q = torch.cat([q_latent, q_pe], dim=-1)
-        out = self.latent_attention(q, cache, meta, C, shape.scale)  # [T, H, C]
+        if q_latent is None:
+            q_latent = q_pe.new_empty(q_pe.shape[0], H, C + shape.rope_dim)
+            q_latent[..., C:] = q_pe
+        # cuBLAS writes the strided [heads, T, C] view in place (batch stride C + rope, row stride heads * (C + rope))
+        torch.bmm(q_nope.transpose(0, 1), w[:, :shape.nope_dim], out=q_latent[..., :C].transpose(0, 1))
+        out = self.latent_attention(q_latent, cache, meta, C, shape.scale)  # [T, H, C]
         return torch.bmm(out.transpose(0, 1), w[:, shape.nope_dim:].transpose(1, 2)).transpose(0, 1)
 
 

@@ -60,18 +60,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def _rope_kernel(x_ptr, out_ptr, pos_ptr, cache_ptr, H, stride_xt, stride_xh,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
-    # one program per token: all heads of q (or k) rotated with the token's cos/sin row. INTERLEAVED input
-    # holds the rotary pairs side by side (x0, x1), (x2, x3), ... (DeepSeek); the output is always in halves
-    t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t)
-    d = tl.arange(0, HALF)
-    cos = tl.load(cache_ptr + pos * 2 * HALF + d)
-    sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + d)
+def _rotate(x_ptr, out_ptr, H, stride_xh, stride_oh, cos, sin, d,
+            HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
     hs = tl.arange(0, BLOCK_H)
     hmask = hs[:, None] < H
-    base = x_ptr + t * stride_xt + hs[:, None] * stride_xh
+    base = x_ptr + hs[:, None] * stride_xh
     if INTERLEAVED:
         x1 = tl.load(base + 2 * d[None, :], mask=hmask, other=0.0)
         x2 = tl.load(base + 2 * d[None, :] + 1, mask=hmask, other=0.0)
@@ -81,23 +74,42 @@ def _rope_kernel(x_ptr, out_ptr, pos_ptr, cache_ptr, H, stride_xt, stride_xh,
     dt = x1.dtype
     c, s = cos.to(dt).to(tl.float32)[None, :], sin.to(dt).to(tl.float32)[None, :]
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    obase = out_ptr + t * H * 2 * HALF + hs[:, None] * 2 * HALF + d[None, :]
+    obase = out_ptr + hs[:, None] * stride_oh + d[None, :]
     tl.store(obase, (x1f * c - x2f * s).to(dt), mask=hmask)
     tl.store(obase + HALF, (x2f * c + x1f * s).to(dt), mask=hmask)
 
 
-def _rope_one(x: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    T, H, D = x.shape
-    out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
-    if T:
-        _rope_kernel[(T,)](x, out, positions, cache, H, x.stride(0), x.stride(1), HALF=D // 2,
-                           BLOCK_H=triton.next_power_of_2(H), INTERLEAVED=interleaved, num_warps=4)
-    return out
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr, HQ, HK,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_oqt, stride_oqh, stride_okt, stride_okh,
+                 HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # one program per token: all heads of q and of k rotated with the token's cos/sin row. INTERLEAVED input
+    # holds the rotary pairs side by side (x0, x1), (x2, x3), ... (DeepSeek); the output is always in halves
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cache_ptr + pos * 2 * HALF + d)
+    sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + d)
+    _rotate(q_ptr + t * stride_qt, q_out_ptr + t * stride_oqt, HQ, stride_qh, stride_oqh, cos, sin, d,
+            HALF, BLOCK_HQ, INTERLEAVED)
+    _rotate(k_ptr + t * stride_kt, k_out_ptr + t * stride_okt, HK, stride_kh, stride_okh, cos, sin, d,
+            HALF, BLOCK_HK, INTERLEAVED)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor,
-               interleaved: bool = False):
-    return _rope_one(q, positions, cache, interleaved), _rope_one(k, positions, cache, interleaved)
+               interleaved: bool = False, q_out: torch.Tensor | None = None,
+               k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, HQ, D] and k [T, HK, D] rotated in one launch into q_out / k_out (strided views of the caller's
+    buffers; new tensors when None)."""
+    T, HQ, D = q.shape
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
+    if T:
+        _rope_kernel[(T,)](q, k, q_out, k_out, positions, cache, HQ, k.shape[1], q.stride(0), q.stride(1),
+                           k.stride(0), k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0),
+                           k_out.stride(1), HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(HQ),
+                           BLOCK_HK=triton.next_power_of_2(k.shape[1]), INTERLEAVED=interleaved, num_warps=4)
+    return q_out, k_out
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Triton kernels of the decode path against their torch references: the router (kernels/triton/routing.py) for
-every router shape the engine serves, the rope kernel on DeepSeek's interleaved rotary pairs, and the fused
-experts with and without the sort by expert, all experts or one rank's. Run on the CPU under TRITON_INTERPRET=1
+every router shape the engine serves, the router's float32 logits (the skinny GEMM), the rope kernel on DeepSeek's
+interleaved rotary pairs, and the fused experts with and without the sort by expert, all experts or one rank's. Run on the CPU under TRITON_INTERPRET=1
 by tests/test_deepseek.py, and on the GPU by tests/test_moe_gpu.py."""
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def check_routers(device: str = "cpu", tokens: int = 9) -> float:
 
 def check_interleaved_rope(device: str = "cpu") -> float:
     """The rope kernel reading DeepSeek's interleaved pairs from strided views (q's rotary part inside the
-    projection's heads, k's inside the latent projection) against deinterleaving + the torch reference."""
+    projection's heads, k's inside the latent projection) against deinterleaving + the torch reference; then
+    writing q into the rotary part of a wider buffer (MLA's latent query), as the layer does."""
     from kernels.rope import apply_rope_ref, deinterleave, rope_cos_sin_cache
     from kernels.triton.elementwise import apply_rope
     g = torch.Generator(device=device).manual_seed(1)
@@ -53,9 +54,41 @@ def check_interleaved_rope(device: str = "cpu") -> float:
     k = torch.randn(T, 40 + rope, generator=g, device=device)[:, 40:][:, None, :]
     cache = rope_cos_sin_cache(1.0 / 10000 ** (torch.arange(0, rope, 2, device=device).float() / rope), 64)
     pos = torch.tensor([0, 3, 9, 33, 63], device=device)
-    got = apply_rope(q, k, pos, cache, interleaved=True)
     want = apply_rope_ref(deinterleave(q), deinterleave(k), pos, cache)
-    return max(float((a - b).abs().max()) for a, b in zip(got, want))
+    got = apply_rope(q, k, pos, cache, interleaved=True)
+    buffer = torch.full((T, heads, 24 + rope), 7.0, device=device)
+    into = apply_rope(q, k, pos, cache, interleaved=True, q_out=buffer[..., 24:])
+    assert bool((buffer[..., :24] == 7.0).all()), "the rope kernel wrote outside the rotary part"
+    return max(float((a - b).abs().max()) for a, b in zip((*got, *into, buffer[..., 24:]), (*want, *want[:1])))
+
+
+def check_skinny_gemm(device: str = "cpu") -> float:
+    """The skinny split-K GEMM (one K slice, and 2 and 8 slices meeting in the serial fix-up; with and without
+    bias; 1 to 40 rows) in its float32 mode, and the MoE router's logits (bf16 activations, float32 weights, an
+    exact float32 product: the kernel, and `router_linear`, which takes it on a GPU), relative to float64."""
+    from kernels.linear import router_linear
+    from kernels.triton.skinny_gemm import SkinnyGemmWorkspace, skinny_gemm
+    g = torch.Generator(device=device).manual_seed(3)
+    ws = SkinnyGemmWorkspace(torch.device(device))
+    rel = lambda a, b: float((a.double() - b).abs().max() / b.abs().max())
+    N, K = 64, 512
+    w = torch.randn(N, K, generator=g, device=device)
+    bias = torch.randn(N, generator=g, device=device)
+    worst = 0.0
+    for M, S, b in ((1, 1, None), (3, 2, bias), (16, 8, None), (40, 2, bias)):
+        x = torch.randn(M, K, generator=g, device=device)
+        want = x.double() @ w.double().t() + (0 if b is None else b.double())
+        worst = max(worst, rel(skinny_gemm(x, w, b, S, BN=32, BK=32, BM=16, ws=ws, num_stages=1), want))
+        assert int(ws.counters.count_nonzero()) == 0, "the split-K counters were not re-armed"
+    router = torch.randn(64, 256, generator=g, device=device)
+    for M in (1, 5, 40):
+        x = torch.randn(M, 256, generator=g, device=device).to(torch.bfloat16)
+        want = x.double() @ router.double().t()
+        for logits in (router_linear(x, router), skinny_gemm(x, router, None, 4, BN=16, BK=64, BM=16, ws=ws,
+                                                             num_stages=1)):
+            assert logits.dtype == torch.float32
+            worst = max(worst, rel(logits, want))
+    return worst
 
 
 def check_fused_experts(device: str = "cpu") -> float:
@@ -85,4 +118,5 @@ def check_fused_experts(device: str = "cpu") -> float:
 
 
 def check_triton_kernels(device: str = "cpu") -> float:
-    return max(check_routers(device), check_interleaved_rope(device), check_fused_experts(device))
+    return max(check_routers(device), check_interleaved_rope(device), check_fused_experts(device),
+               check_skinny_gemm(device))
