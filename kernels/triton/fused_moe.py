@@ -1,8 +1,8 @@
 """Triton fused MoE: every (token, expert) pair of the batch is sorted by expert and padded per expert to the
 row tile, so that one launch runs a grouped GEMM over all experts: each program multiplies BLOCK_M pairs of
 one expert by a BLOCK_N slice of that expert's weights. Two launches per layer: gate+up (rows gathered from
-the tokens), then, after SiLU-and-mul, down with the top-k weight applied before the store; the combine is
-the sum over each token's k rows.
+the tokens) with SiLU-and-mul in its epilogue, then down with the top-k weight applied before the store; the
+combine is the sum over each token's k rows.
 
 A decode step of one or two tokens skips the sort: each pair is a row tile of its own (DIRECT_MAX_PAIRS).
 Everything is sized by the batch (no host sync), so decode steps run inside CUDA graphs. Block configs come
@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.activation import silu_and_mul
 from kernels.moe.torch_ref import local_ids
 from kernels.triton.fused_moe_configs import moe_configs
 
@@ -28,10 +27,13 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, 
               N, K, num_rows_max, num_valid,
               stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_asm, stride_bse, stride_bsn,
               ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8: tl.constexpr, DIRECT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+              GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              GROUP_M: tl.constexpr):
     # FP8: a and b are E4M3 with one scale per BLOCK_K (= the checkpoint's 128) columns, a's per row (token),
     # b's per output row (row-expanded); each K step's product is rescaled before it is accumulated.
     # DIRECT (a few pairs): row tile m is pair m alone, its expert read from the ids as they are (no sort)
+    # GATED (gate-up): b holds 2N rows, the gate's then the up's; the program multiplies both halves' BLOCK_N
+    # columns and stores silu(gate) * up, each rounded to c's dtype first as the separate SiLU-and-mul did
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows_max, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -57,18 +59,29 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, 
     a_ptrs = a_ptr + (pair // ROWS_PER_A)[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + expert * stride_be + (offs_n % N)[None, :] * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up_rows = N * stride_bn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if FP8:
             a_s = tl.load(as_ptr + (pair // ROWS_PER_A) * stride_asm + k, mask=row_ok, other=0.0)
-            b_s = tl.load(bs_ptr + expert * stride_bse + (offs_n % N) * stride_bsn + k)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            bs_ptrs = bs_ptr + expert * stride_bse + (offs_n % N) * stride_bsn + k
+            acc += tl.dot(a, b) * a_s[:, None] * tl.load(bs_ptrs)[None, :]
+            if GATED:
+                b_up = tl.load(b_ptrs + up_rows, mask=k_ok[:, None], other=0.0)
+                acc_up += tl.dot(a, b_up) * a_s[:, None] * tl.load(bs_ptrs + N * stride_bsn)[None, :]
         else:
             acc += tl.dot(a, b)
+            if GATED:
+                acc_up += tl.dot(a, tl.load(b_ptrs + up_rows, mask=k_ok[:, None], other=0.0))
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
+    if GATED:
+        gate = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(c_ptr.dtype.element_ty)
+        acc = silu.to(tl.float32) * acc_up.to(c_ptr.dtype.element_ty).to(tl.float32)
     if MUL_WEIGHT:
         w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0)
         acc = acc * w[:, None]
@@ -153,17 +166,19 @@ def combine(rows: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_per_a, cfg, a_scale=None,
-          b_scale=None, direct=False):
-    N, K = b.shape[1], b.shape[2]
-    grid = (triton.cdiv(max_rows, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+          b_scale=None, direct=False, gated=False):
+    """c = a @ b[expert]^T over the row tiles (gated: c = silu(gate) * up of b's two halves; the config's
+    BLOCK_N then covers both halves, so that a program reads as many weight bytes per K step as the table's)."""
+    N, K = b.shape[1] // (2 if gated else 1), b.shape[2]
+    block_n = max(16, cfg["BLOCK_N"] // 2) if gated else cfg["BLOCK_N"]
+    grid = (triton.cdiv(max_rows, cfg["BLOCK_M"]) * triton.cdiv(N, block_n),)
     fp8 = b_scale is not None
     a_s, b_s = (a_scale, b_scale) if fp8 else (a, b)  # unused without FP8
     _moe_gemm[grid](a, b, c, weights, sorted_ids, expert_ids, num_padded, a_s, b_s, N, K, max_rows, c.shape[0],
                     a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
                     a_s.stride(0), b_s.stride(0) if fp8 else 0, b_s.stride(1) if fp8 else 0,
-                    ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, FP8=fp8, DIRECT=direct,
-                    BLOCK_M=cfg["BLOCK_M"],
-                    BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+                    ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, FP8=fp8, DIRECT=direct, GATED=gated,
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -193,10 +208,11 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         max_rows = P * cfg_up["BLOCK_M"]
     else:
         sorted_ids, expert_ids, num_padded, max_rows = align_by_expert(ids, cfg_up["BLOCK_M"], E)
-    up = torch.empty(P, two_i, dtype=x.dtype, device=x.device)
+    act = torch.empty(P, two_i // 2, dtype=x.dtype, device=x.device)
     a, a_scale = quant(x)
-    _gemm(a, w13, up, None, sorted_ids, expert_ids, num_padded, max_rows, k, cfg_up, a_scale, w13_scale, direct)
-    a, a_scale = quant(silu_and_mul(up))
+    _gemm(a, w13, act, None, sorted_ids, expert_ids, num_padded, max_rows, k, cfg_up, a_scale, w13_scale, direct,
+          gated=True)
+    a, a_scale = quant(act)
     # rows of pairs another rank computes are never written: zeros make them add nothing
     down = (torch.zeros if expert_map is not None else torch.empty)(P, H, dtype=x.dtype, device=x.device)
     weights = topk_weights.to(torch.float32).flatten()
