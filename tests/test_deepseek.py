@@ -20,10 +20,13 @@ def deepseek_models(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("deepseek")
     return {"q_lora": build_checkpoint(root / "q_lora", "deepseek_v3"),
             "no_q_lora": build_checkpoint(root / "no_q_lora", "deepseek_v3", q_lora_rank=None, seed=1),
+            # biased latent and output projections beside the reference's unbiased q_proj (one fused GEMM here)
+            "no_q_lora_bias": build_checkpoint(root / "no_q_lora_bias", "deepseek_v3", q_lora_rank=None,
+                                               attention_bias=True, seed=3),
             "v2": build_checkpoint(root / "v2", "deepseek_v2", seed=2)}
 
 
-@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "v2"])
+@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "no_q_lora_bias", "v2"])
 def test_deepseek_matches_hf(variant, deepseek_models, llm_cache):
     path = deepseek_models[variant]
     llm = llm_cache.get(path)
@@ -108,7 +111,8 @@ def test_block_fp8_checkpoint_matches_dequantised(fp8_checkpoint, llm_cache):
     llm = llm_cache.get(fp8_dir)
     layer = llm.engine.runner.model.model.layers[1]
     attn, moe = layer.self_attn, layer.mlp
-    assert attn.fused_qkv_a_proj.weight.dtype == torch.float8_e4m3fn and attn.fused_qkv_a_proj.weight_scale_inv is not None
+    fused = attn.fused_qkv_a_proj
+    assert fused.weight.dtype == torch.float8_e4m3fn and fused.weight_scale_inv is not None
     assert attn.o_proj.weight.dtype == moe.experts.w13_weight.dtype == torch.float8_e4m3fn
     assert moe.shared_experts.gate_up_proj.weight.dtype == torch.float8_e4m3fn
     assert attn.kv_b_proj.weight.dtype == torch.float32 and attn.kv_b_proj.weight_scale_inv is None

@@ -113,18 +113,22 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.local_sizes = [n if self.replicated[i] else parallel.shard(n, f"projection {sources[i]}")[1]
                             for i, n in enumerate(output_sizes)]
         LinearBase.__init__(self, in_features, sum(self.local_sizes), bias, parallel)
-        if self.bias is not None and unbiased:
-            self.bias.data.zero_()
 
     def shard_ids(self, name: str) -> tuple:
         if name == "bias":
             return tuple(i for source, i in self.checkpoint_shards.items() if source not in self.unbiased)
         return super().shard_ids(name)
 
+    def rows(self, shard_id: int) -> tuple[int, int]:
+        return sum(self.local_sizes[:shard_id]), self.local_sizes[shard_id]
+
     def load_weight(self, name: str, tensor, shard_id=None) -> None:
         param = getattr(self, name).data
-        size = self.local_sizes[shard_id]
-        dst = param.narrow(0, sum(self.local_sizes[:shard_id]), size)
+        if name == "bias":  # the model is built on the meta device: unbiased rows are zeroed as the bias loads
+            for source in self.unbiased:
+                param.narrow(0, *self.rows(self.checkpoint_shards[source])).zero_()
+        offset, size = self.rows(shard_id)
+        dst = param.narrow(0, offset, size)
         start = 0 if self.replicated[shard_id] else self.parallel.tp_rank * size
         copy_checked(dst, tensor.narrow(0, start, size), f"{name} shard {shard_id}")
 
