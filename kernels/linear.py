@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels.triton import use_triton
+from kernels.triton.skinny_configs import ROW_TILE, rule_split
+from kernels.triton.skinny_configs import skinny_config as tuned_or_rule
 
-SKINNY_MAX_ROWS = 16  # also the kernel's row tile
+SKINNY_MAX_ROWS = ROW_TILE  # one row tile
 # router logits (float32 weights): narrow tiles, so that a 64-expert router still spreads over many programs
 _ROUTER_BN, _ROUTER_BK, ROUTER_MAX_ROWS = 16, 64, 256
 
@@ -25,8 +27,7 @@ def skinny_config(m: int, n: int, k: int, dtype: torch.dtype):
     (kernels/triton/skinny_configs.py)."""
     if not (0 < m <= SKINNY_MAX_ROWS) or dtype not in (torch.bfloat16, torch.float16):
         return None
-    from kernels.triton.skinny_configs import skinny_config as pick
-    return pick(m, n, k)
+    return tuned_or_rule(m, n, k)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,7 +46,6 @@ def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     needs three (the cast to float32, cuBLAS's GEMV and its split-K reduction)."""
     if (x.dim() == 2 and 0 < x.shape[0] <= ROUTER_MAX_ROWS and use_triton(x) and weight.dtype == torch.float32
             and x.stride(1) == 1 and weight.stride(1) == 1):
-        from kernels.triton.skinny_configs import rule_split
         split = rule_split(weight.shape[0], weight.shape[1], _ROUTER_BN, _ROUTER_BK, 16)
         if split is not None:
             from kernels.triton.skinny_gemm import skinny_gemm

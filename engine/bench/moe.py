@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench moe needs a CUDA GPU", file=sys.stderr)
         return 2
+    from engine.bench.skinny import time_calls
     from engine.bench.throughput import copy_bandwidth_gbs
     from kernels.moe import select_experts
     from kernels.triton import fused_moe
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
         # a few tokens' experts fit in the L2 (8 of Qwen3's are 38 MB), and a decode step's layers never find
         # theirs there: the tuner times a rotation of disjoint expert sets, as many as the experts allow
         rotations = [(ids + r * k) % E for r in range(max(1, min(16, E // max(hit, 1))))]
-        rotated = lambda c: lambda: [fused_moe.fused_experts(x, w13, w2, weights, r, configs=c) for r in rotations]
+        rotated = lambda c, reps=20: time_calls([lambda r=r: fused_moe.fused_experts(x, w13, w2, weights, r, configs=c)
+                                                 for r in rotations], reps)  # µs per call
         if args.tune:
             # gate-up and down are tuned one after the other with a shared BLOCK_M
             results = []
@@ -92,11 +94,10 @@ def main(argv=None) -> int:
                 ups = [c for c in candidates() if c["BLOCK_M"] == bm
                        and (T * k > fused_moe.DIRECT_MAX_PAIRS or c["GROUP_M"] == 1)]
                 base = ups[0]
-                up_best = min(ups, key=lambda c: time_us(rotated((c, base)), iters=5))
-                down_best = min(ups, key=lambda c: time_us(rotated((up_best, c)), iters=5))
-                results.append((time_us(rotated((up_best, down_best))), up_best, down_best))
+                up_best = min(ups, key=lambda c: rotated((c, base), 5))
+                down_best = min(ups, key=lambda c: rotated((up_best, c), 5))
+                results.append((rotated((up_best, down_best)), up_best, down_best))
             us, up, down = min(results, key=lambda r: r[0])
-            us /= len(rotations)
             tuned.append((T * k, up, down))
             cfg = f"{up} / {down}"
         elif args.backend == "deep_gemm":

@@ -44,13 +44,13 @@ def time_calls(fns, reps: int = 7) -> float:
 
 
 def candidates(n: int, k: int):
-    from kernels.triton.skinny_configs import SkinnyConfig
+    from kernels.triton.skinny_configs import ROW_TILE, SkinnyConfig, fits_workspace
     for bn, bk, warps, stages, split in itertools.product((16, 32, 64, 128), (128, 256), (4, 8), (3, 4),
                                                           (1, 2, 4, 8, 16)):
-        if (warps == 8 and bn < 128) or n % bn or k % (split * bk) or n // bn > 1024:
+        if (warps == 8 and bn < 128) or n % bn or k % (split * bk) or not fits_workspace(n // bn, split, bn):
             continue
-        if n // bn * split * bn * 16 > 1 << 20 or (bn * bk + bk * 16) * 2 * stages > 200 * 1024:
-            continue  # the workspace's partials; the shared memory budget
+        if (bn * bk + bk * ROW_TILE) * 2 * stages > 200 * 1024:
+            continue  # the shared memory budget (bf16 tiles, one per stage)
         yield SkinnyConfig(bn, bk, split, warps, stages)
 
 

@@ -52,11 +52,11 @@ class MLAAttention(nn.Module):
         # the query's first projection and the latent's in one GEMM (one launch less per layer at decode): q_a_proj
         # (replicated) with a low-rank query, else q_proj (this rank's heads; no bias in the reference)
         self.latent_dim = self.kv_lora_rank + self.rope_dim
-        self.q_out = self.q_lora_rank or self.num_heads * qk_dim
         q_source = "q_a_proj" if self.q_lora_rank else "q_proj"
         self.fused_qkv_a_proj = MergedColumnParallelLinear(
             hidden, [self.q_lora_rank or heads * qk_dim, self.latent_dim], (q_source, "kv_a_proj_with_mqa"), bias,
             parallel, replicated=(bool(self.q_lora_rank), True), unbiased=() if self.q_lora_rank else ("q_proj",))
+        self.q_out = self.fused_qkv_a_proj.local_sizes[0]  # this rank's query columns of the fused output
         if self.q_lora_rank:
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_dim, False, parallel)

@@ -20,6 +20,10 @@ class SkinnyConfig(NamedTuple):
 
 
 RULE_BN, RULE_BK, RULE_PROGRAMS = 64, 128, 64
+ROW_TILE = 16  # the kernel's BM: rows per program
+# the split-K workspace every skinny GEMM on a device shares (kernels/triton/skinny_gemm.py): tile counters and
+# float32 partials
+WORKSPACE_TILES, WORKSPACE_FLOATS = 1024, 1 << 20
 
 # (N, K) -> ((rows up to 4, config), (rows up to 16, config)); bf16 weights
 TUNED: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
@@ -35,12 +39,17 @@ TUNED: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
 }
 
 
-def rule_split(n: int, k: int, bn: int, bk: int, most: int, programs: int = RULE_PROGRAMS) -> int | None:
-    """K split so that N / bn column tiles times the split reach ~`programs` (None: the shape does not tile)."""
+def fits_workspace(tiles: int, split: int, bn: int) -> bool:
+    """Whether `tiles` output tiles of bn columns, each split `split` ways, fit the shared workspace."""
+    return tiles <= WORKSPACE_TILES and tiles * split * bn * ROW_TILE <= WORKSPACE_FLOATS
+
+
+def rule_split(n: int, k: int, bn: int, bk: int, most: int) -> int | None:
+    """K split so that N / bn column tiles times the split reach ~RULE_PROGRAMS (None: the shape does not tile)."""
     if n % bn or k % bk:
         return None
     split = 1
-    while n // bn * split * 2 <= programs and split < most and k % (2 * split * bk) == 0:
+    while n // bn * split * 2 <= RULE_PROGRAMS and split < most and k % (2 * split * bk) == 0:
         split *= 2
     return split
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.skinny_configs import WORKSPACE_FLOATS, WORKSPACE_TILES
+
 
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_SPLIT, stride_xm, stride_wn,
@@ -67,7 +69,7 @@ class SkinnyGemmWorkspace:
     """fp32 partials and arrival counters shared by every skinny GEMM on one device: launches on one
     stream never overlap, and each launch leaves the counters at zero."""
 
-    def __init__(self, device: torch.device, max_tiles: int = 1024, max_floats: int = 1 << 20):
+    def __init__(self, device: torch.device, max_tiles: int = WORKSPACE_TILES, max_floats: int = WORKSPACE_FLOATS):
         self.partials = torch.empty(max_floats, dtype=torch.float32, device=device)
         self.counters = torch.zeros(max_tiles, dtype=torch.int32, device=device)
 
