@@ -9,11 +9,13 @@ TINY_MOE = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4
 
 
 def test_profile_prints_a_table_per_batch_size(capsys):
+    # 7 prompts of 3,000 tokens take three prefill steps (8,192-token budget), during which the first sequences
+    # already decode: they must still be running when the whole batch decodes together
     assert main(["--model-shape", "qwen3-30b-a3b", "--override", json.dumps(TINY_MOE), "--device", "cpu",
-                 "--dtype", "float32", "--batch", "1,3", "--steps", "2", "--prompt-len", "8", "--top", "5"]) == 0
+                 "--dtype", "float32", "--batch", "1,7", "--steps", "2", "--prompt-len", "3000", "--top", "5"]) == 0
     out = capsys.readouterr().out
     assert "device: CPU" in out and "2 layers" in out
-    for batch in (1, 3):
+    for batch in (1, 7):
         head = f"### batch {batch}: 2 decode steps; per step "
         assert head in out, out
         table = out.split(head)[1].split("###")[0]

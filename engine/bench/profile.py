@@ -26,18 +26,26 @@ def _device_time(evt, cuda: bool) -> float:
     return 0.0
 
 
+def decode_budget(batch: int, prompt_len: int, steps: int, step_tokens: int) -> int:
+    """Output tokens each profiled sequence may make: the profiled steps, plus the steps that the later prompts'
+    prefill takes while the earlier sequences already decode (each such step decodes them once), so that every
+    sequence is still running when the whole batch decodes together."""
+    return steps + 2 + -(-batch * prompt_len // max(step_tokens - batch, 1)) + 2
+
+
 def profile_decode(core, batch: int, prompt_len: int, steps: int,
                    cuda: bool) -> tuple[list[tuple[str, float, float]], int]:
     """Profiles `steps` decode steps of `batch` sequences (prefilled first, outside the profile): [(kernel, calls
-    per step, µs per step)] by time, and the decode steps profiled."""
+    per step, µs per step)] by time, and the decode steps profiled. The sequences are aborted afterwards."""
     from torch.profiler import ProfilerActivity, profile
     from engine.sampling_params import SamplingParams
     from engine.wire import EngineCoreRequest
     vocab = core.model_config.vocab_size
+    budget = decode_budget(batch, prompt_len, steps, core.config.max_num_batched_tokens)
     for i in range(batch):
         ids = [(7 * i + j) % (vocab - 1) + 1 for j in range(prompt_len)]
         core.add_request(EngineCoreRequest(request_id=f"p{batch}-{i}", prompt_token_ids=ids,
-                                           params=SamplingParams(max_tokens=steps + 2, ignore_eos=True)))
+                                           params=SamplingParams(max_tokens=budget, ignore_eos=True)))
     last = lambda: core.runner.last_step
     while core.has_unfinished() and not (last().is_decode and last().num_seqs == batch):
         core.step()  # prefill (and first-use compiles) until a full-batch decode step has run
@@ -49,8 +57,7 @@ def profile_decode(core, batch: int, prompt_len: int, steps: int,
             done += core.runner.last_step.is_decode
         if cuda:
             torch.cuda.synchronize()
-    while core.has_unfinished():
-        core.step()
+    core.abort([f"p{batch}-{i}" for i in range(batch)])  # their KV back to the pool for the next batch size
     rows = []
     for evt in prof.key_averages():
         us = _device_time(evt, cuda)
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[profile] loading {path.name} on {args.device} ...", file=sys.stderr, flush=True)
     core = EngineCore(EngineConfig(model=str(path), device=args.device, dtype=args.dtype, enforce_eager=True,
                                    max_num_seqs=max(batches), block_size=args.block_size,
-                                   max_model_len=args.prompt_len + args.steps + 8,
+                                   max_model_len=args.prompt_len + decode_budget(max(batches), args.prompt_len, args.steps,
+                                                                                EngineConfig.max_num_batched_tokens),
                                    attention_backend=args.attention_backend, enable_prefix_caching=False))
     try:
         device = torch.cuda.get_device_name() if cuda else "CPU"
