@@ -125,6 +125,20 @@ def _agreement(a, b) -> tuple[float, bool]:
     return sum(x == y for x, y in pairs) / len(pairs), all(s[0] == t[0] for s, t in zip(a, b))
 
 
+def _forced_agreement(llm, generated) -> float:
+    """Teacher-forced: at each generated position, whether `llm`'s top-1 given the reference's tokens before it
+    (prompt_logprobs) is the reference's next token. Unlike free-running agreement, one near-tie flipped does
+    not derail the rest of the sequence."""
+    from engine.sampling_params import SamplingParams
+    hits = []
+    for prompt, gen in zip(PROMPTS, generated):
+        seq = prompt + gen
+        rows = llm.generate([{"prompt_token_ids": seq}], SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+        hits += [next(t for t, v in rows.prompt_logprobs[i].items() if v.rank == 1) == seq[i]
+                 for i in range(len(prompt), len(seq))]
+    return sum(hits) / len(hits)
+
+
 def test_triton_mla_engine_float32_matches_transformers_under_graphs(v3_latents):
     from engine.llm import LLM
     llm = LLM(str(v3_latents), dtype="float32", device="cuda", num_kv_blocks=64, max_num_seqs=8)
@@ -221,5 +235,9 @@ def test_block_fp8_engine_agrees_with_dequantised(v3_latents, tmp_path):
     expected = _generate(LLM(str(ref_dir), **opts))
     llm = LLM(str(fp8_dir), **opts)
     assert llm.engine.runner.model.model.layers[1].mlp.experts.w13_weight.dtype == torch.float8_e4m3fn
-    agree, first = _agreement(_generate(llm), expected)  # activations rounded to E4M3: the first tokens
-    assert first and agree >= 0.6, agree
+    # activations rounded to E4M3 per 128 columns: the first tokens, and nearly every next token given the
+    # dequantised model's sequence (free-running agreement is chaotic: one flipped near-tie changes the rest)
+    _, first = _agreement(_generate(llm), expected)
+    forced = _forced_agreement(llm, expected)
+    print(f"FP8 vs dequantised: first tokens equal {first}, teacher-forced top-1 agreement {forced:.3f}")
+    assert first and forced >= 0.75, forced

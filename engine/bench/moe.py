@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=768)
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--shared", type=int, default=0,
+                    help="shared experts stacked after the routed ones (every token's, weight 1: DeepSeek's)")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--block-m", default="16,32,64", help="the row tiles --tune tries (16 alone for a few tokens)")
@@ -65,25 +67,35 @@ def main(argv=None) -> int:
     from engine.bench.throughput import copy_bandwidth_gbs
     from kernels.moe import select_experts
     from kernels.triton import fused_moe
-    E, H, I, k = args.experts, args.hidden, args.intermediate, args.top_k
+    E, H, I, k, S = args.experts, args.hidden, args.intermediate, args.top_k, args.shared
+    # a decode step's layers each have their own shared experts: one set per rotation (below), so that they
+    # come from HBM too; the kernel's table is keyed by E + S, the stack a layer has
+    R = 16 if S else 1
     g = torch.Generator(device="cuda").manual_seed(0)
-    w13 = (torch.randn(E, 2 * I, H, generator=g, device="cuda") * H ** -0.5).bfloat16()
-    w2 = (torch.randn(E, H, I, generator=g, device="cuda") * I ** -0.5).bfloat16()
+    w13 = (torch.randn(E + S * R, 2 * I, H, generator=g, device="cuda") * H ** -0.5).bfloat16()
+    w2 = (torch.randn(E + S * R, H, I, generator=g, device="cuda") * I ** -0.5).bfloat16()
     expert_bytes = 3 * H * I * 2
     bw = copy_bandwidth_gbs()
-    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s; experts {E}, hidden {H}, "
-          f"intermediate {I}, top-{k}, bf16, CUDA-graph replays")
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s; experts {E}"
+          f"{f' + {S} shared' if S else ''}, hidden {H}, intermediate {I}, top-{k}, bf16, CUDA-graph replays")
     print("| tokens | experts hit | µs | weight GB/s (% of copy bw) | config (gate-up / down) |")
     print("|---|---|---|---|---|")
     tuned = []
     for T in map(int, args.tokens.split(",")):
         x = torch.randn(T, H, generator=g, device="cuda").bfloat16()
         logits = torch.randn(T, E, generator=g, device="cuda").bfloat16()
-        weights, ids = select_experts(logits, k, True)
+        shared = lambda r: torch.arange(E + r * S, E + (r + 1) * S, dtype=torch.int32, device="cuda").expand(T, S)
+
+        def route():  # the router's top k, then the shared experts' slots (weight 1)
+            w, i = select_experts(logits, k, True)
+            return (torch.cat([w, torch.ones(T, S, device="cuda")], 1), torch.cat([i, shared(0)], 1)) if S else (w, i)
+
+        weights, ids = route()
         hit = int(torch.unique(ids).numel())
         # a few tokens' experts fit in the L2 (8 of Qwen3's are 38 MB), and a decode step's layers never find
         # theirs there: the tuner times a rotation of disjoint expert sets, as many as the experts allow
-        rotations = [(ids + r * k) % E for r in range(max(1, min(16, E // max(hit, 1))))]
+        rotations = [torch.cat([(ids[:, :k] + r * k) % E, shared(r)], 1)
+                     for r in range(max(1, min(16, E // max(hit, 1))))]
         rotated = lambda c, reps=20: time_calls([lambda r=r: fused_moe.fused_experts(x, w13, w2, weights, r, configs=c)
                                                  for r in rotations], reps)  # µs per call
         if args.tune:
@@ -92,26 +104,26 @@ def main(argv=None) -> int:
             for bm in map(int, args.block_m.split(",")):
                 # without the sort (a few pairs) the row tiles are the pairs: GROUP_M changes nothing
                 ups = [c for c in candidates() if c["BLOCK_M"] == bm
-                       and (T * k > fused_moe.DIRECT_MAX_PAIRS or c["GROUP_M"] == 1)]
+                       and (T * (k + S) > fused_moe.DIRECT_MAX_PAIRS or c["GROUP_M"] == 1)]
                 base = ups[0]
                 up_best = min(ups, key=lambda c: rotated((c, base), 5))
                 down_best = min(ups, key=lambda c: rotated((up_best, c), 5))
                 results.append((rotated((up_best, down_best)), up_best, down_best))
             us, up, down = min(results, key=lambda r: r[0])
-            tuned.append((T * k, up, down))
+            tuned.append((T * (k + S), up, down))
             cfg = f"{up} / {down}"
         elif args.backend == "deep_gemm":
             from kernels.moe import deep_gemm_moe
-            us = time_us(lambda: deep_gemm_moe.fused_experts(x, w13, w2, *select_experts(logits, k, True)), graph=False)
+            us = time_us(lambda: deep_gemm_moe.fused_experts(x, w13, w2, *route()), graph=False)
             cfg = "DeepGEMM m_grouped_bf16_gemm_nt_contiguous"
         else:
-            us = time_us(lambda: fused_moe.fused_experts(x, w13, w2, *select_experts(logits, k, True)))
-            up, down = fused_moe.moe_configs(E, H, I, T * k)
+            up, down = fused_moe.moe_configs(E + S, H, I, T * (k + S))  # the stack a layer has (w13 has R sets)
+            us = time_us(lambda: fused_moe.fused_experts(x, w13, w2, *route(), configs=(up, down)))
             cfg = f"BLOCK_M {up['BLOCK_M']}, BLOCK_N {up['BLOCK_N']}/{down['BLOCK_N']}"
         gbs = hit * expert_bytes / (us * 1e-6) / 1e9
         print(f"| {T} | {hit} | {us:.1f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) | {cfg} |", flush=True)
     if tuned:
-        print(f"\n# TUNED[({E}, {H}, {I})] = [")
+        print(f"\n# TUNED[({E + S}, {H}, {I})] = [")
         for pairs, up, down in tuned:
             print(f"    ({pairs}, {up}, {down}),")
         print("]")

@@ -109,10 +109,12 @@ def stream_event() -> torch.cuda.Event:
 
 
 def weight_split(model) -> tuple[int, int, tuple[int, int] | None]:
-    """(bytes of the weights every step reads, bytes of the routed experts, (experts, top-k) or None)."""
+    """(bytes of the weights every step reads, bytes of the routed experts, (experts, top-k) or None). Shared
+    experts stacked with the routed ones are read every step: they count with the dense weights."""
     from engine.layers.fused_moe import FusedMoE
     moe = [m for m in model.modules() if isinstance(m, FusedMoE)]
-    expert = sum(p.numel() * p.element_size() for m in moe for p in m.parameters())
+    routed = lambda m: (len(m.local) - m.num_shared) / len(m.local)
+    expert = round(sum(p.numel() * p.element_size() * routed(m) for m in moe for p in m.parameters()))
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total - expert, expert, ((moe[0].num_experts, moe[0].top_k) if moe else None)
 

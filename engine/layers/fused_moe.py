@@ -7,7 +7,14 @@ How the experts are split over the ranks:
   ExpertPlacement says; it computes the pairs routed to them and the sum over the ranks combines them.
 
 Checkpoints store one tensor per expert and projection (`experts.7.gate_proj.weight`); `checkpoint_names`
-maps them onto the stacks, and another rank's experts are never read."""
+maps them onto the stacks, and another rank's experts are never read.
+
+Shared experts (DeepSeek's always-on MLP of `num_shared` experts' width) can live in the same stacks, after
+the routed experts: the router gives every token their slots with weight 1 and the grouped GEMMs run them with
+the routed ones (at batch 1 that is one launch for the gate-up and one for the down projection instead of
+four: two GEMMs, the SiLU and the add). Only without expert parallelism (every rank holds every expert); the
+checkpoint's `shared_experts.*` tensors arrive as `shared.*` (the model renames them), the i-th expert's width
+of intermediate features being shared expert E + i."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,12 +38,13 @@ class Routing:
     num_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0
+    num_shared: int = 0  # always-on experts after the routed ones: every token's last slots, weight 1
 
     def select(self, logits: torch.Tensor, correction_bias: torch.Tensor | None = None):
-        if self.scoring == "softmax" and self.num_groups == 1 and self.routed_scaling == 1.0:
+        if self.scoring == "softmax" and self.num_groups == 1 and self.routed_scaling == 1.0 and not self.num_shared:
             return select_experts(logits, self.top_k, self.renormalize)
         return select_experts_grouped(logits, correction_bias, self.top_k, self.num_groups, self.topk_groups,
-                                      self.renormalize, self.routed_scaling, self.scoring)
+                                      self.renormalize, self.routed_scaling, self.scoring, self.num_shared)
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,9 @@ class FusedMoE(nn.Module):
                  parallel: ParallelContext, device: torch.device, placement: ExpertPlacement | None = None):
         super().__init__()
         self.num_experts, self.routing, self.parallel = num_experts, routing, parallel
-        self.top_k = routing.top_k
+        self.top_k, self.num_shared = routing.top_k, routing.num_shared
         if parallel.ep_size > 1:
+            assert not self.num_shared, "shared experts in the routed stacks need every expert on every rank"
             self.placement = placement or ExpertPlacement.even(num_experts, parallel.ep_size)
             self.local = self.placement.local_experts(parallel.ep_rank)
             self.inter_start, inter = 0, intermediate_size
@@ -78,7 +87,7 @@ class FusedMoE(nn.Module):
             self.expert_map = self.placement.expert_map(parallel.ep_rank, device)
             self.owner = torch.tensor(self.placement.owner, dtype=torch.int64, device="cpu").to(device)
         else:
-            self.placement, self.local = None, list(range(num_experts))
+            self.placement, self.local = None, list(range(num_experts + self.num_shared))
             self.inter_start, inter = parallel.shard(intermediate_size, "moe_intermediate_size")
             self.expert_map = None
         self.inter_local, self.intermediate_size, self.hidden_size = inter, intermediate_size, hidden_size
@@ -91,7 +100,8 @@ class FusedMoE(nn.Module):
         self.block_k = 0
 
     def block_fp8_fits(self, block: tuple[int, int]) -> bool:
-        return self.inter_start % block[1] == 0  # a TP split of the intermediate features on a block edge
+        # a TP split of the intermediate features on a block edge, and so each shared expert's width
+        return self.inter_start % block[1] == 0 and (self.num_shared < 2 or self.intermediate_size % block[1] == 0)
 
     def to_block_fp8(self, block: tuple[int, int]) -> None:
         """E4M3 expert weights and row-expanded block scales (before loading; see engine/layers/linear.py)."""
@@ -125,10 +135,12 @@ class FusedMoE(nn.Module):
                  "down_proj": ("w2_weight", (None, "stacked_down"))}
         suffixes = ("weight", "weight_scale_inv") if self.block_k else ("weight",)
         for i, e in enumerate(self.local):
+            # the shared experts: one checkpoint tensor per projection for all of them
+            key = (e, i) if e < self.num_experts else ("shared", "shared")
             for suffix in suffixes:
-                names[f"{e}.gate_proj.{suffix}"] = (f"w13_{suffix}", (i, "gate"))
-                names[f"{e}.up_proj.{suffix}"] = (f"w13_{suffix}", (i, "up"))
-                names[f"{e}.down_proj.{suffix}"] = (f"w2_{suffix}", (i, "down"))
+                names[f"{key[0]}.gate_proj.{suffix}"] = (f"w13_{suffix}", (key[1], "gate"))
+                names[f"{key[0]}.up_proj.{suffix}"] = (f"w13_{suffix}", (key[1], "up"))
+                names[f"{key[0]}.down_proj.{suffix}"] = (f"w2_{suffix}", (key[1], "down"))
         return names
 
     def ignored_checkpoint_names(self) -> list[str]:
@@ -145,20 +157,27 @@ class FusedMoE(nn.Module):
 
     def load_weight(self, name: str, tensor, shard_id) -> None:
         i, proj = shard_id
-        n = self.inter_local
         if i is None:
             if self.block_k:
                 from engine.errors import UnsupportedModelError
                 raise UnsupportedModelError("FP8 experts stacked in one tensor are not supported", param="model")
             self.fused_checkpoint = True
             self._load_stacked(tensor, proj)
-            return
-        param = getattr(self, name).data[i]  # a weight, or its row-expanded scales (RowScales answers narrow)
-        if proj == "down":
-            copy_checked(param, tensor.narrow(1, self.inter_start, n), f"expert {self.local[i]} down {name}")
+        elif i == "shared":  # the shared MLP: the j-th expert's width of its intermediate features is expert E + j
+            for j in range(self.num_shared):
+                self._load_expert(name, self.num_experts + j, tensor, proj, j * self.intermediate_size)
         else:
-            dst = param.narrow(0, 0 if proj == "gate" else n, n)
-            copy_checked(dst, tensor.narrow(0, self.inter_start, n), f"expert {self.local[i]} {proj} {name}")
+            self._load_expert(name, i, tensor, proj)
+
+    def _load_expert(self, name: str, i: int, tensor, proj: str, offset: int = 0) -> None:
+        """This rank's slice of an expert's projection, whose intermediate features start at `offset` of the
+        checkpoint tensor's (a weight, or its row-expanded scales: RowScales answers narrow)."""
+        n, start, param = self.inter_local, offset + self.inter_start, getattr(self, name).data[i]
+        what = f"expert {self.local[i]} {proj} {name}"
+        if proj == "down":
+            copy_checked(param, tensor.narrow(1, start, n), what)
+        else:
+            copy_checked(param.narrow(0, 0 if proj == "gate" else n, n), tensor.narrow(0, start, n), what)
 
     def _load_stacked(self, tensor, proj: str) -> None:
         """All experts in one tensor: [E, 2I, H] and [E, H, I] as transformers 5 saves them, or [E, H, 2I] and
@@ -173,7 +192,7 @@ class FusedMoE(nn.Module):
                                         f"neither [{E}, {rows}, {cols}] nor [{E}, {cols}, {rows}] unambiguously",
                                         param="model")
         transposed = shape == (E, cols, rows)
-        for i, e in enumerate(self.local):
+        for i, e in enumerate(self.local[:len(self.local) - self.num_shared]):
             w = tensor.narrow(0, e, 1)[0]
             w = w.t() if transposed else w  # [out, in]
             if proj == "stacked_down":

@@ -22,6 +22,13 @@ from kernels.attention.mla import MLABackend
 from kernels.linear import router_linear
 
 MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+SHARED_EXPERTS = re.compile(r"\.mlp\.shared_experts\.")
+
+
+def shared_in_routed_stacks(hf, parallel: ParallelContext) -> int:
+    """How many shared experts run inside the routed experts' GEMMs (engine/layers/fused_moe.py): all of them
+    where every rank holds every expert; none under expert parallelism (a separate, replicated MLP there)."""
+    return (getattr(hf, "n_shared_experts", 0) or 0) if parallel.ep_size == 1 else 0
 
 
 class MoEGate(nn.Module):
@@ -49,12 +56,14 @@ class DeepseekV3MoE(nn.Module):
         v3 = method in (None, "noaux_tc")
         self.gate = MoEGate(cfg.hidden_size, hf.n_routed_experts, with_bias=v3)
         groups = (getattr(hf, "n_group", 1) or 1) if v3 or method == "group_limited_greedy" else 1
+        fused = shared_in_routed_stacks(hf, parallel)
         routing = Routing(hf.num_experts_per_tok, bool(hf.norm_topk_prob), "sigmoid" if v3 else "softmax",
-                          groups, getattr(hf, "topk_group", 1) or 1, float(getattr(hf, "routed_scaling_factor", 1.0)))
+                          groups, getattr(hf, "topk_group", 1) or 1, float(getattr(hf, "routed_scaling_factor", 1.0)),
+                          num_shared=fused)
         self.experts = FusedMoE(hf.n_routed_experts, routing, cfg.hidden_size, hf.moe_intermediate_size, parallel,
                                 device)
-        shared = getattr(hf, "n_shared_experts", 0) or 0
-        self.shared_experts = LlamaMLP(cfg, parallel, hf.moe_intermediate_size * shared) if shared else None
+        separate = 0 if fused else getattr(hf, "n_shared_experts", 0) or 0
+        self.shared_experts = LlamaMLP(cfg, parallel, hf.moe_intermediate_size * separate) if separate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts(x, self.gate(x), self.gate.e_score_correction_bias)
@@ -71,6 +80,7 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
                  device: torch.device):
         super().__init__(cfg, parallel, backend, max_positions, device)
         self.mla_backend = backend  # the model runner picks an MLABackend for attention_kind "mla"
+        self.shared_in_experts = shared_in_routed_stacks(cfg.hf, parallel) > 0
         # the MTP drafter (speculative decoding with method mtp): built after the decoder layers, its
         # checkpoint names `model.layers.{N + i}.*` mapped onto `mtp.{i}.*` (checkpoint_rename)
         n, rotary = cfg.num_hidden_layers, self.model.layers[0].self_attn.rotary
@@ -82,7 +92,10 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
         return MLAAttention(cfg, parallel, backend, rotary)
 
     def checkpoint_rename(self, name: str) -> str:
-        """`model.layers.{N + i}.x` (the checkpoint's MTP modules after the N decoder layers) -> `mtp.{i}.x`."""
+        """`model.layers.{N + i}.x` (the checkpoint's MTP modules after the N decoder layers) -> `mtp.{i}.x`;
+        `mlp.shared_experts.x` -> `mlp.experts.shared.x` where the shared experts run in the routed stacks."""
+        if self.shared_in_experts:
+            name = SHARED_EXPERTS.sub(".mlp.experts.shared.", name)
         match = MTP_LAYER.match(name)
         if match is None or int(match.group(1)) < len(self.model.layers):
             return name

@@ -39,16 +39,17 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 def select_experts_grouped(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
                            num_groups: int, topk_groups: int, renormalize: bool,
-                           routed_scaling: float, scoring: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
+                           routed_scaling: float, scoring: str = "sigmoid",
+                           num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek routing: V3 / Kimi-K2 (sigmoid scores, correction bias, group-limited top-k, routed scaling) or
     V2 (softmax scores, groups ranked by their best expert); see kernels/moe/torch_ref.py. Weights in float32,
-    ids int32."""
+    ids int32; `num_shared` always-on experts (ids E, E + 1, ..., weight 1) follow the top k in every row."""
     if _fused_router_fits(router_logits, num_groups):
         from kernels.triton.routing import route
         return route(router_logits, correction_bias, top_k, num_groups, topk_groups, renormalize, routed_scaling,
-                     scoring)
+                     scoring, num_shared)
     return select_experts_grouped_ref(router_logits, correction_bias, top_k, num_groups, topk_groups, renormalize,
-                                      routed_scaling, scoring)
+                                      routed_scaling, scoring, num_shared)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

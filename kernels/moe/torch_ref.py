@@ -16,11 +16,13 @@ def select_experts_ref(router_logits: torch.Tensor, top_k: int, renormalize: boo
 
 def select_experts_grouped_ref(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
                                num_groups: int, topk_groups: int, renormalize: bool,
-                               routed_scaling: float, scoring: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
+                               routed_scaling: float, scoring: str = "sigmoid",
+                               num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek's routing. V3 (`sigmoid`): sigmoid scores; the experts are chosen on score + correction bias,
     only within the `topk_groups` groups whose two best biased scores sum highest. V2 (`softmax`): softmax
     scores, groups ranked by their best score ("group_limited_greedy"; one group: plain greedy). The weights
-    are the unbiased scores of the chosen, optionally renormalised, times `routed_scaling`."""
+    are the unbiased scores of the chosen, optionally renormalised, times `routed_scaling`. `num_shared`
+    shared experts (ids E, E + 1, ...) follow in every row with weight 1."""
     T, E = router_logits.shape
     scores = router_logits.float().sigmoid() if scoring == "sigmoid" else router_logits.float().softmax(dim=-1)
     choice = scores if correction_bias is None else scores + correction_bias.float()
@@ -35,7 +37,12 @@ def select_experts_grouped_ref(router_logits: torch.Tensor, correction_bias: tor
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling, ids.to(torch.int32)
+    weights, ids = weights * routed_scaling, ids.to(torch.int32)
+    if num_shared:
+        shared = torch.arange(E, E + num_shared, dtype=torch.int32, device=ids.device).expand(T, -1)
+        weights = torch.cat([weights, torch.ones_like(shared, dtype=weights.dtype)], 1)
+        ids = torch.cat([ids, shared], 1)
+    return weights, ids
 
 
 def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,9 @@ Every router the engine serves is one case of the same kernel (kernels/moe/torch
   times the routed scaling factor;
 - DeepSeek-V2: softmax scores, groups ranked by their best score.
 
+`num_shared` always-on experts (DeepSeek's shared experts, stacked after the E routed ones) come out as k more
+slots per token: ids E, E + 1, ..., weight 1, so that the fused MoE runs them in the same GEMMs.
+
 The experts are laid out as a [groups, experts per group] tile, so the group ranking and the expert choice
 are reductions over one axis or both. Top-k is k rounds of "take the max, drop it" (ties to the lower id, as
 torch.topk). The torch version of this was about ten launches per layer (cast, sigmoid, add, mask, topk,
@@ -21,7 +24,7 @@ import triton.language as tl
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, scaling,
                   PER_GROUP: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP_K: tl.constexpr,
-                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, N_SHARED: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)[:, None]
@@ -69,17 +72,22 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, scaling,
     if RENORMALIZE:
         out_w = out_w / (total + 1e-20)
     out_w = out_w * scaling
-    tl.store(weights_ptr + t * TOP_K + slots, out_w, mask=slots < TOP_K)
-    tl.store(ids_ptr + t * TOP_K + slots, out_id, mask=slots < TOP_K)
+    if N_SHARED > 0:  # the shared experts' slots after the routed ones
+        shared = slots >= TOP_K
+        out_w = tl.where(shared, 1.0, out_w)
+        out_id = tl.where(shared, GROUPS * PER_GROUP + slots - TOP_K, out_id)
+    width = TOP_K + N_SHARED
+    tl.store(weights_ptr + t * width + slots, out_w, mask=slots < width)
+    tl.store(ids_ptr + t * width + slots, out_id, mask=slots < width)
 
 
 def route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, num_groups: int,
-          topk_groups: int, renormalize: bool, routed_scaling: float,
-          scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """See the module docstring; weights float32 [T, top_k], ids int32 [T, top_k]."""
+          topk_groups: int, renormalize: bool, routed_scaling: float, scoring: str,
+          num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring; weights float32 [T, top_k + num_shared], ids int32 [T, top_k + num_shared]."""
     T, E = router_logits.shape
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device)
+    weights = torch.empty(T, top_k + num_shared, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(T, top_k + num_shared, dtype=torch.int32, device=router_logits.device)
     if T:
         per = E // num_groups
         bias = correction_bias if correction_bias is not None else weights  # unread without HAS_BIAS
@@ -87,8 +95,8 @@ def route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top
         _route_kernel[(T,)](router_logits, bias, weights, ids, router_logits.stride(0), float(routed_scaling),
                             PER_GROUP=per, GROUPS=num_groups, TOPK_GROUPS=topk_groups, TOP_K=top_k,
                             SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None,
-                            RENORMALIZE=renormalize, BLOCK_G=block_g, BLOCK_P=block_p,
-                            BLOCK_K=triton.next_power_of_2(top_k),
+                            RENORMALIZE=renormalize, N_SHARED=num_shared, BLOCK_G=block_g, BLOCK_P=block_p,
+                            BLOCK_K=triton.next_power_of_2(top_k + num_shared),
                             # one warp up to 512 experts: k rounds of reductions, each within the warp (more
                             # warps meet in shared memory at every round)
                             num_warps=1 if block_g * block_p <= 512 else 4)

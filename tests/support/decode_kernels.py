@@ -31,14 +31,20 @@ def check_routers(device: str = "cpu", tokens: int = 9) -> float:
     for name, (E, groups, kept, k, scoring, with_bias, renorm, scaling) in ROUTERS.items():
         logits = torch.randn(tokens, E, generator=g, device=device) * 2
         bias = torch.randn(E, generator=g, device=device) * 0.1 if with_bias else None
-        if scoring == "softmax" and groups == 1 and scaling == 1.0:
-            want = select_experts_ref(logits, k, renorm)
-        else:
-            want = select_experts_grouped_ref(logits, bias, k, groups, kept, renorm, scaling, scoring)
-        got = route(logits, bias, k, groups, kept, renorm, scaling, scoring)
-        (gw, gi), (ww, wi) = by_id(*got), by_id(*want)
-        assert torch.equal(gi, wi), f"{name}: the kernel chose experts {gi.tolist()}, the reference {wi.tolist()}"
-        worst = max(worst, float(((gw - ww).abs() / ww.abs().clamp_min(1e-6)).max()))
+        plain = scoring == "softmax" and groups == 1 and scaling == 1.0  # Qwen's
+        # DeepSeek's: also with two shared experts in the slots after the top k (ids E, E + 1, weight 1)
+        for shared in (0,) if plain else (0, 2):
+            if plain:
+                want = select_experts_ref(logits, k, renorm)
+            else:
+                want = select_experts_grouped_ref(logits, bias, k, groups, kept, renorm, scaling, scoring, shared)
+            got = route(logits, bias, k, groups, kept, renorm, scaling, scoring, shared)
+            assert got[1].shape == (tokens, k + shared)
+            assert torch.equal(got[1][:, k:].long(), torch.arange(E, E + shared, device=device).expand(tokens, -1))
+            assert torch.equal(got[0][:, k:], torch.ones(tokens, shared, device=device))
+            (gw, gi), (ww, wi) = by_id(*got), by_id(*want)
+            assert torch.equal(gi, wi), f"{name}: the kernel chose experts {gi.tolist()}, the reference {wi.tolist()}"
+            worst = max(worst, float(((gw - ww).abs() / ww.abs().clamp_min(1e-6)).max()))
     return worst
 
 

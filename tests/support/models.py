@@ -48,7 +48,7 @@ MOE_ARCHS = {
     "deepseek_v3": dict(cls="DeepseekV3ForCausalLM", config="DeepseekV3Config", tie=False,
                         extra=dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
                                    qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
-                                   n_group=2, topk_group=1, n_shared_experts=1, moe_intermediate_size=32,
+                                   n_group=2, topk_group=1, n_shared_experts=2, moe_intermediate_size=32,
                                    first_k_dense_replace=1, num_hidden_layers=3, routed_scaling_factor=2.5,
                                    norm_topk_prob=True, rope_interleave=True,
                                    rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
