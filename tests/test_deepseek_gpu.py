@@ -94,6 +94,13 @@ def test_triton_latent_store_matches_torch():
     assert torch.equal(pool, want)
 
 
+def test_fused_latent_norm_rope_store_matches_three_steps():
+    """The latent's RMSNorm, the rope of q and k and the store in one launch (tests/support/mla.py) on the GPU,
+    against the reference backend's three steps."""
+    from tests.support.mla import check_norm_rope_store
+    assert check_norm_rope_store(DEV) < 1e-5
+
+
 # ---- a tiny DeepSeek-V3 with V3's latent widths through the engine -----------------------------------------
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31, 32], list(range(40, 120)),
            [3] * 70]

@@ -21,7 +21,6 @@ from engine.layers.rotary import RotaryEmbedding
 from engine.models.config import ModelConfig
 from kernels.attention import AttentionMetadata
 from kernels.attention.mla import MLABackend, MLAShape
-from kernels.rope import apply_rope
 
 LATENT_NORM_EPS = 1e-6  # the reference builds q_a_layernorm / kv_a_layernorm with the default eps
 
@@ -77,12 +76,12 @@ class MLAAttention(nn.Module):
         q, latent, k_pe = self.fused_qkv_a_proj(x).split([self.q_out, self.kv_lora_rank, self.rope_dim], dim=-1)
         q = self.q_b_proj(self.q_a_layernorm(q)) if self.q_lora_rank else q
         q_nope, q_pe = q.view(T, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # strided views: the norm kernels read rows by stride
-        # the latent query [T, heads, kv_lora_rank + rope]: the rope kernel writes the rotated part, the backend
-        # the absorbed q_nope beside it
+        # the latent query [T, heads, kv_lora_rank + rope]: the rope writes the rotated part (with the latent's
+        # norm and the cache store, one launch in the Triton backend), the backend the absorbed q_nope beside it
         q_latent = x.new_empty(T, self.num_heads, self.latent_dim)
-        q_pe, k_pe = apply_rope(q_pe, k_pe[:, None, :], positions, self.rotary.cos_sin_cache, self.interleaved,
-                                q_out=q_latent[..., self.kv_lora_rank:])
-        self.backend.store(latent, k_pe[:, 0], self.kv_cache, meta.slot_mapping)
-        out = self.backend.attend(q_nope, q_pe, self.kv_cache, meta, self.kv_b_proj.weight, self.shape, q_latent)
+        q_pe_out = q_latent[..., self.kv_lora_rank:]
+        norm = self.kv_a_layernorm
+        self.backend.norm_rope_store(latent, norm.weight, norm.eps, q_pe, k_pe, positions, self.rotary.cos_sin_cache,
+                                     self.interleaved, q_pe_out, self.kv_cache, meta.slot_mapping)
+        out = self.backend.attend(q_nope, q_pe_out, self.kv_cache, meta, self.kv_b_proj.weight, self.shape, q_latent)
         return self.o_proj(out.reshape(T, self.num_heads * self.v_dim))

@@ -56,6 +56,17 @@ class MLABackend(abc.ABC):
     def store(self, latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         store_latent(torch.cat([latent, k_pe], dim=-1), cache, slot_mapping)
 
+    def norm_rope_store(self, latent: torch.Tensor, norm_weight: torch.Tensor, eps: float, q_pe: torch.Tensor,
+                        k_pe: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool,
+                        q_out: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """A step's latent KV into the cache and its query's rotary part into `q_out` [T, heads, rope]: the
+        RMS-normalised latent [T, kv_lora_rank] beside k_pe [T, rope] rotated, at each token's slot; q_pe
+        [T, heads, rope] rotated into q_out. Three launches here; the Triton backend's is one."""
+        from kernels.norm import rms_norm
+        from kernels.rope import apply_rope
+        _, k_pe = apply_rope(q_pe, k_pe[:, None, :], positions, cos_sin_cache, interleaved, q_out=q_out)
+        self.store(rms_norm(latent, norm_weight, eps), k_pe[:, 0], cache, slot_mapping)
+
     @abc.abstractmethod
     def latent_attention(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, kv_lora_rank: int,
                          scale: float) -> torch.Tensor:
@@ -104,6 +115,16 @@ class TritonMLABackend(MLABackend):
     def store(self, latent, k_pe, cache, slot_mapping) -> None:
         from kernels.triton.mla_attention import store_latent as store
         store(latent, k_pe, cache, slot_mapping)
+
+    def norm_rope_store(self, latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache, interleaved, q_out,
+                        cache, slot_mapping) -> None:
+        half = q_pe.shape[-1] // 2
+        if half & (half - 1) or cos_sin_cache.shape[-1] != q_pe.shape[-1] or cache.dtype != latent.dtype:
+            return super().norm_rope_store(latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache,
+                                           interleaved, q_out, cache, slot_mapping)
+        from kernels.triton.mla_attention import norm_rope_store
+        norm_rope_store(latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache.contiguous(), interleaved,
+                        q_out, cache, slot_mapping)
 
     def latent_attention(self, q, cache, meta, kv_lora_rank, scale):
         from kernels.triton.mla_attention import mla_attention

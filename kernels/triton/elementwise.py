@@ -9,6 +9,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _rms_normed(x, w_ptr, cols, mask, eps, D: tl.constexpr):
+    """weight * x / rms(x) for one row, rounded as torch's RMSNorm does (the normalised row to x's dtype first)."""
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / D
+    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    return (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, stride_xt, stride_xh, stride_rt, eps,
                      D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
     # one program per row; row = (t, h) so that per-head norms read strided q/k views in place
@@ -21,11 +31,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, stride_xt, 
         r = tl.load(res_ptr + t * stride_rt + cols, mask=mask, other=0.0)
         x = x + r  # rounded to the input dtype, as `x + residual` in torch
         tl.store(res_out_ptr + row * D + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / D
-    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * D + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=mask)
+    tl.store(out_ptr + row * D + cols, _rms_normed(x, w_ptr, cols, mask, eps, D), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int, int, int]:

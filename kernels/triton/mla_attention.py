@@ -7,7 +7,9 @@ GQA decode's merge kernel (flash-decoding); the split count depends on the batch
 captured for a batch size stays valid for every length. Reads device tensors only: no per-step plan for decode.
 
 Also the latent store: [latent | rotated k_pe] of every token into its slot (slot -1: padding, written nowhere),
-one launch, no host sync (the torch store checks its slots on the host, which a CUDA graph cannot)."""
+one launch, no host sync (the torch store checks its slots on the host, which a CUDA graph cannot); and the same
+store fused with the latent's RMSNorm and the rope of q and k (`norm_rope_store`): one launch where a decode step
+of a layer took three."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +18,7 @@ import triton.language as tl
 
 from kernels.triton.decode_attention import (LOG2E, _arrive_last, _merge_splits, _num_sms, num_splits_for,
                                              split_counters)
+from kernels.triton.elementwise import _rms_normed, _rotate
 
 BLOCK_H = 16  # query heads per program: the MMA's M (64 would not fit the [M, 512] accumulator in registers)
 INTERPRETER_SMS = 4  # CPU tensors (TRITON_INTERPRET=1, the CPU tests) have no device to ask: a small one
@@ -142,3 +145,43 @@ def store_latent(latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, 
     if T:
         _store_latent_kernel[(T,)](latent, k_pe, cache, slot_mapping, latent.stride(0), k_pe.stride(0),
                                    cache.stride(0), cache.stride(1), cache.shape[1], DC=DC, DR=DR, num_warps=4)
+
+
+@triton.jit
+def _norm_rope_store_kernel(latent_ptr, norm_w_ptr, q_ptr, k_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, cache_ptr,
+                            slot_ptr, HQ, eps, block_size, stride_lt, stride_qt, stride_qh, stride_kt, stride_oqt,
+                            stride_oqh, stride_cb, stride_co, DC: tl.constexpr, HALF: tl.constexpr,
+                            BLOCK_HQ: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # one program per token: q's rotary part into q_out (every token), and where the token has a slot the
+    # normalised latent and the rotated k_pe into the cache, as rms_norm + the rope kernel + the store compute
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + d)
+    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + d)
+    _rotate(q_ptr + t * stride_qt, q_out_ptr + t * stride_oqt, HQ, stride_qh, stride_oqh, cos, sin, d,
+            HALF, BLOCK_HQ, INTERLEAVED)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        dst = cache_ptr + (slot // block_size).to(tl.int64) * stride_cb + (slot % block_size) * stride_co
+        dc = tl.arange(0, DC)
+        x = tl.load(latent_ptr + t * stride_lt + dc)
+        tl.store(dst + dc, _rms_normed(x, norm_w_ptr, dc, dc < DC, eps, DC).to(cache_ptr.dtype.element_ty))
+        _rotate(k_ptr + t * stride_kt, dst + DC, 1, 0, 0, cos, sin, d, HALF, 1, INTERLEAVED)
+
+
+def norm_rope_store(latent: torch.Tensor, norm_weight: torch.Tensor, eps: float, q_pe: torch.Tensor,
+                    k_pe: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, interleaved: bool,
+                    q_out: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """See kernels/attention/mla.py's MLABackend.norm_rope_store (the reference): one launch. The latent
+    [T, kv_lora_rank] and k_pe [T, rope] may be strided views of the projection's output."""
+    T, DC = latent.shape
+    HQ, DR = q_pe.shape[1], q_pe.shape[2]
+    assert cache.dtype == latent.dtype and cos_sin_cache.shape[-1] == DR and cos_sin_cache.is_contiguous()
+    assert all(x.stride(-1) == 1 for x in (latent, q_pe, k_pe, q_out, cache))
+    if T:
+        _norm_rope_store_kernel[(T,)](latent, norm_weight, q_pe, k_pe, q_out, positions, cos_sin_cache, cache,
+                                      slot_mapping, HQ, eps, cache.shape[1], latent.stride(0), q_pe.stride(0),
+                                      q_pe.stride(1), k_pe.stride(0), q_out.stride(0), q_out.stride(1),
+                                      cache.stride(0), cache.stride(1), DC=DC, HALF=DR // 2,
+                                      BLOCK_HQ=triton.next_power_of_2(HQ), INTERLEAVED=interleaved, num_warps=4)

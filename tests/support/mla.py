@@ -80,6 +80,33 @@ def check_triton_kernels(device: str = "cpu") -> float:
     keep = slots >= 0
     store_latent(torch.cat([fused[:, :32], fused[:, 40:56]], -1)[keep], want[:, 1], slots[keep])
     assert torch.equal(pool, want), "the Triton latent store differs from the torch store"
+    return max(worst, check_norm_rope_store(device))
+
+
+def check_norm_rope_store(device: str = "cpu") -> float:
+    """The fused latent norm + rope + store (one launch) against the reference backend's three steps, on
+    strided views of one projection output, interleaved and not, a padding slot (-1) written nowhere."""
+    from kernels.attention.mla import TorchMLABackend
+    from kernels.rope import rope_cos_sin_cache
+    from kernels.triton.mla_attention import norm_rope_store
+    g = torch.Generator(device=device).manual_seed(5)
+    T, H, C, R = 5, 3, 32, 16
+    cos_sin = rope_cos_sin_cache(1.0 / 10000 ** (torch.arange(0, R, 2, device=device).float() / R), 64)
+    positions = torch.tensor([0, 7, 63, 2, 30], device=device)
+    slots = torch.tensor([3, -1, 17, 0, 39], device=device)
+    weight = torch.rand(C, generator=g, device=device) + 0.5
+    worst = 0.0
+    for interleaved in (False, True):
+        proj = torch.randn(T, H * R + 8 + C + R, generator=g, device=device)  # [q_pe heads | pad | latent | k_pe]
+        q_pe, latent, k_pe = proj[:, :H * R].view(T, H, R), proj[:, H * R + 8:-R], proj[:, -R:]
+        got_cache, want_cache = (torch.zeros(10, 4, C + R, device=device) for _ in range(2))
+        got_q, want_q = (torch.zeros(T, H, C + R, device=device) for _ in range(2))
+        norm_rope_store(latent, weight, 1e-6, q_pe, k_pe, positions, cos_sin, interleaved, got_q[..., C:], got_cache,
+                        slots)
+        TorchMLABackend().norm_rope_store(latent, weight, 1e-6, q_pe, k_pe, positions, cos_sin, interleaved,
+                                          want_q[..., C:], want_cache, slots)
+        assert torch.equal(got_q[..., :C], want_q[..., :C]) and torch.equal(got_cache == 0, want_cache == 0)
+        worst = max(worst, float((got_q - want_q).abs().max()), float((got_cache - want_cache).abs().max()))
     return worst
 
 
