@@ -25,7 +25,7 @@ from torch import nn
 from engine.distributed.all2all import moe_all_to_all
 from engine.distributed.parallel import ParallelContext
 from engine.layers.linear import block_fp8_params, copy_checked
-from kernels.moe import fused_experts, route_hidden, select_experts, select_experts_grouped
+from kernels.moe import fused_experts, select_experts, select_experts_grouped
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,6 @@ class Routing:
     topk_groups: int = 1
     routed_scaling: float = 1.0
     num_shared: int = 0  # always-on experts after the routed ones: every token's last slots, weight 1
-
-    def route(self, x: torch.Tensor, gate: nn.Module, correction_bias: torch.Tensor | None = None):
-        """Hidden states -> (weights, ids) through the router `gate` (a Linear without bias: its logits are
-        gate(x)). A decode step of a token or two on a GPU takes one launch for the logits and the choice."""
-        if getattr(gate, "weight_scale_inv", None) is None and getattr(gate, "bias", None) is None:
-            fused = route_hidden(x, gate.weight, correction_bias, self.top_k, self.num_groups, self.topk_groups,
-                                 self.renormalize, self.routed_scaling, self.scoring, self.num_shared)
-            if fused is not None:
-                return fused
-        return self.select(gate(x), correction_bias)
 
     def select(self, logits: torch.Tensor, correction_bias: torch.Tensor | None = None):
         if self.scoring == "softmax" and self.num_groups == 1 and self.routed_scaling == 1.0 and not self.num_shared:
@@ -125,9 +115,9 @@ class FusedMoE(nn.Module):
         return fused_experts(x, self.w13_weight, self.w2_weight, weights, ids, expert_map,
                              self.w13_weight_scale_inv, self.w2_weight_scale_inv, self.block_k)
 
-    def forward(self, x: torch.Tensor, gate: nn.Module, correction_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x through the experts its router `gate` picks (Routing.route)."""
-        weights, ids = self.routing.route(x, gate, correction_bias)
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
+                correction_bias: torch.Tensor | None = None) -> torch.Tensor:
+        weights, ids = self.routing.select(router_logits, correction_bias)
         if self.parallel.dp_size > 1:  # tokens differ per DP group: they travel to their experts and back
             return moe_all_to_all(self.parallel, self.owner, x, weights, ids, self.expert_map, self._local)
         out = self._experts(x, weights, ids, self.expert_map)

@@ -66,7 +66,7 @@ class DeepseekV3MoE(nn.Module):
         self.shared_experts = LlamaMLP(cfg, parallel, hf.moe_intermediate_size * separate) if separate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate, self.gate.e_score_correction_bias)
+        out = self.experts(x, self.gate(x), self.gate.e_score_correction_bias)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 

@@ -29,7 +29,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         self.experts = FusedMoE(hf.num_experts, routing, cfg.hidden_size, hf.moe_intermediate_size, parallel, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, self.gate)
+        return self.experts(x, self.gate(x))
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):

@@ -1,8 +1,7 @@
 """Mixture-of-experts kernels behind one import point.
 
 `select_experts` / `select_experts_grouped` turn router logits into (top-k weights, top-k expert ids): one
-Triton launch on a GPU (kernels/triton/routing.py), the torch reference elsewhere; `route_hidden` computes the
-logits too in that launch for a decode step of a token or two. `fused_experts` runs every
+Triton launch on a GPU (kernels/triton/routing.py), the torch reference elsewhere. `fused_experts` runs every
 token through its experts' gated MLPs and sums the weighted outputs:
 
     out[t] = sum_j w[t, j] * down[e_j](silu(gate[e_j](x[t])) * up[e_j](x[t])),  e_j = ids[t, j]
@@ -22,14 +21,11 @@ from kernels.moe.torch_ref import fused_experts_ref, select_experts_grouped_ref,
 from kernels.triton import use_triton
 
 
-def _router_tile_fits(num_experts: int, num_groups: int) -> bool:
-    """The Triton router holds a token's experts in one [groups, experts per group] tile of <= 1024 values."""
-    p2 = lambda n: 1 << (n - 1).bit_length()
-    return num_experts % num_groups == 0 and p2(num_groups) * p2(num_experts // num_groups) <= 1024
-
-
 def _fused_router_fits(router_logits: torch.Tensor, num_groups: int) -> bool:
-    return use_triton(router_logits) and _router_tile_fits(router_logits.shape[-1], num_groups)
+    """The Triton router holds a token's experts in one [groups, experts per group] tile of <= 1024 values."""
+    E = router_logits.shape[-1]
+    p2 = lambda n: 1 << (n - 1).bit_length()
+    return use_triton(router_logits) and E % num_groups == 0 and p2(num_groups) * p2(E // num_groups) <= 1024
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,21 +50,6 @@ def select_experts_grouped(router_logits: torch.Tensor, correction_bias: torch.T
                      scoring, num_shared)
     return select_experts_grouped_ref(router_logits, correction_bias, top_k, num_groups, topk_groups, renormalize,
                                       routed_scaling, scoring, num_shared)
-
-
-def route_hidden(x: torch.Tensor, gate_weight: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
-                 num_groups: int, topk_groups: int, renormalize: bool, routed_scaling: float, scoring: str,
-                 num_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The gate's logits (x @ gate_weight^T) and `select_experts_grouped`'s choice in one launch, for decode steps
-    of a token or two on a GPU (kernels/triton/routing.py's `router`); None where that does not apply (the
-    caller computes the logits and selects)."""
-    if not (use_triton(x) and x.dim() == 2):
-        return None
-    from kernels.triton.routing import fused_router_fits, router
-    if not (fused_router_fits(x, gate_weight) and _router_tile_fits(gate_weight.shape[0], num_groups)):
-        return None
-    return router(x, gate_weight, correction_bias, top_k, num_groups, topk_groups, renormalize, routed_scaling,
-                  scoring, num_shared)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
