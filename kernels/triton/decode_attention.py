@@ -1,14 +1,9 @@
 """Paged decode attention in Triton, for GQA over a bf16/fp16 or FP8 KV pool: one program per (sequence,
 KV head, split) reads each K/V page once for the whole query-head group (the group's columns padded to
 8 in a swapped-operand MMA), FP8 pages are widened to fp16 in registers (with q in fp16), and long
-sequences at small batch are split across programs (flash-decoding). The split count depends on the batch
-size only, so a CUDA graph captured for a batch size stays valid for every sequence length. Reads device
-tensors only (seq_lens, block_tables): no per-step plan.
-
-The splits meet as the skinny GEMM's split-K does (kernels/triton/skinny_gemm.py): each program leaves its
-partial (acc, max, sum) and counts itself in; the last of a head group's programs merges the group's partials
-in split order and re-arms the counter. One launch per layer, not two (a batch-1 decode step of a 48-layer
-model launched the merge kernel 48 times, ~1.8 us each). The latent attention (mla_attention.py) shares this."""
+sequences at small batch are split across programs and merged by a second kernel (flash-decoding).
+The split count depends on the batch size only, so a CUDA graph captured for a batch size stays valid
+for every sequence length. Reads device tensors only (seq_lens, block_tables): no per-step plan."""
 from __future__ import annotations
 
 import functools
@@ -22,51 +17,8 @@ LOG2E = 1.4426950408889634
 
 # stride_bt is the block table's width: fixed in a CUDA graph, but per step in mixed steps and eager
 # decode. Specialising on it (==1, %16) compiled new variants mid-run (~1.8 s of the throughput bench).
-MAX_SPLIT_GROUPS = 1 << 16  # arrival counters: (sequence, head group) pairs of one split launch
-
-
-@functools.cache
-def split_counters(device: torch.device) -> torch.Tensor:
-    """The split programs' arrival counters on a device, zero between launches (each launch's last programs
-    re-arm theirs; launches on one stream never overlap)."""
-    return torch.zeros(MAX_SPLIT_GROUPS, dtype=torch.int32, device=device)
-
-
-@triton.jit
-def _arrive_last(cnt_ptr, group_id, NUM_SPLITS: tl.constexpr):
-    """After a program stored its partial: whether it is the last of its group's NUM_SPLITS to arrive (that one
-    merges; the counter is then re-armed by it)."""
-    tl.debug_barrier()  # every thread's partial is written before the one counting atomic (release, GPU scope)
-    return tl.atomic_add(cnt_ptr + group_id, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1
-
-
-@triton.jit
-def _merge_splits(part_acc_ptr, part_ml_ptr, first_row, h_ok, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr):
-    """The partials of BLOCK_H heads (rows first_row + split of [.., NUM_SPLITS, D] and [.., NUM_SPLITS, 2]),
-    merged in split order: (sum of the rescaled accumulators [BLOCK_H, D], their softmax denominators). An
-    empty split (l = 0) adds nothing. Loads bypass L1: other programs wrote these."""
-    d = tl.arange(0, D)
-    m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        m = tl.load(part_ml_ptr + (first_row + s) * 2, mask=h_ok, other=0.0, cache_modifier=".cg")
-        l = tl.load(part_ml_ptr + (first_row + s) * 2 + 1, mask=h_ok, other=0.0, cache_modifier=".cg")
-        m_max = tl.maximum(m_max, tl.where(l > 0.0, m, float("-inf")))
-    acc = tl.zeros([BLOCK_H, D], tl.float32)
-    denom = tl.zeros([BLOCK_H], tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        m = tl.load(part_ml_ptr + (first_row + s) * 2, mask=h_ok, other=0.0, cache_modifier=".cg")
-        l = tl.load(part_ml_ptr + (first_row + s) * 2 + 1, mask=h_ok, other=0.0, cache_modifier=".cg")
-        w = tl.where(l > 0.0, tl.exp2(m - m_max), 0.0)
-        part = tl.load(part_acc_ptr + (first_row + s)[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0,
-                       cache_modifier=".cg")
-        acc += part * w[:, None]
-        denom += l * w
-    return acc, denom
-
-
 @triton.jit(do_not_specialize=["stride_bt"])
-def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, cnt_ptr,
+def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                    qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_cb, stride_ckv, stride_co, stride_ch, stride_bt,
                    BS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
@@ -118,13 +70,21 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_acc_ptr
         tl.store(part_acc_ptr + row[None, :] * D + d[:, None], acc_t, mask=h_ok[None, :])
         tl.store(part_ml_ptr + row * 2, m_i, mask=h_ok)
         tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=h_ok)
-        group_id = b * tl.num_programs(1) + kvh
-        if _arrive_last(cnt_ptr, group_id, NUM_SPLITS):
-            acc, denom = _merge_splits(part_acc_ptr, part_ml_ptr, row - split, h_ok, BLOCK_H, D, NUM_SPLITS)
-            out = acc * (v_scale / tl.where(denom == 0.0, 1.0, denom))[:, None]
-            tl.store(out_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
-            tl.store(cnt_ptr + group_id, 0)
+
+
+@triton.jit
+def _merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, v_scale, H, stride_ot, stride_oh,
+                  D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    row = (b * H + h) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    m = tl.load(part_ml_ptr + row * 2)
+    l = tl.load(part_ml_ptr + row * 2 + 1)
+    m_max = tl.max(tl.where(l > 0.0, m, float("-inf")), 0)
+    w = tl.where(l > 0.0, tl.exp2(m - m_max), 0.0)
+    d = tl.arange(0, D)
+    acc = tl.load(part_acc_ptr + row[:, None] * D + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) * (v_scale / tl.sum(l * w, 0))
+    tl.store(out_ptr + b * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
@@ -159,14 +119,15 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Te
     if num_splits > 1:
         part_acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((B, H, num_splits, 2), dtype=torch.float32, device=q.device)
-        counters = split_counters(q.device)
-        assert B * KVH <= counters.numel()
     else:
-        part_acc = part_ml = counters = out  # unused
+        part_acc = part_ml = out  # unused
     _decode_kernel[(B, KVH, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_acc, part_ml, counters, scale * k_scale * LOG2E, v_scale,
+        q, kv_cache, block_tables, seq_lens, out, part_acc, part_ml, scale * k_scale * LOG2E, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         BS=BS, GROUP=group, BLOCK_H=max(8, triton.next_power_of_2(group)), D=D, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _merge_kernel[(B, H)](part_acc, part_ml, out, v_scale, H, out.stride(0), out.stride(1), D=D,
+                              NUM_SPLITS=num_splits, num_warps=4)
     return out

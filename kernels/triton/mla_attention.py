@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.decode_attention import (LOG2E, _arrive_last, _merge_splits, _num_sms, num_splits_for,
-                                             split_counters)
+from kernels.triton.decode_attention import LOG2E, _merge_kernel, _num_sms, num_splits_for
 from kernels.triton.elementwise import _rms_normed, _rotate
 
 BLOCK_H = 16  # query heads per program: the MMA's M (64 would not fit the [M, 512] accumulator in registers)
@@ -26,7 +25,7 @@ INTERPRETER_SMS = 4  # CPU tensors (TRITON_INTERPRET=1, the CPU tests) have no d
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _mla_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, tok_seq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-                cnt_ptr, qk_scale, H, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_bt,
+                qk_scale, H, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_bt,
                 BS: tl.constexpr, DC: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr):
     t, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -77,13 +76,6 @@ def _mla_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, tok_seq_ptr, o
         tl.store(part_acc_ptr + prow[:, None] * DC + dc[None, :], acc, mask=h_ok[:, None])
         tl.store(part_ml_ptr + prow * 2, m_i, mask=h_ok)
         tl.store(part_ml_ptr + prow * 2 + 1, l_i, mask=h_ok)
-        group_id = t * tl.num_programs(1) + hb
-        if _arrive_last(cnt_ptr, group_id, NUM_SPLITS):
-            acc, denom = _merge_splits(part_acc_ptr, part_ml_ptr, prow - split, h_ok, BLOCK_H, DC, NUM_SPLITS)
-            out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
-            tl.store(out_ptr + t.to(tl.int64) * stride_ot + hs[:, None] * stride_oh + dc[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
-            tl.store(cnt_ptr + group_id, 0)
 
 
 def mla_attention(q: torch.Tensor, cache: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
@@ -109,16 +101,17 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, seq_lens: torch.Tensor, 
     if num_splits > 1:
         part_acc = torch.empty((T, H, num_splits, kv_lora_rank), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((T, H, num_splits, 2), dtype=torch.float32, device=q.device)
-        counters = split_counters(q.device)
-        assert T * head_blocks <= counters.numel()
     else:
-        part_acc = part_ml = counters = out  # unused
+        part_acc = part_ml = out  # unused
     _mla_kernel[(T, head_blocks, num_splits)](
         q, cache, block_tables, seq_lens, cu_seqlens_q, token_seq if token_seq is not None else seq_lens, out,
-        part_acc, part_ml, counters, scale * LOG2E, H, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        part_acc, part_ml, scale * LOG2E, H, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache.stride(0), cache.stride(1), block_tables.stride(0),
         BS=cache.shape[1], DC=kv_lora_rank, DR=DR, BLOCK_H=BLOCK_H, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         DECODE=decode, num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _merge_kernel[(T, H)](part_acc, part_ml, out, 1.0, H, out.stride(0), out.stride(1), D=kv_lora_rank,
+                              NUM_SPLITS=num_splits, num_warps=4)
     return out
 
 
