@@ -1,6 +1,7 @@
 """Triton kernels of the decode path against their torch references: the router (kernels/triton/routing.py) for
 every router shape the engine serves, the router's float32 logits (the skinny GEMM), the rope kernel on DeepSeek's
-interleaved rotary pairs, and the fused experts with and without the sort by expert, all experts or one rank's. Run on the CPU under TRITON_INTERPRET=1
+interleaved rotary pairs, the fused experts with and without the sort by expert, all experts or one rank's, and
+the GQA decode attention whole and split. Run on the CPU under TRITON_INTERPRET=1
 by tests/test_deepseek.py, and on the GPU by tests/test_moe_gpu.py."""
 from __future__ import annotations
 
@@ -123,6 +124,35 @@ def check_fused_experts(device: str = "cpu") -> float:
     return worst
 
 
+def check_decode_attention(device: str = "cpu") -> float:
+    """The GQA decode kernel whole and split (flash-decoding: partials merged by the second kernel), on ragged
+    paged sequences of 1 to 300 tokens, against a plain softmax over each sequence's gathered keys, relative to
+    the largest output."""
+    from kernels.triton.decode_attention import decode_attention
+    g = torch.Generator(device=device).manual_seed(3)
+    bs, kvh, heads, d, lens = 16, 2, 6, 32, [1, 17, 300, 64]
+    pages = [-(-n // bs) for n in lens]
+    perm = torch.randperm(sum(pages), generator=torch.Generator().manual_seed(3)).tolist()
+    tables = torch.zeros(len(lens), max(pages), dtype=torch.int32)
+    for b, n in enumerate(pages):
+        tables[b, :n] = torch.tensor([perm.pop() for _ in range(n)])
+    pool = torch.randn(sum(pages), 2, bs, kvh, d, generator=g, device=device)
+    q = torch.randn(len(lens), heads, d, generator=g, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    want = []
+    for b, n in enumerate(lens):
+        k, v = (pool[tables[b, :pages[b]].long(), i].flatten(0, 1)[:n].repeat_interleave(heads // kvh, 1)
+                for i in (0, 1))
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b], k) * d ** -0.5, -1)
+        want.append(torch.einsum("hn,nhd->hd", p, v))
+    want = torch.stack(want)
+    worst = 0.0
+    for splits in (1, 4, 16):
+        got = decode_attention(q, pool, seq_lens, tables.to(device), d ** -0.5, num_splits=splits, block_n=16)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    return worst
+
+
 def check_triton_kernels(device: str = "cpu") -> float:
     return max(check_routers(device), check_interleaved_rope(device), check_fused_experts(device),
-               check_skinny_gemm(device))
+               check_skinny_gemm(device), check_decode_attention(device))
