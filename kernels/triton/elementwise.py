@@ -86,16 +86,21 @@ def _rotate(x_ptr, out_ptr, H, stride_xh, stride_oh, cos, sin, d,
 
 
 @triton.jit
+def _token_cos_sin(cache_ptr, pos_ptr, t, HALF: tl.constexpr):
+    """Token t's row of the [positions, 2 * HALF] cos/sin cache: (cos, sin, the HALF offsets)."""
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    return tl.load(cache_ptr + pos * 2 * HALF + d), tl.load(cache_ptr + pos * 2 * HALF + HALF + d), d
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr, HQ, HK,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_oqt, stride_oqh, stride_okt, stride_okh,
                  HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, INTERLEAVED: tl.constexpr):
     # one program per token: all heads of q and of k rotated with the token's cos/sin row. INTERLEAVED input
     # holds the rotary pairs side by side (x0, x1), (x2, x3), ... (DeepSeek); the output is always in halves
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t)
-    d = tl.arange(0, HALF)
-    cos = tl.load(cache_ptr + pos * 2 * HALF + d)
-    sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + d)
+    cos, sin, d = _token_cos_sin(cache_ptr, pos_ptr, t, HALF)
     _rotate(q_ptr + t * stride_qt, q_out_ptr + t * stride_oqt, HQ, stride_qh, stride_oqh, cos, sin, d,
             HALF, BLOCK_HQ, INTERLEAVED)
     _rotate(k_ptr + t * stride_kt, k_out_ptr + t * stride_okt, HK, stride_kh, stride_okh, cos, sin, d,

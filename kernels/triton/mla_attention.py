@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.decode_attention import LOG2E, _merge_kernel, _num_sms, num_splits_for
-from kernels.triton.elementwise import _rms_normed, _rotate
+from kernels.triton.elementwise import _rms_normed, _rotate, _token_cos_sin
 
 BLOCK_H = 16  # query heads per program: the MMA's M (64 would not fit the [M, 512] accumulator in registers)
 INTERPRETER_SMS = 4  # CPU tensors (TRITON_INTERPRET=1, the CPU tests) have no device to ask: a small one
@@ -148,10 +148,7 @@ def _norm_rope_store_kernel(latent_ptr, norm_w_ptr, q_ptr, k_ptr, q_out_ptr, pos
     # one program per token: q's rotary part into q_out (every token), and where the token has a slot the
     # normalised latent and the rotated k_pe into the cache, as rms_norm + the rope kernel + the store compute
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t)
-    d = tl.arange(0, HALF)
-    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + d)
-    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + d)
+    cos, sin, d = _token_cos_sin(cos_sin_ptr, pos_ptr, t, HALF)
     _rotate(q_ptr + t * stride_qt, q_out_ptr + t * stride_oqt, HQ, stride_qh, stride_oqh, cos, sin, d,
             HALF, BLOCK_HQ, INTERLEAVED)
     slot = tl.load(slot_ptr + t)
