@@ -33,6 +33,13 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
 
+def rope_kernel_fits(rotary_dim: int, cos_sin_cache: torch.Tensor) -> bool:
+    """The Triton rope kernels (the rope, and MLA's norm + rope + store) read a power-of-two half and the cache's
+    contiguous rows of exactly [cos | sin] of that width."""
+    half = rotary_dim // 2
+    return cos_sin_cache.shape[-1] == rotary_dim and half & (half - 1) == 0 and cos_sin_cache.is_contiguous()
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                interleaved: bool = False, q_out: torch.Tensor | None = None,
                k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,9 +47,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
     their dtype and in halves, written into q_out / k_out where given (e.g. the rotary part of a larger query
     buffer, which saves the concatenation after). `interleaved`: the inputs hold the rotary pairs side by side
     (DeepSeek's layout), taken apart into halves first, as the reference does."""
-    half = q.shape[-1] // 2
-    if (use_triton(q) and cos_sin_cache.shape[-1] == q.shape[-1] and half & (half - 1) == 0
-            and all(t is None or t.stride(-1) == 1 for t in (q, k, q_out, k_out)) and cos_sin_cache.is_contiguous()):
+    if (use_triton(q) and rope_kernel_fits(q.shape[-1], cos_sin_cache)
+            and all(t is None or t.stride(-1) == 1 for t in (q, k, q_out, k_out))):
         from kernels.triton.elementwise import apply_rope as fused
         return fused(q, k, positions, cos_sin_cache, interleaved, q_out, k_out)
     if interleaved:

@@ -118,13 +118,13 @@ class TritonMLABackend(MLABackend):
 
     def norm_rope_store(self, latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache, interleaved, q_out,
                         cache, slot_mapping) -> None:
-        half = q_pe.shape[-1] // 2
-        if half & (half - 1) or cos_sin_cache.shape[-1] != q_pe.shape[-1] or cache.dtype != latent.dtype:
+        from kernels.rope import rope_kernel_fits
+        if not rope_kernel_fits(q_pe.shape[-1], cos_sin_cache) or cache.dtype != latent.dtype:
             return super().norm_rope_store(latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache,
                                            interleaved, q_out, cache, slot_mapping)
         from kernels.triton.mla_attention import norm_rope_store
-        norm_rope_store(latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache.contiguous(), interleaved,
-                        q_out, cache, slot_mapping)
+        norm_rope_store(latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache, interleaved, q_out, cache,
+                        slot_mapping)
 
     def latent_attention(self, q, cache, meta, kv_lora_rank, scale):
         from kernels.triton.mla_attention import mla_attention

@@ -45,7 +45,6 @@ TUNED: dict[tuple[int, int, int], list[tuple[int, dict, dict]]] = {
 }
 
 
-
 def _with_shared(rows: list, top_k: int, shared: int) -> list:
     """A stack with `shared` always-on experts after the routed ones: the routed stack's rows at the same token
     counts (each token has top_k + shared pairs)."""
