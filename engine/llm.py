@@ -34,7 +34,7 @@ class LLM:
 
     def _tokenise(self, prompt: PromptType) -> tuple[str | None, list[int], list]:
         """(text, token ids, images). A dict prompt may carry vLLM's `multi_modal_data: {"image": img | [img]}`
-        (PIL images), one image placeholder token in the prompt per image."""
+        (PIL images or image file paths), one image placeholder token in the prompt per image."""
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt), []
         if isinstance(prompt, dict):

@@ -204,6 +204,27 @@ def test_text_model_refuses_images(tiny_llama, llm_cache):
         llm.generate([{"prompt_token_ids": [1, 2, 3], "multi_modal_data": {"image": [make_image(20, 20, 0)]}}])
 
 
+def test_an_image_file_path_is_its_image(tiny_qwen3_vl, llm_cache, tmp_path):
+    """multi_modal_data may name an image file instead of holding a PIL image: the same tokens; a file that cannot
+    be read is a clear error and the engine keeps serving."""
+    from engine.errors import InvalidRequestError
+    llm = llm_cache.get(tiny_qwen3_vl)
+    image = make_image(40, 28, 3)
+    image.save(tmp_path / "photo.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    ids = chat_ids(llm, 1)
+    by_path, by_image = (llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": img}}], greedy(6))
+                         for img in (str(tmp_path / "photo.png"), image))
+    assert by_path[0].outputs[0].token_ids == by_image[0].outputs[0].token_ids
+    for bad in (tmp_path / "missing.png", tmp_path / "notes.txt"):
+        with pytest.raises(InvalidRequestError, match="could not be read") as err:
+            llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": bad}}], greedy(6))
+        assert err.value.param == "multi_modal_data"
+    assert llm.generate([{"prompt_token_ids": ids, "multi_modal_data": {"image": image}}], greedy(6))[0].outputs
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_placeholder_count_must_match_images(tiny_qwen3_vl, llm_cache):
     from engine.errors import InvalidRequestError
     llm = llm_cache.get(tiny_qwen3_vl)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +69,17 @@ class ImageProcessorConfig:
         return grid_thw[0] * grid_thw[1] * grid_thw[2] // self.merge_size ** 2
 
     def process(self, image) -> ImageInput:
-        """A PIL image -> an ImageInput (resized uint8 RGB pixels, grid, token count, content hash) that
-        engine.multimodal.inputs.expand_placeholders places in the prompt."""
+        """A PIL image, or an image file's path (as SGLang's offline API takes them) -> an ImageInput (resized
+        uint8 RGB pixels, grid, token count, content hash) that engine.multimodal.inputs.expand_placeholders
+        places in the prompt."""
         from PIL import Image
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                with Image.open(image) as opened:
+                    image = opened.convert("RGB")
+            except OSError as e:  # a missing file, or one PIL cannot decode (UnidentifiedImageError)
+                raise InvalidRequestError(f"image file {str(image)!r} could not be read: {e}",
+                                          param="multi_modal_data") from e
         image = image.convert("RGB")
         h, w = self.target_size(image.height, image.width)
         if (h, w) != (image.height, image.width):
