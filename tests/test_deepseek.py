@@ -392,3 +392,50 @@ def test_routing_keeping_every_group_is_plain_top_k(groups):
     assert torch.equal(ids.sort(-1).values.long(), want.sort(-1).values)
     chosen = logits.sigmoid().gather(1, ids.long())
     torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True) * 2.5)
+
+
+@torch.inference_mode()
+def test_verify_step_in_a_graph_bucket_gives_the_fed_rows(mtp_checkpoint):
+    """What a verify graph replays, run without capture on the CPU: three sequences feeding 1, 3 and 2 tokens
+    (a last token and its drafts) staged into a bucket of 4 sequences x 3 rows by the graph runner. The model
+    over the padded step gives each fed token the hidden state of the plain ragged step, and so does the MTP
+    module over it (its graph's input: the next token ids in the same rows); pad rows write no KV."""
+    import numpy as np
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from engine.worker.cuda_graph import GraphInputs, StepGraphRunner
+    from engine.worker.input_batch import StepBatch, prepare_host
+    core = EngineCore(EngineConfig(model=str(mtp_checkpoint), device="cpu", speculative_config=mtp_k(2)))
+    try:
+        r = core.runner
+        bs, rng = r.config.block_size, np.random.default_rng(0)
+        tables = [[4 * b + i for i in range(4)] for b in range(3)]
+        step = lambda start, n: StepBatch(num_computed=np.array(start), num_new=np.array(n),
+                                          pending_rows=np.full(3, -1), samples=np.ones(3, bool),
+                                          token_ids=rng.integers(1, r.vocab_size, sum(n)))
+        prompt_lens, fed = [5, 19, 3], [1, 3, 2]
+        r.forward(prepare_host(step([0] * 3, prompt_lens), tables, bs, True))
+        x = prepare_host(step(prompt_lens, fed), tables, bs, True)
+        hidden, _, graph_step = r.forward(x)
+        assert graph_step is None  # no graphs on the CPU: the eager step
+        next_ids = rng.integers(1, r.vocab_size, sum(fed))
+        ids, pos, meta, _ = r._device_inputs(x)
+        meta.plan = r.backend.plan(meta)
+        ids.copy_(torch.from_numpy(next_ids))
+        module = r.model.mtp_hidden(ids, pos, hidden, meta)
+        before = r.kv_pool.clone()
+
+        graphs = StepGraphRunner(r.model, r.backend, r.device, {1: [1, 2, 4], 3: [1, 2, 4]}, r.max_model_len, bs,
+                                 mtp=True)
+        p = graphs._stage(GraphInputs(x.input_ids, x.positions, x.slot_mapping, x.host, x.block_tables), 3, 4)
+        padded, pmeta = graphs._forward(3, 4)
+        torch.testing.assert_close(padded[p.index], hidden, atol=1e-5, rtol=1e-5)
+        rows = np.zeros(12, np.int64)
+        rows[p.index] = next_ids
+        graphs.i64[0, :12] = torch.from_numpy(rows)
+        padded_module = r.model.mtp_hidden(graphs.i64[0, :12], graphs.i64[1, :12], padded, pmeta)
+        torch.testing.assert_close(padded_module[p.index], module, atol=1e-5, rtol=1e-5)
+        # the same KV (the pad rows wrote nowhere, the fed rows the same latents)
+        torch.testing.assert_close(r.kv_pool, before, atol=1e-5, rtol=1e-5)
+    finally:
+        core.shutdown()

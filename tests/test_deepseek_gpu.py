@@ -48,6 +48,7 @@ CASES = {
     "decode-mixed": ([1] * 7, [1, 17, 64, 65, 300, 1000, 2], 64),
     "decode-b64": ([1] * 64, [40 + 37 * i for i in range(64)], 16),  # one split
     "prefill-chunks": ([37, 1, 128, 5], [37, 90, 300, 5], 16),  # chunks over a cached prefix, and decode
+    "verify": ([2, 4, 1, 3], [3000, 40, 700, 90], 16),  # a last token and its drafts: split like decode
 }
 
 
@@ -170,21 +171,22 @@ def test_mla_engine_bf16_graphs_agree_with_torch(v3_latents, backend):
     assert first and agree >= 0.6, agree
 
 
-def test_mtp_chain_under_graphs(v3_latents, tmp_path):
-    """MTP drafting (k = 2, chained) on the GPU: plain decode steps replay CUDA graphs, verify steps and the
-    chain's module steps run eagerly; float32 tokens agree with plain decoding (TF32 in the attention makes
-    exact equality a matter of near-ties), drafts are made and the pool is whole afterwards."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_mtp_under_graphs(v3_latents, tmp_path, k):
+    """MTP drafting on the GPU: verify steps (1 + k tokens a sequence), the MTP module over them and, for k = 2, the
+    chain's links replay CUDA graphs; float32 tokens agree with plain decoding (TF32 in the attention makes exact
+    equality a matter of near-ties), drafts are made and the pool is whole afterwards."""
     from engine.llm import LLM
     from tests.support.mla import with_mtp_layer
     path = with_mtp_layer(v3_latents, tmp_path / "with_mtp")
     opts = dict(device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=8)
     expected = _generate(LLM(str(path), **opts))
-    llm = LLM(str(path), speculative_config='{"method": "mtp", "num_speculative_tokens": 2}', **opts)
-    assert llm.engine.runner.graphs is not None
+    llm = LLM(str(path), speculative_config=f'{{"method": "mtp", "num_speculative_tokens": {k}}}', **opts)
     agree, first = _agreement(_generate(llm), expected)
     assert first and agree >= 0.8, agree
-    stats = llm.engine.stats()
-    assert stats["spec_verify_rows"] < stats["spec_draft_tokens"], stats
+    stats, replays = llm.engine.stats(), llm.engine.runner.graphs.replays
+    assert stats["spec_draft_tokens"] > 0 and replays[1 + k] > 0 and (k == 1 or replays["mtp_chain"] > 0), \
+        (stats, replays)
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 

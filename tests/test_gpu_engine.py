@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.worker.cuda_graph import DecodeInputs, bucket_for, capture_sizes, pad_decode_inputs
+from engine.worker.cuda_graph import GraphInputs, bucket_for, capture_sizes, pad_step_inputs
 from engine.worker.input_batch import StepBatch, prepare_host
 from engine.sampling_params import SamplingParams
 from engine.core.scheduler import ScheduledSeq
@@ -29,17 +29,39 @@ def test_capture_sizes_and_buckets():
     assert bucket_for(256, sizes) == 256 and bucket_for(257, sizes) is None
 
 
-def test_pad_decode_inputs():
+def test_pad_step_inputs_decode():
     host = PagedHostMeta(np.arange(4, dtype=np.int32), np.array([0, 1, 3, 4], np.int32), np.array([7, 2, 5, 9], np.int32),
                          np.array([3, 16, 1], np.int32), np.array([3, 32, 49], np.int32))
-    x = DecodeInputs(np.array([11, 12, 13]), np.array([2, 31, 48]), np.array([114, 95, 144]), host,
-                     np.array([[7, 0, 0], [2, 5, 0], [9, 1, 3]], np.int32))
-    p = pad_decode_inputs(x, 8, width=6)
+    x = GraphInputs(np.array([11, 12, 13]), np.array([2, 31, 48]), np.array([114, 95, 144]), host,
+                    np.array([[7, 0, 0], [2, 5, 0], [9, 1, 3]], np.int32))
+    p = pad_step_inputs(x, 8, width=6)
     assert p.input_ids.tolist() == [11, 12, 13] + [0] * 5 and p.slot_mapping.tolist()[3:] == [-1] * 5
-    assert p.host.kv_indptr.tolist() == [0, 1, 3, 4, 5, 6, 7, 8, 9] and p.host.qo_indptr.tolist() == list(range(9))
-    assert p.host.kv_indices.tolist() == [7, 2, 5, 9, 0, 0, 0, 0, 0]
-    assert p.host.seq_lens.tolist() == [3, 32, 49, 1, 1, 1, 1, 1] and p.host.kv_last_page_len.tolist()[3:] == [1] * 5
+    assert p.positions.tolist() == [2, 31, 48] + [0] * 5 and p.index.tolist() == [0, 1, 2]
+    assert p.seq_lens.tolist() == [3, 32, 49, 1, 1, 1, 1, 1]
     assert p.block_tables.shape == (8, 6) and p.block_tables[1, :2].tolist() == [2, 5] and not p.block_tables[3:].any()
+
+
+def test_pad_step_inputs_verify():
+    """Three sequences feeding 1, 3 and 2 tokens (a last token and its drafts) in a bucket of 4 x 3 rows: each
+    sequence's tokens lead its rows, its pad rows repeat its last position, write nowhere and lengthen its
+    seq_len so that the real rows keep their causal horizon (seq_len - q_len + row)."""
+    cu = np.array([0, 1, 4, 6], np.int32)
+    seq_lens = np.array([5, 20, 9], np.int32)
+    host = PagedHostMeta(cu, np.array([0, 1, 3, 4], np.int32), np.array([7, 2, 5, 9], np.int32),
+                         np.array([5, 4, 9], np.int32), seq_lens)
+    pos = np.array([4, 17, 18, 19, 7, 8])
+    x = GraphInputs(np.array([11, 21, 22, 23, 31, 32]), pos, np.array([116, 49, 50, 51, 151, 152]), host,
+                    np.array([[7, 0], [2, 5], [9, 0]], np.int32))
+    p = pad_step_inputs(x, 4, q_len=3, width=4)
+    assert p.index.tolist() == [0, 3, 4, 5, 6, 7]
+    assert p.input_ids.tolist() == [11, 0, 0, 21, 22, 23, 31, 32, 0, 0, 0, 0]
+    assert p.slot_mapping.tolist() == [116, -1, -1, 49, 50, 51, 151, 152, -1, -1, -1, -1]
+    assert p.positions.tolist() == [4, 4, 4, 17, 18, 19, 7, 8, 8, 0, 0, 0]
+    assert p.seq_lens.tolist() == [7, 20, 10, 3]
+    # every real row's horizon, as the kernels count it, is its own position
+    horizon = np.repeat(p.seq_lens, 3) - 3 + np.tile(np.arange(3), 4)
+    assert horizon[p.index].tolist() == pos.tolist()
+    assert p.block_tables.shape == (4, 4) and p.block_tables[1, :2].tolist() == [2, 5] and not p.block_tables[3].any()
 
 
 def test_fp8_attention_outside_flashinfer_is_a_clear_error():
@@ -127,6 +149,24 @@ def test_gpu_engine_float32_matches_transformers_graphs_on_and_off(tiny_models, 
         bm = llm.engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks
     assert outputs[0] == outputs[1]  # graph replay == eager: the same kernels on the same shapes
+
+
+@needs_gpu
+def test_ngram_verify_steps_replay_graphs(tiny_models):
+    """Speculative decoding by ngram lookup on the GPU (Triton attention, float32): verify steps (a last token and
+    up to 3 drafts a sequence, fewer padded) replay CUDA graphs; the tokens equal plain decoding's (the first 16
+    exactly, as above) and drafts are kept."""
+    from engine.llm import LLM
+    from tests.test_spec_decode import NGRAM
+    opts = dict(dtype="float32", device="cuda", num_kv_blocks=64, max_num_seqs=8)
+    plain = _generate(LLM(str(tiny_models["qwen3"]), **opts), 24)
+    llm = LLM(str(tiny_models["qwen3"]), speculative_config=NGRAM, **opts)
+    got = _generate(llm, 24)
+    assert [o[:16] for o in got] == [o[:16] for o in plain]
+    replays, stats = llm.engine.runner.graphs.replays, llm.engine.stats()
+    assert replays[4] > 0 and stats["spec_accepted_tokens"] > 0, (replays, stats)
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 @pytest.fixture(scope="module")

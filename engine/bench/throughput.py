@@ -48,7 +48,11 @@ RUNS = {"bf16": dict(kv_cache_dtype="auto", enforce_eager=False), "fp8": dict(kv
         "bf16-eager": dict(kv_cache_dtype="auto", enforce_eager=True),
         "fp8-eager": dict(kv_cache_dtype="fp8", enforce_eager=True),
         # FP8 pages with the exact-q kernels (Triton decode, FA2 prefill) instead of FP8 math (Hopper's default)
-        "fp8-exact": dict(kv_cache_dtype="fp8", enforce_eager=False, fp8_attention="exact")}
+        "fp8-exact": dict(kv_cache_dtype="fp8", enforce_eager=False, fp8_attention="exact"),
+        # DeepSeek's MTP module drafting one token a step (the random checkpoint gets an MTP layer; random
+        # weights draft at random, so the speed-up with real weights follows from the verify step's time)
+        "bf16-mtp": dict(kv_cache_dtype="auto", enforce_eager=False,
+                         speculative_config='{"method": "mtp", "num_speculative_tokens": 1}')}
 
 
 def draw_workload(n: int, lo: int, hi_in: int, hi_out: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -141,7 +145,7 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     weights, expert_weights, experts = weight_split(runner.model)
     kv_token_bytes = runner.kv_spec.bytes_per_token
 
-    def generate(reqs, temperature=0.6, record=None, timeline=None):
+    def generate(reqs, temperature=0.6, record=None, timeline=None, per_seq=None):
         for i, (ids, n) in enumerate(reqs):
             core.add_request(EngineCoreRequest(request_id=f"r{i}", prompt_token_ids=ids, params=SamplingParams(
                 max_tokens=n, temperature=temperature, ignore_eos=True)))
@@ -153,12 +157,17 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
             if start is not None:  # the step's device work sits between the two events
                 timeline.append((start, stream_event()))
             dt = time.perf_counter() - s
-            tokens += sum(len(o.new_token_ids) for o in outs)
+            new = sum(len(o.new_token_ids) for o in outs)
+            tokens += new
             st = runner.last_step
             if record is not None and st.is_decode:
                 record.append((dt, st.num_seqs, step_weight_bytes(weights, expert_weights, experts, st.num_seqs)
                                + st.kv_tokens * kv_token_bytes))
+            if per_seq is not None and st.num_tokens <= st.num_seqs * (1 + draft_k):  # decode or verify steps
+                per_seq.append((dt, new, st.graph))
         return tokens
+
+    draft_k = json.loads(options.get("speculative_config") or "{}").get("num_speculative_tokens", 0)
 
     # warm-up: one small batch of odd and even lengths (first-use kernel compiles stay out of the timing)
     generate([([1] * 64, 16), ([2] * 37, 9), ([3] * 101, 5)])
@@ -173,8 +182,11 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     idle_ms = sum(max(0.0, end.elapsed_time(start)) for (_, end), (start, _) in zip(timeline, timeline[1:]))
     in_tokens = sum(len(p) for p, _ in workload)
     dec_time = sum(s[0] for s in steps)
-    tpot_steps: list[tuple[float, int, int]] = []
-    generate([([7] * 128, tpot_tokens)], record=tpot_steps)
+    tpot_steps: list[tuple[float, int, bool]] = []  # batch 1: (seconds, tokens out, replayed a graph)
+    generate([([7] * 128, tpot_tokens)], per_seq=tpot_steps)
+    tpot_steps = tpot_steps[1:]
+    step_s = statistics.median(s[0] for s in tpot_steps)
+    tokens_per_step = sum(s[1] for s in tpot_steps) / len(tpot_steps)
     return dict(startup_s=startup, graph_capture_s=runner.graphs.capture_seconds if runner.graphs else 0.0,
                 backend=runner.backend.name, wall_s=wall, output_tokens=out_tokens, out_tps=out_tokens / wall,
                 total_tps=(out_tokens + in_tokens) / wall, decode_steps=len(steps),
@@ -182,7 +194,8 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
                 mean_decode_batch=statistics.fmean(s[1] for s in steps) if steps else 0,
                 decode_gbs=sum(s[2] for s in steps) / max(dec_time, 1e-9) / 1e9,
                 decode_bytes=sum(s[2] for s in steps), gpu_idle_s=idle_ms / 1e3,
-                tpot_ms=1e3 * statistics.median(s[0] for s in tpot_steps[1:]),
+                tpot_ms=1e3 * step_s / tokens_per_step, tpot_step_ms=1e3 * step_s, tpot_tokens_per_step=tokens_per_step,
+                tpot_graph_share=sum(s[2] for s in tpot_steps) / len(tpot_steps),
                 kv_blocks=core.block_manager.num_blocks, preemptions=core.scheduler.num_preemptions)
 
 
@@ -250,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     # the workload is drawn before any engine exists, so start-up cannot shift the random sequence
     workload = draw_workload(args.num_requests, args.min_len, args.max_input_len, args.max_output_len, args.seed)
     config = {**MODEL_SHAPES[args.model_shape], **json.loads(args.override)}
+    if any("speculative_config" in RUNS[n] for n in args.runs.split(",")) and not args.model:
+        config.setdefault("num_nextn_predict_layers", 1)  # an MTP module to draft with (unused by the other runs)
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.model) if args.model else write_random_checkpoint(Path(tmp.name) / "model", config)
     if args.model:
@@ -298,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     if hf:
         print(f"| transformers {versions.get('transformers', '')} (first {hf['requests']} requests, one batch, "
               f"greedy) | sdpa | {hf['out_tps']:.0f} | | {hf['total_tps']:.0f} | {hf['wall_s']:.1f} | | | | | |")
+    for name, r in results.items():
+        if r["tpot_tokens_per_step"] != 1.0 or "speculative_config" in RUNS[name]:
+            print(f"\n{name}, batch 1: {r['tpot_step_ms']:.2f} ms a step, {r['tpot_tokens_per_step']:.2f} tokens a step "
+                  f"(drafts accepted: {r['tpot_tokens_per_step'] - 1:.2f} a step), "
+                  f"{100 * r['tpot_graph_share']:.0f}% of the steps replayed a CUDA graph")
     return 0
 
 

@@ -7,7 +7,9 @@ draft is read at the position of the last kept token's prediction. For k > 1 the
 and DeepSeek's reference do: draft j + 1 comes from (draft j, the module's own hidden state for draft j) one
 position further on, with the module's KV written there; the scheduler reserves those k - 1 lookahead slots
 (engine/core/scheduler.py), and the next step writes the true KV over them. Drafts are greedy: any draft
-keeps the output exact (verification, engine/spec_decode/verify.py), better ones keep more."""
+keeps the output exact (verification, engine/spec_decode/verify.py), better ones keep more. Under CUDA graphs
+the module replays a graph of its own for every bucket of the target's (engine/worker/cuda_graph.py): over a
+replayed step in that step's rows, and for each link of a chain in a decode bucket."""
 from __future__ import annotations
 
 import itertools
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.spec_decode.verify import accepted_tokens
+from engine.worker.cuda_graph import GraphInputs, GraphStep
 from engine.worker.input_batch import StepBatch, prepare_host
 
 
@@ -24,11 +27,12 @@ class MTPDrafter:
         self.runner, self.k = runner, num_drafts
 
     def draft(self, batch: StepBatch, x, hidden: torch.Tensor, sampled: torch.Tensor,
-              block_tables: list[list[int]]) -> torch.Tensor | None:
+              block_tables: list[list[int]], graph_step: GraphStep | None = None) -> torch.Tensor | None:
         """The module over the step's tokens (every rank: it writes the module's KV layer), then each sampled
         sequence's k drafts [S, k] on rank 0 (-1 past where a chain had no KV slot), None when nothing was
         sampled. Position i reads the token after it: the next fed token, the next prompt token (a chunk's
-        end), or the step's sample at the last position it keeps; a draft is read at that last kept position."""
+        end), or the step's sample at the last position it keeps; a draft is read at that last kept position.
+        After a replayed step (`graph_step`) the module replays its graph of the same bucket, in its rows."""
         r = self.runner
         tokens = sampled.tolist()  # verification needs the samples on the host (speculative steps are synchronous)
         fed = batch.token_ids
@@ -51,13 +55,18 @@ class MTPDrafter:
             else:
                 next_ids[end - 1] = max(int(after), 0)
             start = end
-        ids, pos, meta, _ = r._device_inputs(x)
-        meta.plan = r.backend.plan(meta)
-        ids.copy_(torch.from_numpy(next_ids))
-        h = r.model.mtp_hidden(ids, pos, hidden, meta)
+        if graph_step is not None:
+            h = r.graphs.run_mtp(graph_step, next_ids)
+            h_rows = graph_step.index[draft_rows].tolist()
+        else:
+            ids, pos, meta, _ = r._device_inputs(x)
+            meta.plan = r.backend.plan(meta)
+            ids.copy_(torch.from_numpy(next_ids))
+            h = r.model.mtp_hidden(ids, pos, hidden, meta)
+            h_rows = draft_rows
         if not draft_rows:
             return None
-        h = h[torch.tensor(draft_rows, device=h.device)]
+        h = h[torch.tensor(h_rows, device=h.device)]
         d = self._greedy(h, len(draft_rows))
         out = torch.full((len(draft_rows), self.k), -1, dtype=torch.int64, device=h.device)
         out[:, 0] = d
@@ -98,9 +107,19 @@ class MTPDrafter:
             step = StepBatch(num_computed=pos, num_new=np.ones(n, np.int64), pending_rows=np.full(n, -1, np.int64),
                              samples=np.ones(n, bool), token_ids=np.zeros(n, np.int64))
             xj = prepare_host(step, [tables[i] for i in live.tolist()], bs, r.backend.needs_block_tables)
-            ids, positions, meta, _ = r._device_inputs(xj)
-            meta.plan = r.backend.plan(meta)
-            ids.copy_(d)
-            h = r.model.mtp_hidden(ids, positions, h, meta)
+            h = self._link(xj, d, h)
             d = self._greedy(h, n)
             out[torch.from_numpy(live).to(out.device), j] = d
+
+    def _link(self, x, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """One decode-shaped step of the module: a graph replay where a decode bucket holds it."""
+        r = self.runner
+        if r.graphs is not None:
+            out = r.graphs.run_mtp_decode(GraphInputs(x.input_ids, x.positions, x.slot_mapping, x.host,
+                                                      x.block_tables), ids, h)
+            if out is not None:
+                return out
+        dev_ids, positions, meta, _ = r._device_inputs(x)
+        meta.plan = r.backend.plan(meta)
+        dev_ids.copy_(ids)
+        return r.model.mtp_hidden(dev_ids, positions, h, meta)

@@ -26,7 +26,7 @@ from engine.sampling.metadata import sampling_metadata
 from engine.sampling.sampler import SamplerOutput, sample
 from engine.spec_decode.mtp import MTPDrafter
 from engine.spec_decode.verify import sample_rows
-from engine.worker.cuda_graph import DecodeGraphRunner, DecodeInputs, capture_sizes
+from engine.worker.cuda_graph import VERIFY_MAX_TOKENS, GraphInputs, GraphStep, StepGraphRunner, capture_sizes
 from engine.worker.encoder_cache import EncoderCache
 from engine.worker.host_copy import to_device
 from engine.worker.input_batch import StepBatch, StepInputs, fill_pending, prepare_host
@@ -127,7 +127,7 @@ class ModelRunner:
         # data parallelism exchanges split sizes on the host in every MoE layer: those steps run eagerly
         self.use_cuda_graphs = (device.type == "cuda" and not config.enforce_eager
                                 and self.backend.supports_cuda_graph and parallel.dp_size == 1)
-        self.graphs: DecodeGraphRunner | None = None
+        self.graphs: StepGraphRunner | None = None
         self.last_step = StepStats()
         self.prompt_logprob_rows: list | None = None  # the last launch's prompt logprobs (rank 0), in row order
         self.image_config = self.encoder_cache = None
@@ -144,15 +144,24 @@ class ModelRunner:
         for i, layer in enumerate(self.model.attention_layers()):
             layer.kv_cache = pool[:, i] if pool is not None else None
 
+    def graph_buckets(self) -> dict[int, list[int]]:
+        """Batch-size buckets per tokens per sequence: decode steps (1) and, with speculative decoding on a backend
+        whose multi-token steps plan on the device, verify steps (1 + k), up to VERIFY_MAX_TOKENS rows."""
+        n = self.config.max_num_seqs
+        buckets = {1: capture_sizes(n)}
+        spec = self.config.speculative()
+        if spec is not None and self.backend.supports_verify_graph:
+            q = 1 + spec.num_speculative_tokens
+            buckets[q] = capture_sizes(min(n, VERIFY_MAX_TOKENS // q))
+        return buckets
+
     def allocate_kv_pool(self, num_blocks: int) -> torch.Tensor:
         """The pool, then (CUDA) the decode graphs over it and the GEMM warm-up."""
         pool = allocate_pool(self.kv_spec, num_blocks, self.device)
         self.bind_kv_pool(pool)
         if self.use_cuda_graphs:
-            self.graphs = DecodeGraphRunner(
-                self.model, self.backend, self.device, capture_sizes(self.config.max_num_seqs),
-                -(-self.max_model_len // self.config.block_size), self.config.block_size,
-                self.hidden_size, self.dtype)
+            self.graphs = StepGraphRunner(self.model, self.backend, self.device, self.graph_buckets(),
+                                          self.max_model_len, self.config.block_size, mtp=self.mtp is not None)
             self.graphs.capture()
         if self.device.type == "cuda":  # lazy kernel loading stalls the device mid-step (worker/warmup.py)
             seconds = warm_up_gemms(self.model, self.hidden_size, self.dtype, self.device, self.config.max_num_seqs,
@@ -172,24 +181,30 @@ class ModelRunner:
                                  block_size=self.config.block_size, is_decode=x.is_decode, host=h)
         return ids, pos, meta, logits_idx
 
-    def forward(self, x: StepInputs, prev_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states of the step (a graph replay for decode batches that fit a bucket) and the
-        device indices of the rows to sample (None: all rows). `prev_tokens` are the samples of the step
-        in flight, which feed this one's pending tokens."""
+    def forward(self, x: StepInputs, prev_tokens: torch.Tensor | None = None,
+                graphable: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, GraphStep | None]:
+        """Hidden states of the step, the device indices of the rows to sample (None: all rows) and, when a CUDA
+        graph ran it, the replayed step (its hidden rows are the graph's padded layout, `GraphStep.index`).
+        Decode and verify steps replay the graph of their bucket where one holds them; `graphable` False keeps
+        the step eager (prompt logprobs read the hidden rows in fed order). `prev_tokens` are the samples of the
+        step in flight, which feed this one's pending tokens."""
         all_rows = len(x.logits_idx) == len(x.input_ids)
         self.last_step = StepStats(x.is_decode, len(x.host.seq_lens), len(x.input_ids), int(x.host.seq_lens.sum()))
-        fill = lambda ids: fill_pending(ids, x.pending_dst, x.pending_src, prev_tokens)
+        fill = lambda ids, index=None: fill_pending(ids, x.pending_dst if index is None else index[x.pending_dst],
+                                                    x.pending_src, prev_tokens)
         multimodal = bool(x.images) or x.mrope_positions is not None
-        if self.graphs is not None and x.is_decode and not multimodal:
-            hidden = self.graphs.run(DecodeInputs(x.input_ids, x.positions, x.slot_mapping, x.host, x.block_tables),
-                                     fill)
-            if hidden is not None:
+        if self.graphs is not None and graphable and not multimodal:
+            step = self.graphs.run(GraphInputs(x.input_ids, x.positions, x.slot_mapping, x.host, x.block_tables), fill)
+            if step is not None:
                 self.last_step.graph = True
-                return hidden, None if all_rows else to_device([x.logits_idx], np.int64, self.device)[0]
+                if step.q_len == 1:  # the fed rows come first, in order
+                    rows = None if all_rows else to_device([x.logits_idx], np.int64, self.device)[0]
+                    return step.hidden[:len(x.input_ids)], rows, step
+                return step.hidden, to_device([step.index[x.logits_idx]], np.int64, self.device)[0], step
         ids, pos, meta, logits_idx = self._device_inputs(x)
         fill(ids)
         meta.plan = self.backend.plan(meta)
-        return self._run_model(ids, pos, meta, x), None if all_rows else logits_idx
+        return self._run_model(ids, pos, meta, x), None if all_rows else logits_idx, None
 
     def _run_model(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                    x: StepInputs) -> torch.Tensor:
@@ -216,7 +231,7 @@ class ModelRunner:
         self.prompt_logprob_rows = None
         if len(batch.num_new):
             x = prepare_host(batch, block_tables, self.config.block_size, self.backend.needs_block_tables)
-            hidden, rows = self.forward(x, prev_tokens)
+            hidden, rows, graph_step = self.forward(x, prev_tokens, graphable=not len(batch.prompt_idx))
             if len(batch.prompt_idx):
                 self.prompt_logprob_rows = self._prompt_logprobs(hidden, batch)
             if own:
@@ -226,7 +241,7 @@ class ModelRunner:
             self.model.idle_step(self.hidden_size, self.dtype, self.device)
         if total == 0:
             if self.mtp and len(batch.num_new):  # prefill chunks only: the MTP module still writes its KV
-                self.mtp.draft(batch, x, hidden, torch.empty(0, dtype=torch.int64), block_tables)
+                self.mtp.draft(batch, x, hidden, torch.empty(0, dtype=torch.int64), block_tables, graph_step)
             return None
         if p.dp_size > 1 and p.is_first:
             if logits is None:
@@ -241,7 +256,7 @@ class ModelRunner:
             p.broadcast_from_driver(out.token_ids)
         p.broadcast_from_first(out.token_ids)
         if self.mtp and len(batch.num_new):
-            out.draft_ids = self.mtp.draft(batch, x, hidden, out.token_ids, block_tables)
+            out.draft_ids = self.mtp.draft(batch, x, hidden, out.token_ids, block_tables, graph_step)
         return LaunchedStep(seqs or [], out, to_host=p.is_driver)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> list | None:

@@ -2,7 +2,9 @@
 configures it once with the model's attention shape, plans each step once (`plan`: the per-step metadata
 that every layer reuses), and per layer stores K/V and attends. `supports_cuda_graph` promises that decode
 steps need no plan (the kernels read seq_lens and block tables on the device), so a captured graph replays
-without re-planning; `needs_block_tables` asks the runner for dense [batch, pages] tables."""
+without re-planning; `supports_verify_graph` that the plan of a step of a few tokens per sequence (speculative
+verification) is device work only, captured with the forward; `needs_block_tables` asks the runner for dense
+[batch, pages] tables."""
 from __future__ import annotations
 
 import abc
@@ -29,6 +31,7 @@ class AttentionShape:
 class AttentionBackend(abc.ABC):
     name: str = "?"
     supports_cuda_graph: bool = False
+    supports_verify_graph: bool = False
     needs_block_tables: bool = True
 
     def __init__(self) -> None:

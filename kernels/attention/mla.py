@@ -39,10 +39,12 @@ class MLAShape:
 
 class MLABackend(abc.ABC):
     """Stores each step's latents and attends in the latent space. Same surface as the GQA backends where the
-    model runner and the decode graphs touch it (`plan`, `supports_cuda_graph`, `needs_block_tables`)."""
+    model runner and the step graphs touch it (`plan`, `supports_cuda_graph`, `supports_verify_graph`,
+    `needs_block_tables`)."""
 
     name = "?"
     supports_cuda_graph = False
+    supports_verify_graph = False
     needs_block_tables = True
 
     def plan(self, meta: AttentionMetadata) -> object:
@@ -105,6 +107,7 @@ class TritonMLABackend(MLABackend):
 
     name = "triton"
     supports_cuda_graph = True
+    supports_verify_graph = True  # the token -> sequence plan is a device searchsorted
 
     def plan(self, meta: AttentionMetadata) -> torch.Tensor | None:
         if meta.is_decode:

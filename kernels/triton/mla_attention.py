@@ -2,9 +2,9 @@
 latent cache [blocks, block_size, kv_lora_rank + rope_dim]: every query head attends to the one shared latent
 "head", keys being the whole 576-value latent and values its first kv_lora_rank (512) values. One program per
 (query token, block of 16 heads, split): a token of a prefill chunk sees the keys up to its own position (causal),
-a decode token all of its sequence's. Long sequences at small batch are split across programs and merged by the
-GQA decode's merge kernel (flash-decoding); the split count depends on the batch size only, so a CUDA graph
-captured for a batch size stays valid for every length. Reads device tensors only: no per-step plan for decode.
+a decode token all of its sequence's. Long sequences at small token counts (decode, speculative verify steps) are
+split across programs and merged by the GQA decode's merge kernel (flash-decoding); the split count depends on
+the token count only, so a CUDA graph captured for a batch size stays valid for every length. Reads device tensors only: no per-step plan for decode.
 
 Also the latent store: [latent | rotated k_pe] of every token into its slot (slot -1: padding, written nowhere),
 one launch, no host sync (the torch store checks its slots on the host, which a CUDA graph cannot); and the same
@@ -97,7 +97,7 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, seq_lens: torch.Tensor, 
     decode = token_seq is None
     if num_splits is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else INTERPRETER_SMS
-        num_splits = num_splits_for(T, head_blocks, sms) if decode else 1
+        num_splits = num_splits_for(T, head_blocks, sms)  # a few tokens (decode, verify) split their keys
     if num_splits > 1:
         part_acc = torch.empty((T, H, num_splits, kv_lora_rank), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((T, H, num_splits, 2), dtype=torch.float32, device=q.device)

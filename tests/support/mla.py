@@ -58,14 +58,15 @@ def random_mla_step(q_lens: list[int], seq_lens: list[int], block_size: int, hea
 
 
 def check_triton_kernels(device: str = "cpu") -> float:
-    """The Triton latent kernel and store against the torch reference, small float32 shapes, decode steps split
-    across programs and prefill chunks; runs on the CPU under TRITON_INTERPRET=1 (a fresh process: the variable
+    """The Triton latent kernel and store against the torch reference, small float32 shapes, decode steps and a
+    verify step (two and three tokens a sequence) split across programs, and prefill chunks; runs on the CPU under TRITON_INTERPRET=1 (a fresh process: the variable
     is read when the kernels are defined). Returns the largest error."""
     import kernels.triton.mla_attention as mla
     from kernels.attention.mla import TorchMLABackend, TritonMLABackend
     from kernels.attention.mla_ref import store_latent
     worst = 0.0
-    for q_lens, seq_lens, bs in [([1], [300], 16), ([1, 1, 1], [1, 17, 70], 16), ([5, 1, 12], [5, 20, 30], 8)]:
+    for q_lens, seq_lens, bs in [([1], [300], 16), ([1, 1, 1], [1, 17, 70], 16), ([2, 3], [300, 40], 16),
+                                 ([5, 1, 12], [5, 20, 30], 8)]:
         s = random_mla_step(q_lens, seq_lens, bs, heads=20, kv_lora_rank=32, rope_dim=16, nope_dim=8, v_dim=8,
                             dtype=torch.float32, device=device)
         want = TorchMLABackend().attend(s.q_nope, s.q_pe, s.cache, s.meta, s.w_kv_b, s.shape)
