@@ -12,13 +12,11 @@ the module replays a graph of its own for every bucket of the target's (engine/w
 replayed step in that step's rows, and for each link of a chain in a decode bucket."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 
-from engine.spec_decode.verify import accepted_tokens
 from engine.worker.cuda_graph import GraphInputs, GraphStep
+from engine.worker.host_copy import to_device
 from engine.worker.input_batch import StepBatch, prepare_host
 
 
@@ -34,44 +32,46 @@ class MTPDrafter:
         end), or the step's sample at the last position it keeps; a draft is read at that last kept position.
         After a replayed step (`graph_step`) the module replays its graph of the same bucket, in its rows."""
         r = self.runner
-        tokens = sampled.tolist()  # verification needs the samples on the host (speculative steps are synchronous)
-        fed = batch.token_ids
+        fed, ends = batch.token_ids, x.host.qo_indptr[1:].astype(np.int64)
         next_ids = np.zeros(len(fed), np.int64)  # a row's positions after its last kept one: rejected, any token
         next_ids[:-1] = fed[1:]
-        draft_rows, seq_rows, row, start = [], [], 0, 0
-        spec = batch.spec_lens if batch.spec_lens is not None else np.zeros(len(batch.num_new), np.int64)
-        for i, (n, k, samples, after) in enumerate(zip(
-                batch.num_new.tolist(), spec.tolist(), batch.samples.tolist(),
-                batch.next_ids if batch.next_ids is not None else itertools.repeat(-1))):
-            end = start + n
-            if samples:
-                drafts = fed[end - k:end].tolist()
-                kept = accepted_tokens(tokens[row:row + k + 1], drafts)
-                last = end - 1 - k + len(kept) - 1  # the position of the last kept token's prediction
-                next_ids[last] = kept[-1]
-                draft_rows.append(last)
-                seq_rows.append(i)
-                row += k + 1
-            else:
-                next_ids[end - 1] = max(int(after), 0)
-            start = end
+        chunks = ~batch.samples
+        if chunks.any():
+            after = batch.next_ids if batch.next_ids is not None else np.full(len(ends), -1, np.int64)
+            next_ids[ends[chunks] - 1] = np.maximum(after[chunks], 0)
+        seq_rows = np.flatnonzero(batch.samples)
+        k = (batch.spec_lens if batch.spec_lens is not None else np.zeros(len(ends), np.int64))[seq_rows]
+        first = ends[seq_rows] - 1 - k  # each sampled sequence's last token before its drafts
+        # which drafts the step keeps is decided on the device, so the module follows the sampler without a sync:
+        # the samples' rows [S, K + 1] (1 + k a sequence, clamped to its own) and its drafts [S, K] (-1 past its k)
+        K = int(k.max()) if len(k) else 0
+        j = np.arange(K + 1)
+        sample_idx = (np.cumsum(1 + k) - (1 + k))[:, None] + np.minimum(j[None, :], k[:, None])
+        drafts = np.where(j[None, :K] < k[:, None], fed[np.minimum(first[:, None] + 1 + j[None, :K], len(fed) - 1)], -1)
+        next_dev, sample_idx, drafts, last = to_device([next_ids, sample_idx, drafts, first], np.int64, r.device)
+        if len(seq_rows):
+            samples = sampled[sample_idx]  # [S, K + 1]
+            kept = (samples[:, :K] == drafts).long().cumprod(dim=1).sum(dim=1)  # as verify.accepted_tokens
+            last = last + kept  # the position of the last kept token's prediction: it reads that token
+            next_dev[last] = samples.gather(1, kept[:, None])[:, 0]
         if graph_step is not None:
-            h = r.graphs.run_mtp(graph_step, next_ids)
-            h_rows = graph_step.index[draft_rows].tolist()
+            h = r.graphs.run_mtp(graph_step, next_dev)
+            rows = torch.from_numpy(graph_step.index).to(h.device)[last]
         else:
             ids, pos, meta, _ = r._device_inputs(x)
             meta.plan = r.backend.plan(meta)
-            ids.copy_(torch.from_numpy(next_ids))
+            ids.copy_(next_dev)
             h = r.model.mtp_hidden(ids, pos, hidden, meta)
-            h_rows = draft_rows
-        if not draft_rows:
+            rows = last
+        if not len(seq_rows):
             return None
-        h = h[torch.tensor(h_rows, device=h.device)]
-        d = self._greedy(h, len(draft_rows))
-        out = torch.full((len(draft_rows), self.k), -1, dtype=torch.int64, device=h.device)
+        h = h[rows]
+        d = self._greedy(h, len(seq_rows))
+        out = torch.full((len(seq_rows), self.k), -1, dtype=torch.int64, device=h.device)
         out[:, 0] = d
-        if self.k > 1:
-            self._chain(out, d, h, x.positions[draft_rows], [block_tables[i] for i in seq_rows])
+        if self.k > 1:  # the chain's host inputs need the kept positions: a sync
+            last_pos = x.positions[first + kept.cpu().numpy()]
+            self._chain(out, d, h, last_pos, [block_tables[i] for i in seq_rows.tolist()])
         return out if r.parallel.is_driver else None
 
     def _greedy(self, h: torch.Tensor, n: int) -> torch.Tensor:

@@ -212,12 +212,12 @@ class StepGraphRunner:
         self.replays[q] += 1
         return GraphStep(q, size, hidden, p.index)
 
-    def run_mtp(self, step: GraphStep, next_ids: np.ndarray) -> torch.Tensor:
-        """The MTP module over a replayed step: `next_ids` [T] is the token after each fed token. Returns its
-        hidden states in the step's rows."""
-        ids = np.zeros(step.size * step.q_len, np.int64)
-        ids[step.index] = next_ids
-        self.i64[0, :len(ids)].copy_(self._host(ids), non_blocking=True)
+    def run_mtp(self, step: GraphStep, next_ids: torch.Tensor) -> torch.Tensor:
+        """The MTP module over a replayed step: `next_ids` [T] (on the device) is the token after each fed token.
+        Returns its hidden states in the step's rows."""
+        ids = self.i64[0, :step.size * step.q_len]
+        ids.zero_()
+        ids[torch.from_numpy(step.index).to(self.device)] = next_ids
         graph, out = self.mtp_graphs[step.q_len, step.size]
         graph.replay()
         return out
