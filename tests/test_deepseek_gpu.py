@@ -64,6 +64,19 @@ def test_triton_mla_matches_reference(case, heads):
     assert rel_err(got, reference(s)) < 1e-2
 
 
+@pytest.mark.parametrize("case", ["decode-mixed", "verify", "prefill-chunks"])
+def test_triton_mla_fp8_pages_match_reference(case):
+    """FP8 latent pages (unit scale): the kernel widens the same E4M3 values as the float64 reference."""
+    q_lens, seq_lens, bs = CASES[case]
+    s = random_mla_step(q_lens, seq_lens, bs, heads=16, device=DEV, seed=7)
+    s.cache = s.cache.to(torch.float8_e4m3fn)
+    backend = get_mla_backend("triton", torch.device(DEV), torch.bfloat16, bs, 512, 64, torch.float8_e4m3fn)
+    meta = backend.begin_forward(s.meta)
+    meta.plan = backend.plan(meta)
+    got = backend.attend(s.q_nope, s.q_pe, s.cache, meta, s.w_kv_b, s.shape)
+    assert rel_err(got, reference(s)) < 1e-2
+
+
 @needs_flash_mla
 @pytest.mark.parametrize("heads", [16, 128])
 def test_flash_mla_matches_reference(heads):
@@ -160,13 +173,17 @@ def test_triton_mla_engine_float32_matches_transformers_under_graphs(v3_latents)
     assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.parametrize("backend", ["triton", pytest.param("flashmla", marks=needs_flash_mla)])
-def test_mla_engine_bf16_graphs_agree_with_torch(v3_latents, backend):
+@pytest.mark.parametrize("backend,kv", [("triton", "auto"), ("auto", "fp8"),
+                                        pytest.param("flashmla", "auto", marks=needs_flash_mla)])
+def test_mla_engine_bf16_graphs_agree_with_torch(v3_latents, backend, kv):
+    """bf16 under CUDA graphs against the torch backend; FP8 latent pages (auto then picks the Triton kernel,
+    FlashMLA's dense decode reading bf16 only) against the torch backend on the same FP8 pages."""
     from engine.llm import LLM
-    opts = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=8, block_size=64)
+    opts = dict(device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=8, block_size=64, kv_cache_dtype=kv)
     expected = _generate(LLM(str(v3_latents), attention_backend="torch", **opts))
     llm = LLM(str(v3_latents), attention_backend=backend, **opts)
-    assert llm.engine.runner.backend.name == backend and llm.engine.runner.graphs is not None
+    name = "triton" if kv == "fp8" else backend
+    assert llm.engine.runner.backend.name == name and llm.engine.runner.graphs is not None
     agree, first = _agreement(_generate(llm), expected)
     assert first and agree >= 0.6, agree
 

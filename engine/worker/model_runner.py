@@ -107,12 +107,10 @@ class ModelRunner:
                                             param="speculative_config")
             model_config = dataclasses.replace(model_config, num_mtp_layers=1)
         mla = getattr(cls, "attention_kind", "gqa") == "mla"
-        if mla and self.kv_dtype != self.dtype:
-            raise UnsupportedModelError("FP8 KV is not available for MLA (latent) caches yet", param="kv_cache_dtype")
         if mla:  # latent attention (kernels/attention/mla.py): FlashMLA, Triton or torch
             hf = model_config.hf
             self.backend = get_mla_backend(config.attention_backend, device, self.dtype, config.block_size,
-                                           hf.kv_lora_rank, hf.qk_rope_head_dim)
+                                           hf.kv_lora_rank, hf.qk_rope_head_dim, self.kv_dtype)
         else:
             self.backend = get_attention_backend(config.attention_backend, device, dtype=self.dtype,
                                                  head_dim=model_config.head_dim, fp8_attention=config.fp8_attention)

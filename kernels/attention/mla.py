@@ -122,7 +122,7 @@ class TritonMLABackend(MLABackend):
     def norm_rope_store(self, latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache, interleaved, q_out,
                         cache, slot_mapping) -> None:
         from kernels.rope import rope_kernel_fits
-        if not rope_kernel_fits(q_pe.shape[-1], cos_sin_cache) or cache.dtype != latent.dtype:
+        if not rope_kernel_fits(q_pe.shape[-1], cos_sin_cache):
             return super().norm_rope_store(latent, norm_weight, eps, q_pe, k_pe, positions, cos_sin_cache,
                                            interleaved, q_out, cache, slot_mapping)
         from kernels.triton.mla_attention import norm_rope_store
@@ -159,7 +159,7 @@ class FlashMLABackend(TritonMLABackend):
 
 
 def flash_mla_usable(device: torch.device, dtype: torch.dtype, block_size: int, kv_lora_rank: int,
-                     rope_dim: int) -> str | None:
+                     rope_dim: int, kv_dtype: torch.dtype | None = None) -> str | None:
     """None when FlashMLA runs here, else why not."""
     if importlib.util.find_spec("flash_mla") is None:
         return "flash_mla is not installed (../shared/device/kernels.sh builds it)"
@@ -167,6 +167,8 @@ def flash_mla_usable(device: torch.device, dtype: torch.dtype, block_size: int, 
         return "FlashMLA's dense decode kernel needs a Hopper (sm90) GPU"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"FlashMLA computes in bf16/fp16, not {dtype}"
+    if kv_dtype not in (None, dtype):
+        return f"FlashMLA's dense decode reads {dtype} latents, not {kv_dtype} (FP8 KV: the Triton kernel)"
     if block_size != FLASH_MLA_BLOCK_SIZE:
         return f"FlashMLA reads {FLASH_MLA_BLOCK_SIZE}-token pages: start with --block-size {FLASH_MLA_BLOCK_SIZE}"
     if (kv_lora_rank, rope_dim) != FLASH_MLA_DIMS:
@@ -184,11 +186,11 @@ def triton_mla_usable(device: torch.device, kv_lora_rank: int, rope_dim: int) ->
 
 
 def get_mla_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int, kv_lora_rank: int,
-                    rope_dim: int) -> MLABackend:
+                    rope_dim: int, kv_dtype: torch.dtype | None = None) -> MLABackend:
     """`name` is auto | torch | triton | flashmla (flashinfer, a GQA choice, means auto here). auto: FlashMLA
-    where it runs, else Triton on CUDA, else torch."""
+    where it runs, else Triton on CUDA, else torch. `kv_dtype` is the cache's (None: the model's)."""
     if name in ("auto", "flashinfer"):
-        why = flash_mla_usable(device, dtype, block_size, kv_lora_rank, rope_dim)
+        why = flash_mla_usable(device, dtype, block_size, kv_lora_rank, rope_dim, kv_dtype)
         if why is None:
             name = "flashmla"
         else:
@@ -203,7 +205,7 @@ def get_mla_backend(name: str, device: torch.device, dtype: torch.dtype, block_s
             raise ValueError(why)
         return TritonMLABackend()
     if name == "flashmla":
-        why = flash_mla_usable(device, dtype, block_size, kv_lora_rank, rope_dim)
+        why = flash_mla_usable(device, dtype, block_size, kv_lora_rank, rope_dim, kv_dtype)
         if why:
             raise ValueError(f"attention backend flashmla: {why}")
         return FlashMLABackend()

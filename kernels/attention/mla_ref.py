@@ -9,16 +9,17 @@ from __future__ import annotations
 import torch
 
 from kernels.attention.metadata import AttentionMetadata
-from kernels.attention.torch_ref import gather_pages, ragged_causal_attention
+from kernels.attention.torch_ref import gather_pages, quantize_kv, ragged_causal_attention
 
 
 def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """latent [T, latent_dim] into cache [blocks, block_size, latent_dim] at slot_mapping (-1: nowhere)."""
+    """latent [T, latent_dim] into cache [blocks, block_size, latent_dim] at slot_mapping (-1: nowhere); an FP8
+    cache holds the values saturated to E4M3's range, unscaled."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         latent, slot_mapping = latent[valid], slot_mapping[valid]
     block_size = cache.shape[1]
-    cache[slot_mapping // block_size, slot_mapping % block_size] = latent.to(cache.dtype)
+    cache[slot_mapping // block_size, slot_mapping % block_size] = quantize_kv(latent, cache.dtype)
 
 
 def mla_attention_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,

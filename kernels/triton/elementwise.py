@@ -67,7 +67,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 @triton.jit
 def _rotate(x_ptr, out_ptr, H, stride_xh, stride_oh, cos, sin, d,
-            HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
+            HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, SATURATE: tl.constexpr = False):
     hs = tl.arange(0, BLOCK_H)
     hmask = hs[:, None] < H
     base = x_ptr + hs[:, None] * stride_xh
@@ -81,8 +81,16 @@ def _rotate(x_ptr, out_ptr, H, stride_xh, stride_oh, cos, sin, d,
     c, s = cos.to(dt).to(tl.float32)[None, :], sin.to(dt).to(tl.float32)[None, :]
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
     obase = out_ptr + hs[:, None] * stride_oh + d[None, :]
-    tl.store(obase, (x1f * c - x2f * s).to(dt), mask=hmask)
-    tl.store(obase + HALF, (x2f * c + x1f * s).to(dt), mask=hmask)
+    y1, y2 = (x1f * c - x2f * s).to(dt), (x2f * c + x1f * s).to(dt)
+    if SATURATE:  # an FP8 destination: E4M3's range, as the torch store saturates
+        y1, y2 = _saturated(y1), _saturated(y2)
+    tl.store(obase, y1, mask=hmask)
+    tl.store(obase + HALF, y2, mask=hmask)
+
+
+@triton.jit
+def _saturated(x):
+    return tl.clamp(x.to(tl.float32), -448.0, 448.0)
 
 
 @triton.jit

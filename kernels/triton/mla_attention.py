@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.decode_attention import LOG2E, _merge_kernel, _num_sms, num_splits_for
-from kernels.triton.elementwise import _rms_normed, _rotate, _token_cos_sin
+from kernels.triton.elementwise import _rms_normed, _rotate, _saturated, _token_cos_sin
 
 BLOCK_H = 16  # query heads per program: the MMA's M (64 would not fit the [M, 512] accumulator in registers)
 INTERPRETER_SMS = 4  # CPU tensors (TRITON_INTERPRET=1, the CPU tests) have no device to ask: a small one
@@ -56,8 +56,9 @@ def _mla_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, tok_seq_ptr, o
         k_ok = kpos < end
         page = tl.load(bt_ptr + b * stride_bt + kpos // BS, mask=k_ok, other=0).to(tl.int64)
         row = cache_ptr + page * stride_cb + (kpos % BS) * stride_co
-        k_c = tl.load(row[:, None] + dc[None, :], mask=k_ok[:, None], other=0.0)
-        k_r = tl.load(row[:, None] + DC + dr[None, :], mask=k_ok[:, None], other=0.0)
+        # FP8 pages are widened to q's dtype (unit scale)
+        k_c = tl.load(row[:, None] + dc[None, :], mask=k_ok[:, None], other=0.0).to(q_c.dtype)
+        k_r = tl.load(row[:, None] + DC + dr[None, :], mask=k_ok[:, None], other=0.0).to(q_c.dtype)
         s = (tl.dot(q_c, tl.trans(k_c)) + tl.dot(q_r, tl.trans(k_r))) * qk_scale  # log2 units: exp2 below
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -116,8 +117,16 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, seq_lens: torch.Tensor, 
 
 
 @triton.jit
+def _to_cache(x, cache_ptr, FP8: tl.constexpr):
+    """x as the cache holds it: FP8 pages saturate to E4M3's range, unscaled (as the torch store)."""
+    if FP8:
+        x = _saturated(x)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _store_latent_kernel(latent_ptr, pe_ptr, cache_ptr, slot_ptr, stride_lt, stride_pt, stride_cb, stride_co,
-                         block_size, DC: tl.constexpr, DR: tl.constexpr):
+                         block_size, DC: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     if slot < 0:
@@ -125,8 +134,8 @@ def _store_latent_kernel(latent_ptr, pe_ptr, cache_ptr, slot_ptr, stride_lt, str
     dst = cache_ptr + (slot // block_size).to(tl.int64) * stride_cb + (slot % block_size) * stride_co
     dc = tl.arange(0, DC)
     dr = tl.arange(0, DR)
-    tl.store(dst + dc, tl.load(latent_ptr + t * stride_lt + dc).to(cache_ptr.dtype.element_ty))
-    tl.store(dst + DC + dr, tl.load(pe_ptr + t * stride_pt + dr).to(cache_ptr.dtype.element_ty))
+    tl.store(dst + dc, _to_cache(tl.load(latent_ptr + t * stride_lt + dc), cache_ptr, FP8))
+    tl.store(dst + DC + dr, _to_cache(tl.load(pe_ptr + t * stride_pt + dr), cache_ptr, FP8))
 
 
 def store_latent(latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -137,14 +146,15 @@ def store_latent(latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, 
     assert latent.stride(1) == 1 and k_pe.stride(1) == 1 and cache.stride(2) == 1
     if T:
         _store_latent_kernel[(T,)](latent, k_pe, cache, slot_mapping, latent.stride(0), k_pe.stride(0),
-                                   cache.stride(0), cache.stride(1), cache.shape[1], DC=DC, DR=DR, num_warps=4)
+                                   cache.stride(0), cache.stride(1), cache.shape[1], DC=DC, DR=DR,
+                                   FP8=cache.dtype == torch.float8_e4m3fn, num_warps=4)
 
 
 @triton.jit
 def _norm_rope_store_kernel(latent_ptr, norm_w_ptr, q_ptr, k_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, cache_ptr,
                             slot_ptr, HQ, eps, block_size, stride_lt, stride_qt, stride_qh, stride_kt, stride_oqt,
                             stride_oqh, stride_cb, stride_co, DC: tl.constexpr, HALF: tl.constexpr,
-                            BLOCK_HQ: tl.constexpr, INTERLEAVED: tl.constexpr):
+                            BLOCK_HQ: tl.constexpr, INTERLEAVED: tl.constexpr, FP8: tl.constexpr):
     # one program per token: q's rotary part into q_out (every token), and where the token has a slot the
     # normalised latent and the rotated k_pe into the cache, as rms_norm + the rope kernel + the store compute
     t = tl.program_id(0).to(tl.int64)
@@ -156,8 +166,8 @@ def _norm_rope_store_kernel(latent_ptr, norm_w_ptr, q_ptr, k_ptr, q_out_ptr, pos
         dst = cache_ptr + (slot // block_size).to(tl.int64) * stride_cb + (slot % block_size) * stride_co
         dc = tl.arange(0, DC)
         x = tl.load(latent_ptr + t * stride_lt + dc)
-        tl.store(dst + dc, _rms_normed(x, norm_w_ptr, dc, dc < DC, eps, DC).to(cache_ptr.dtype.element_ty))
-        _rotate(k_ptr + t * stride_kt, dst + DC, 1, 0, 0, cos, sin, d, HALF, 1, INTERLEAVED)
+        tl.store(dst + dc, _to_cache(_rms_normed(x, norm_w_ptr, dc, dc < DC, eps, DC), cache_ptr, FP8))
+        _rotate(k_ptr + t * stride_kt, dst + DC, 1, 0, 0, cos, sin, d, HALF, 1, INTERLEAVED, SATURATE=FP8)
 
 
 def norm_rope_store(latent: torch.Tensor, norm_weight: torch.Tensor, eps: float, q_pe: torch.Tensor,
@@ -167,11 +177,13 @@ def norm_rope_store(latent: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     [T, kv_lora_rank] and k_pe [T, rope] may be strided views of the projection's output."""
     T, DC = latent.shape
     HQ, DR = q_pe.shape[1], q_pe.shape[2]
-    assert cache.dtype == latent.dtype and cos_sin_cache.shape[-1] == DR and cos_sin_cache.is_contiguous()
+    assert cache.dtype in (latent.dtype, torch.float8_e4m3fn), cache.dtype
+    assert cos_sin_cache.shape[-1] == DR and cos_sin_cache.is_contiguous()
     assert all(x.stride(-1) == 1 for x in (latent, q_pe, k_pe, q_out, cache))
     if T:
         _norm_rope_store_kernel[(T,)](latent, norm_weight, q_pe, k_pe, q_out, positions, cos_sin_cache, cache,
                                       slot_mapping, HQ, eps, cache.shape[1], latent.stride(0), q_pe.stride(0),
                                       q_pe.stride(1), k_pe.stride(0), q_out.stride(0), q_out.stride(1),
                                       cache.stride(0), cache.stride(1), DC=DC, HALF=DR // 2,
-                                      BLOCK_HQ=triton.next_power_of_2(HQ), INTERLEAVED=interleaved, num_warps=4)
+                                      BLOCK_HQ=triton.next_power_of_2(HQ), INTERLEAVED=interleaved,
+                                      FP8=cache.dtype == torch.float8_e4m3fn, num_warps=4)
