@@ -48,15 +48,17 @@ class MTPDrafter:
         j = np.arange(K + 1)
         sample_idx = (np.cumsum(1 + k) - (1 + k))[:, None] + np.minimum(j[None, :], k[:, None])
         drafts = np.where(j[None, :K] < k[:, None], fed[np.minimum(first[:, None] + 1 + j[None, :K], len(fed) - 1)], -1)
-        next_dev, sample_idx, drafts, last = to_device([next_ids, sample_idx, drafts, first], np.int64, r.device)
+        index = graph_step.index if graph_step is not None else np.zeros(0, np.int64)
+        next_dev, sample_idx, drafts, last, index = to_device([next_ids, sample_idx, drafts, first, index], np.int64,
+                                                              r.device)
         if len(seq_rows):
             samples = sampled[sample_idx]  # [S, K + 1]
             kept = (samples[:, :K] == drafts).long().cumprod(dim=1).sum(dim=1)  # as verify.accepted_tokens
             last = last + kept  # the position of the last kept token's prediction: it reads that token
             next_dev[last] = samples.gather(1, kept[:, None])[:, 0]
         if graph_step is not None:
-            h = r.graphs.run_mtp(graph_step, next_dev)
-            rows = torch.from_numpy(graph_step.index).to(h.device)[last]
+            h = r.graphs.run_mtp(graph_step, next_dev, index)
+            rows = index[last]
         else:
             ids, pos, meta, _ = r._device_inputs(x)
             meta.plan = r.backend.plan(meta)

@@ -212,12 +212,12 @@ class StepGraphRunner:
         self.replays[q] += 1
         return GraphStep(q, size, hidden, p.index)
 
-    def run_mtp(self, step: GraphStep, next_ids: torch.Tensor) -> torch.Tensor:
-        """The MTP module over a replayed step: `next_ids` [T] (on the device) is the token after each fed token.
-        Returns its hidden states in the step's rows."""
+    def run_mtp(self, step: GraphStep, next_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The MTP module over a replayed step: `next_ids` [T] (on the device) is the token after each fed token,
+        `index` the step's index on the device. Returns the module's hidden states in the step's rows."""
         ids = self.i64[0, :step.size * step.q_len]
         ids.zero_()
-        ids[torch.from_numpy(step.index).to(self.device)] = next_ids
+        ids[index] = next_ids
         graph, out = self.mtp_graphs[step.q_len, step.size]
         graph.replay()
         return out

@@ -88,7 +88,11 @@ class MLABackend(abc.ABC):
         # cuBLAS writes the strided [heads, T, C] view in place (batch stride C + rope, row stride heads * (C + rope))
         torch.bmm(q_nope.transpose(0, 1), w[:, :shape.nope_dim], out=q_latent[..., :C].transpose(0, 1))
         out = self.latent_attention(q_latent, cache, meta, C, shape.scale)  # [T, H, C]
-        return torch.bmm(out.transpose(0, 1), w[:, shape.nope_dim:].transpose(1, 2)).transpose(0, 1)
+        # per-head values straight into [T, H, v] (the o_proj's input rows; a [H, T, v] result would need a copy
+        # for every step of more than one token)
+        v = out.new_empty(out.shape[0], H, shape.v_dim)
+        torch.bmm(out.transpose(0, 1), w[:, shape.nope_dim:].transpose(1, 2), out=v.transpose(0, 1))
+        return v
 
 
 class TorchMLABackend(MLABackend):
