@@ -87,10 +87,10 @@ def _merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, v_scale, H, stride_ot, str
     tl.store(out_ptr + b * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16, waves: int = 8) -> int:
-    """Programs enough to fill the GPU about `waves` times over: a power of two, 1 at large batch
+def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+    """Programs enough to fill the GPU about eight times over: a power of two, 1 at large batch
     (H100, 8 KV heads: 1 split from batch 129 on, 2 at 64, 16 at batch 1..8)."""
-    want = max(1, (waves * num_sms) // max(1, batch_size * num_kv_heads))
+    want = max(1, (8 * num_sms) // max(1, batch_size * num_kv_heads))
     return min(max_splits, 1 << (want.bit_length() - 1))
 
 

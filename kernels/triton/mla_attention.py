@@ -98,10 +98,10 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, seq_lens: torch.Tensor, 
     decode = token_seq is None
     if num_splits is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else INTERPRETER_SMS
-        # a few tokens (decode, verify) split their keys. A program here (16 heads x 576 values a key) is heavier
-        # than a GQA one: two waves of programs, not eight (H200, 600-1,200 keys: 2 splits at 128 tokens take
-        # 44-74 us against 56-88 with 8, 4 at 64 tokens 35 against 46, 1 at 256 tokens 93 against 106)
-        num_splits = num_splits_for(T, head_blocks, sms, waves=2)
+        # a few tokens (decode, verify) split their keys. Fewer splits win where every sequence has the same length
+        # (H200, 128 x 600-1,200 keys: 2 splits 44-74 us, 8 splits 56-88), but over the throughput workload's
+        # ragged lengths two waves of programs instead of eight took the decode step from 11.70 to 12.08 ms
+        num_splits = num_splits_for(T, head_blocks, sms)
     if num_splits > 1:
         part_acc = torch.empty((T, H, num_splits, kv_lora_rank), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((T, H, num_splits, 2), dtype=torch.float32, device=q.device)
