@@ -160,6 +160,7 @@ class StepGraphRunner:
         self.i64[2].fill_(-1)  # capture runs write no KV
         keys = sorted(((q, s) for q, sizes in self.buckets.items() for s in sizes), key=lambda k: -k[0] * k[1])
         for q, size in keys:
+            self.seq_lens.fill_(q)  # capture runs: each sequence its q tokens (every row a causal horizon >= 1)
             ids, pos = self.i64[0, :size * q], self.i64[1, :size * q]
             hidden, meta = self._forward(q, size)  # warm-up: compiles kernels outside the capture
             if self.mtp:
