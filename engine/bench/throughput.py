@@ -184,7 +184,8 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     dec_time = sum(s[0] for s in steps)
     tpot_steps: list[tuple[float, int, bool]] = []  # batch 1: (seconds, tokens out, replayed a graph)
     generate([([7] * 128, tpot_tokens)], per_seq=tpot_steps)
-    tpot_steps = tpot_steps[1:]
+    tpot_steps = tpot_steps[1:] or tpot_steps  # (the first decode step aside, where there are more)
+    assert tpot_steps, "the batch-1 run made no decode step: raise --tpot-tokens"
     step_s = statistics.median(s[0] for s in tpot_steps)
     tokens_per_step = sum(s[1] for s in tpot_steps) / len(tpot_steps)
     return dict(startup_s=startup, graph_capture_s=runner.graphs.capture_seconds if runner.graphs else 0.0,

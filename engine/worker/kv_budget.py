@@ -61,8 +61,11 @@ def profile_peak_bytes(runner) -> int:
     runner.bind_kv_pool(None)
     del pool
     torch.cuda.empty_cache()
-    # decode graphs (their pool) and the sampler's [max_num_seqs, vocab] float32 temporaries
-    graphs = config.max_num_seqs * runner.vocab_size * 4 * 3 if runner.use_cuda_graphs else 0
+    # the step graphs (their pool) and the sampler's [rows, vocab] float32 temporaries: a verify step samples
+    # 1 + k rows a sequence
+    spec = config.speculative()
+    rows = config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+    graphs = rows * runner.vocab_size * 4 * 3 if runner.use_cuda_graphs else 0
     return int(peak - runner.weights_bytes() + graphs + _encoder_cache_bytes(runner))
 
 
