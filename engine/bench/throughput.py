@@ -145,6 +145,8 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
     weights, expert_weights, experts = weight_split(runner.model)
     kv_token_bytes = runner.kv_spec.bytes_per_token
 
+    draft_k = json.loads(options.get("speculative_config") or "{}").get("num_speculative_tokens", 0)
+
     def generate(reqs, temperature=0.6, record=None, timeline=None, per_seq=None):
         for i, (ids, n) in enumerate(reqs):
             core.add_request(EngineCoreRequest(request_id=f"r{i}", prompt_token_ids=ids, params=SamplingParams(
@@ -166,8 +168,6 @@ def run_engine(path: Path, workload, options: dict, tpot_tokens: int) -> dict:
             if per_seq is not None and st.num_tokens <= st.num_seqs * (1 + draft_k):  # decode or verify steps
                 per_seq.append((dt, new, st.graph))
         return tokens
-
-    draft_k = json.loads(options.get("speculative_config") or "{}").get("num_speculative_tokens", 0)
 
     # warm-up: one small batch of odd and even lengths (first-use kernel compiles stay out of the timing)
     generate([([1] * 64, 16), ([2] * 37, 9), ([3] * 101, 5)])

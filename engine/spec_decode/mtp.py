@@ -60,11 +60,7 @@ class MTPDrafter:
             h = r.graphs.run_mtp(graph_step, next_dev, index)
             rows = index[last]
         else:
-            ids, pos, meta, _ = r._device_inputs(x)
-            meta.plan = r.backend.plan(meta)
-            ids.copy_(next_dev)
-            h = r.model.mtp_hidden(ids, pos, hidden, meta)
-            rows = last
+            h, rows = self._eager(x, next_dev, hidden), last
         if not len(seq_rows):
             return None
         h = h[rows]
@@ -121,7 +117,12 @@ class MTPDrafter:
                                                       x.block_tables), ids, h)
             if out is not None:
                 return out
+        return self._eager(x, ids, h)
+
+    def _eager(self, x, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The module over x's positions, eagerly: token `ids` (on the device) and the hidden states it reads."""
+        r = self.runner
         dev_ids, positions, meta, _ = r._device_inputs(x)
         meta.plan = r.backend.plan(meta)
         dev_ids.copy_(ids)
-        return r.model.mtp_hidden(dev_ids, positions, h, meta)
+        return r.model.mtp_hidden(dev_ids, positions, hidden, meta)

@@ -7,6 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention.torch_ref import FP8_MAX
+
+E4M3_MAX = tl.constexpr(FP8_MAX)  # the torch references' saturation bound, for the kernels below
+
 
 @triton.jit
 def _rms_normed(x, w_ptr, cols, mask, eps, D: tl.constexpr):
@@ -90,7 +94,8 @@ def _rotate(x_ptr, out_ptr, H, stride_xh, stride_oh, cos, sin, d,
 
 @triton.jit
 def _saturated(x):
-    return tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    """x in float32 within E4M3's range: torch's cast to float8_e4m3fn has no saturating mode."""
+    return tl.clamp(x.to(tl.float32), -E4M3_MAX, E4M3_MAX)
 
 
 @triton.jit
@@ -157,21 +162,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _saturate_fp8_kernel(x_ptr, out_ptr, n, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+def _saturate_fp8_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, tl.clamp(x, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _saturated(x).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def saturate_fp8(x: torch.Tensor) -> torch.Tensor:
     """x.clamp(-448, 448).to(float8_e4m3fn) in one pass: torch's cast has no saturating mode, and
     clamp-then-cast read and wrote the prefill's q twice (FP8 math, kernels/attention/flashinfer_backend.py)."""
-    from kernels.attention.torch_ref import FP8_MAX
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     if x.numel():
         BLOCK = 2048
-        _saturate_fp8_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, x.numel(), FP8_MAX=FP8_MAX, BLOCK=BLOCK,
-                                                              num_warps=4)
+        _saturate_fp8_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, x.numel(), BLOCK=BLOCK, num_warps=4)
     return out

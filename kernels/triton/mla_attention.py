@@ -4,7 +4,8 @@ latent cache [blocks, block_size, kv_lora_rank + rope_dim]: every query head att
 (query token, block of 16 heads, split): a token of a prefill chunk sees the keys up to its own position (causal),
 a decode token all of its sequence's. Long sequences at small token counts (decode, speculative verify steps) are
 split across programs and merged by the GQA decode's merge kernel (flash-decoding); the split count depends on
-the token count only, so a CUDA graph captured for a batch size stays valid for every length. Reads device tensors only: no per-step plan for decode.
+the token count only, so a CUDA graph captured for a batch size stays valid for every length. Reads device
+tensors only: no per-step plan for decode.
 
 Also the latent store: [latent | rotated k_pe] of every token into its slot (slot -1: padding, written nowhere),
 one launch, no host sync (the torch store checks its slots on the host, which a CUDA graph cannot); and the same
