@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.pdl import launch_options, pdl_wait
+
 SPLIT_MAX_TOKENS = 1024  # up to here each token gets two programs (decode steps, small chunks)
 
 
@@ -34,8 +36,10 @@ def _norm_rope(x_ptr, w_ptr, heads, h_ok, d, cos, sin, eps, HALF: tl.constexpr, 
 def _attn_input_kernel(qkv_ptr, q_out_ptr, cache_ptr, slot_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, eps,
                        k_scale_inv, v_scale_inv, stride_t, stride_cb, stride_ckv, stride_co, block_size,
                        H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_KVH: tl.constexpr, QK_NORM: tl.constexpr, QUANT: tl.constexpr, PARTS: tl.constexpr):
+                       BLOCK_KVH: tl.constexpr, QK_NORM: tl.constexpr, QUANT: tl.constexpr, PARTS: tl.constexpr,
+                       PDL: tl.constexpr):
     # PARTS programs per token: with 2, one does q and the other k/v (see attention_input)
+    pdl_wait(PDL)
     t, part = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
@@ -93,5 +97,6 @@ def attention_input(qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: t
         k_norm if qk_norm else qkv, eps, 1.0 / k_scale, 1.0 / v_scale, qkv.stride(0), kv_cache.stride(0),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.shape[2], H=num_heads, KVH=num_kv_heads, HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KVH=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm,
-        QUANT=kv_cache.dtype == torch.float8_e4m3fn, PARTS=parts, num_warps=4)
+        QUANT=kv_cache.dtype == torch.float8_e4m3fn, PARTS=parts, num_warps=4,
+        **launch_options(qkv.device))
     return q

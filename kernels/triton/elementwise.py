@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention.torch_ref import FP8_MAX
+from kernels.triton.pdl import launch_options, pdl_wait
 
 E4M3_MAX = tl.constexpr(FP8_MAX)  # the torch references' saturation bound, for the kernels below
 
@@ -24,8 +25,9 @@ def _rms_normed(x, w_ptr, cols, mask, eps, D: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, stride_xt, stride_xh, stride_rt, eps,
-                     D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+                     D: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
     # one program per row; row = (t, h) so that per-head norms read strided q/k views in place
+    pdl_wait(PDL)
     row = tl.program_id(0)
     t, h = row // H, row % H
     cols = tl.arange(0, BLOCK)
@@ -54,7 +56,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows, H, st, sh = _rows(x)
     if rows:
         _rms_norm_kernel[(rows,)](x, x, weight, out, out, H, st, sh, 0, eps, D=D,
-                                  BLOCK=triton.next_power_of_2(D), HAS_RES=False, num_warps=4)
+                                  BLOCK=triton.next_power_of_2(D), HAS_RES=False, num_warps=4,
+                                  **launch_options(x.device))
     return out
 
 
@@ -65,7 +68,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     rows = x.numel() // D
     if rows:
         _rms_norm_kernel[(rows,)](x, residual, weight, out, res_out, 1, D, 0, D, eps, D=D,
-                                  BLOCK=triton.next_power_of_2(D), HAS_RES=True, num_warps=4)
+                                  BLOCK=triton.next_power_of_2(D), HAS_RES=True, num_warps=4,
+                                  **launch_options(x.device))
     return out, res_out
 
 

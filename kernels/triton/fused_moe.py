@@ -15,6 +15,7 @@ import triton.language as tl
 
 from kernels.moe.torch_ref import local_ids
 from kernels.triton.fused_moe_configs import moe_configs
+from kernels.triton.pdl import launch_options, pdl_wait
 
 # up to this many (token, expert) pairs (two decode tokens of a top-8 router) each pair is its own row tile:
 # at batch 1 the sort by expert cost as much as a tenth of the layer's MoE time, and a pair's expert is
@@ -28,12 +29,13 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, 
               stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_asm, stride_bse, stride_bsn,
               ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8: tl.constexpr, DIRECT: tl.constexpr,
               GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              GROUP_M: tl.constexpr):
+              GROUP_M: tl.constexpr, PDL: tl.constexpr):
     # FP8: a and b are E4M3 with one scale per BLOCK_K (= the checkpoint's 128) columns, a's per row (token),
     # b's per output row (row-expanded); each K step's product is rescaled before it is accumulated.
     # DIRECT (a few pairs): row tile m is pair m alone, its expert read from the ids as they are (no sort)
     # GATED (gate-up): b holds 2N rows, the gate's then the up's; the program multiplies both halves' BLOCK_N
     # columns and stores silu(gate) * up, each rounded to c's dtype first as the separate SiLU-and-mul did
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows_max, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -91,9 +93,11 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, 
 
 @triton.jit
 def _align_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, P, E, max_rows,
-                  BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                  PDL: tl.constexpr):
     """One program: count the pairs per expert, lay the experts' padded runs end to end, then place every
     pair in its expert's run (slots taken with atomics: order inside a run does not change any result)."""
+    pdl_wait(PDL)
     offs_e = tl.arange(0, BLOCK_E)
     tl.store(counts_ptr + offs_e, tl.zeros((BLOCK_E,), tl.int32), mask=offs_e < E)
     for r in range(0, max_rows, BLOCK_P):
@@ -140,13 +144,15 @@ def align_by_expert(ids: torch.Tensor, block_m: int, num_experts: int):
     expert_ids = torch.empty(max_rows // block_m, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     _align_kernel[(1,)](ids, counts, sorted_ids, expert_ids, num_padded, P, num_experts, max_rows, BLOCK_M=block_m,
-                        BLOCK_P=1024, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_T=64, num_warps=8)
+                        BLOCK_P=1024, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_T=64, num_warps=8,
+                        **launch_options(dev))
     return sorted_ids, expert_ids, num_padded, max_rows
 
 
 @triton.jit
-def _combine_kernel(rows_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(rows_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """out[t] = the sum of token t's k weighted expert rows, in float32, rounded once (as torch's sum)."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -161,7 +167,8 @@ def combine(rows: torch.Tensor, top_k: int) -> torch.Tensor:
     out = torch.empty(P // top_k, H, dtype=rows.dtype, device=rows.device)
     if P:
         block = min(1024, triton.next_power_of_2(H))
-        _combine_kernel[(P // top_k, triton.cdiv(H, block))](rows, out, H, TOP_K=top_k, BLOCK_H=block)
+        _combine_kernel[(P // top_k, triton.cdiv(H, block))](rows, out, H, TOP_K=top_k, BLOCK_H=block,
+                                                             **launch_options(rows.device))
     return out
 
 
@@ -179,7 +186,7 @@ def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_p
                     a_s.stride(0), b_s.stride(0) if fp8 else 0, b_s.stride(1) if fp8 else 0,
                     ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, FP8=fp8, DIRECT=direct, GATED=gated,
                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(a.device))
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

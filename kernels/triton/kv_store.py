@@ -6,12 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.pdl import launch_options, pdl_wait
 
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_inv, v_scale_inv,
                      stride_kt, stride_vt, stride_cb, stride_ckv, stride_co,
-                     block_size, N: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr):
+                     block_size, N: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     if slot < 0:
@@ -42,4 +44,5 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     N = H * D
     _store_kv_kernel[(T,)](k, v, kv_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
                            k.stride(0), v.stride(0), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-                           kv_cache.shape[2], N=N, BLOCK=triton.next_power_of_2(N), QUANT=quant, num_warps=4)
+                           kv_cache.shape[2], N=N, BLOCK=triton.next_power_of_2(N), QUANT=quant, num_warps=4,
+                           **launch_options(k.device))

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from kernels.triton.decode_attention import LOG2E, _merge_kernel, _num_sms, num_splits_for
 from kernels.triton.elementwise import _rms_normed, _rotate, _saturated, _token_cos_sin
+from kernels.triton.pdl import launch_options, pdl_wait
 
 BLOCK_H = 16  # query heads per program: the MMA's M (64 would not fit the [M, 512] accumulator in registers)
 INTERPRETER_SMS = 4  # CPU tensors (TRITON_INTERPRET=1, the CPU tests) have no device to ask: a small one
@@ -28,7 +29,8 @@ INTERPRETER_SMS = 4  # CPU tensors (TRITON_INTERPRET=1, the CPU tests) have no d
 def _mla_kernel(q_ptr, cache_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, tok_seq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                 qk_scale, H, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_bt,
                 BS: tl.constexpr, DC: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr):
+                BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if DECODE:
         b = t
@@ -113,10 +115,10 @@ def mla_attention(q: torch.Tensor, cache: torch.Tensor, seq_lens: torch.Tensor, 
         part_acc, part_ml, scale * LOG2E, H, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache.stride(0), cache.stride(1), block_tables.stride(0),
         BS=cache.shape[1], DC=kv_lora_rank, DR=DR, BLOCK_H=BLOCK_H, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        DECODE=decode, num_warps=num_warps, num_stages=num_stages)
+        DECODE=decode, num_warps=num_warps, num_stages=num_stages, **launch_options(q.device))
     if num_splits > 1:
         _merge_kernel[(T, H)](part_acc, part_ml, out, 1.0, H, out.stride(0), out.stride(1), D=kv_lora_rank,
-                              NUM_SPLITS=num_splits, num_warps=4)
+                              NUM_SPLITS=num_splits, num_warps=4, **launch_options(q.device))
     return out
 
 
@@ -130,7 +132,8 @@ def _to_cache(x, cache_ptr, FP8: tl.constexpr):
 
 @triton.jit
 def _store_latent_kernel(latent_ptr, pe_ptr, cache_ptr, slot_ptr, stride_lt, stride_pt, stride_cb, stride_co,
-                         block_size, DC: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr):
+                         block_size, DC: tl.constexpr, DR: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     if slot < 0:
@@ -151,16 +154,18 @@ def store_latent(latent: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, 
     if T:
         _store_latent_kernel[(T,)](latent, k_pe, cache, slot_mapping, latent.stride(0), k_pe.stride(0),
                                    cache.stride(0), cache.stride(1), cache.shape[1], DC=DC, DR=DR,
-                                   FP8=cache.dtype == torch.float8_e4m3fn, num_warps=4)
+                                   FP8=cache.dtype == torch.float8_e4m3fn, num_warps=4, **launch_options(cache.device))
 
 
 @triton.jit
 def _norm_rope_store_kernel(latent_ptr, norm_w_ptr, q_ptr, k_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, cache_ptr,
                             slot_ptr, HQ, eps, block_size, stride_lt, stride_qt, stride_qh, stride_kt, stride_oqt,
                             stride_oqh, stride_cb, stride_co, DC: tl.constexpr, HALF: tl.constexpr,
-                            BLOCK_HQ: tl.constexpr, INTERLEAVED: tl.constexpr, FP8: tl.constexpr):
+                            BLOCK_HQ: tl.constexpr, INTERLEAVED: tl.constexpr, FP8: tl.constexpr,
+                            PDL: tl.constexpr):
     # one program per token: q's rotary part into q_out (every token), and where the token has a slot the
     # normalised latent and the rotated k_pe into the cache, as rms_norm + the rope kernel + the store compute
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin, d = _token_cos_sin(cos_sin_ptr, pos_ptr, t, HALF)
     _rotate(q_ptr + t * stride_qt, q_out_ptr + t * stride_oqt, HQ, stride_qh, stride_oqh, cos, sin, d,
@@ -190,4 +195,5 @@ def norm_rope_store(latent: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                                       q_pe.stride(1), k_pe.stride(0), q_out.stride(0), q_out.stride(1),
                                       cache.stride(0), cache.stride(1), DC=DC, HALF=DR // 2,
                                       BLOCK_HQ=triton.next_power_of_2(HQ), INTERLEAVED=interleaved,
-                                      FP8=cache.dtype == torch.float8_e4m3fn, num_warps=4)
+                                      FP8=cache.dtype == torch.float8_e4m3fn, num_warps=4,
+                                      **launch_options(cache.device))

@@ -8,12 +8,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.pdl import launch_options, pdl_wait
+
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the block table's width changes per step
 def _paged_attn_kernel(q_ptr, cache_ptr, out_ptr, cu_q_ptr, seq_lens_ptr, bt_ptr, scale, k_scale, v_scale,
                        stride_qt, stride_qh, stride_ot, stride_cb, stride_ckv, stride_co, stride_ch, stride_bt,
                        block_size, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     b, h, mt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
@@ -76,5 +79,5 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
                              q.stride(0), q.stride(1), out.stride(0), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
                              kv_cache.stride(3), block_tables.stride(0), kv_cache.shape[2],
                              GROUP=H // kv_cache.shape[3], D=D, BLOCK_M=BLOCK_M, BLOCK_N=32 if ieee else 64,
-                             IEEE=ieee, num_warps=4)
+                             IEEE=ieee, num_warps=4, **launch_options(q.device))
     return out

@@ -20,12 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.pdl import launch_options, pdl_wait
+
 
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_t, scaling,
                   PER_GROUP: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP_K: tl.constexpr,
                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, N_SHARED: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)[:, None]
     p = tl.arange(0, BLOCK_P)[None, :]
@@ -99,5 +102,5 @@ def route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None, top
                             BLOCK_K=triton.next_power_of_2(top_k + num_shared),
                             # one warp up to 512 experts: k rounds of reductions, each within the warp (more
                             # warps meet in shared memory at every round)
-                            num_warps=1 if block_g * block_p <= 512 else 4)
+                            num_warps=1 if block_g * block_p <= 512 else 4, **launch_options(router_logits.device))
     return weights, ids

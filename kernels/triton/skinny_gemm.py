@@ -18,19 +18,21 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.pdl import launch_options, pdl_wait
 from kernels.triton.skinny_configs import WORKSPACE_FLOATS, WORKSPACE_TILES
 
 
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_SPLIT, stride_xm, stride_wn,
                         stride_ym, S, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
     k0 = pid_s * K_SPLIT
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :]
+    pdl_wait(PDL)
     x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + (k0 + rk)[:, None]  # x^T: [BK, BM]
     m_ok = rm[None, :] < M
     acc = tl.zeros((BN, BM), dtype=tl.float32)  # y^T tile
@@ -95,5 +97,5 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, S: 
     _skinny_gemm_kernel[grid](x, w, bias if bias is not None else w, y, ws.partials, ws.counters, M, N, K // S,
                               x.stride(0), w.stride(0), y.stride(0), S, BM=BM, BN=BN, BK=BK,
                               HAS_BIAS=bias is not None, IEEE=w.dtype == torch.float32, num_warps=num_warps,
-                              num_stages=num_stages)
+                              num_stages=num_stages, **launch_options(x.device))
     return y
