@@ -103,6 +103,19 @@ def test_compose_scales_engines():
         assert "auto" in svc["command"]  # the KV endpoint advertises the container's own address
 
 
+def test_compose_engines_keep_their_triton_cache():
+    """Every engine service mounts the named volume at the Triton cache of the CUDA image's user, and the image
+    creates that directory as the user (a new named volume takes the owner of the directory it covers)."""
+    compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    assert "triton-cache" in compose["volumes"]
+    for name in ("prefill", "decode", "encoder"):
+        volumes = compose["services"][name]["volumes"]
+        assert "triton-cache:/home/slipstream/.triton" in volumes, name
+    text = (REPO / "docker" / "Dockerfile.cuda").read_text()
+    user = text.index("USER slipstream")
+    assert text.index("RUN mkdir -p /home/slipstream/.triton/cache") > user
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfiles_run_as_a_user_with_a_healthcheck(path):
     text = path.read_text()
