@@ -1,6 +1,5 @@
 """Linear layers, y = x @ w^T + b. Decode batches of a few rows on a GPU go to our skinny split-K
-GEMM (kernels/triton/skinny_gemm.py); everything else to torch (cuBLAS on a GPU). `per_head_matmul` is the
-per-head product of MLA's absorbed weights (a Triton launch for a few tokens, else torch's batched GEMM).
+GEMM (kernels/triton/skinny_gemm.py); everything else to torch (cuBLAS on a GPU).
 
 `block_fp8_linear` takes E4M3 weights with 128 x 128 block scales as FP8 checkpoints (DeepSeek-V3, Kimi-K2)
 ship them: the Triton block-FP8 GEMM on a GPU (kernels/triton/fp8_gemm.py; activations quantised per token
@@ -52,19 +51,6 @@ def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             from kernels.triton.skinny_gemm import skinny_gemm
             return skinny_gemm(x, weight, None, split, BN=_ROUTER_BN, BK=_ROUTER_BK, BM=SKINNY_MAX_ROWS)
     return F.linear(x.float(), weight.float())
-
-
-def per_head_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[t, h] = x[t, h] @ w[h] for x [T, H, K], w [H, K, N], into `out` [T, H, N] (strided views allowed): MLA's
-    absorbed weights. A few tokens on a GPU take one Triton launch (kernels/triton/head_gemm.py), the rest torch's
-    batched GEMM over the heads."""
-    if use_triton(x) and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype == out.dtype:
-        from kernels.triton.head_gemm import fits, head_gemm
-        if fits(x, w, out):
-            head_gemm(x, w, out)
-            return out
-    torch.bmm(x.transpose(0, 1), w, out=out.transpose(0, 1))
-    return out
 
 
 def dequantize_block_fp8_rows(weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:

@@ -184,9 +184,8 @@ def test_mla_backend_choice_on_cpu():
 @pytest.mark.parametrize("kernels", ["mla", "fp8", "decode_kernels"])
 def test_triton_kernels_interpreted_on_cpu(kernels):
     """The GPU's Triton kernels run here under Triton's interpreter against torch: the latent attention and
-    store and the per-head product of the absorbed weights (mla), the block-FP8 GEMM and the FP8 fused MoE
-    (fp8), the router of every MoE family, the rope on interleaved pairs and the fused experts with and without
-    the sort by expert (decode_kernels)."""
+    store (mla), the block-FP8 GEMM and the FP8 fused MoE (fp8), the router of every MoE family, the rope
+    on interleaved pairs and the fused experts with and without the sort by expert (decode_kernels)."""
     pytest.importorskip("triton", reason="triton is not installed")
     import os
     import subprocess

@@ -1,9 +1,9 @@
 """DeepSeek's GPU kernels against their torch references: the MLA kernels (the absorbed form, itself held to the
 expanded reference model on the CPU in tests/test_deepseek.py): the Triton latent kernel at decode (split and
-unsplit) and prefill-chunk shapes, the latent store, FlashMLA where it is built; the per-head products of the
-absorbed weights; the block-FP8 GEMM and the FP8 fused MoE. Then a tiny DeepSeek-V3 with V3's 512 + 64 latents
-through the engine: Triton and FlashMLA under CUDA graphs against the torch backend and against transformers
-(float32), and its block-FP8 copy against the dequantised weights. Skipped without CUDA."""
+unsplit) and prefill-chunk shapes, the latent store, FlashMLA where it is built; the block-FP8 GEMM and the FP8
+fused MoE. Then a tiny DeepSeek-V3 with V3's 512 + 64 latents through the engine: Triton and FlashMLA under
+CUDA graphs against the torch backend and against transformers (float32), and its block-FP8 copy against the
+dequantised weights. Skipped without CUDA."""
 from __future__ import annotations
 
 import importlib.util
@@ -50,24 +50,6 @@ CASES = {
     "prefill-chunks": ([37, 1, 128, 5], [37, 90, 300, 5], 16),  # chunks over a cached prefix, and decode
     "verify": ([2, 4, 1, 3], [3000, 40, 700, 90], 16),  # a last token and its drafts: split like decode
 }
-
-
-@pytest.mark.parametrize("tokens", [1, 3, 16, 40])
-def test_per_head_matmul_matches_bmm(tokens):
-    """MLA's absorbed products at Moonlight's shape (16 heads, nope 128, latent 512, v 128), bf16: the Triton
-    launch (up to 16 tokens) and torch's batched GEMM (more) against float64, in the query's layout (the output a
-    strided view beside the rope part) and the value's (a transposed weight view)."""
-    from kernels.linear import per_head_matmul
-    g = torch.Generator(device=DEV).manual_seed(tokens)
-    w = (torch.randn(16, 256, 512, device=DEV, generator=g) * 0.05).bfloat16()
-    q = torch.randn(tokens, 16, 128, device=DEV, generator=g).bfloat16()
-    q_latent = torch.full((tokens, 16, 576), 7.0, device=DEV, dtype=torch.bfloat16)
-    per_head_matmul(q, w[:, :128], q_latent[..., :512])
-    want = torch.einsum("thk,hkc->thc", q.double(), w[:, :128].double())
-    assert rel_err(q_latent[..., :512], want) < 1e-2 and bool((q_latent[..., 512:] == 7).all())
-    lat = torch.randn(tokens, 16, 512, device=DEV, generator=g).bfloat16()
-    v = per_head_matmul(lat, w[:, 128:].transpose(1, 2), lat.new_empty(tokens, 16, 128))
-    assert rel_err(v, torch.einsum("thc,hvc->thv", lat.double(), w[:, 128:].double())) < 1e-2
 
 
 @pytest.mark.parametrize("heads", [16, 128])

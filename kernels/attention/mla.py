@@ -19,7 +19,6 @@ import torch
 
 from kernels.attention.metadata import AttentionMetadata
 from kernels.attention.mla_ref import mla_latent_attention_ref, store_latent
-from kernels.linear import per_head_matmul
 
 log = logging.getLogger(__name__)
 FLASH_MLA_BLOCK_SIZE = 64  # FlashMLA's paged layout
@@ -86,12 +85,14 @@ class MLABackend(abc.ABC):
         if q_latent is None:
             q_latent = q_pe.new_empty(q_pe.shape[0], H, C + shape.rope_dim)
             q_latent[..., C:] = q_pe
-        # written in place into the strided [T, heads, C] view (row stride heads * (C + rope), head stride C + rope)
-        per_head_matmul(q_nope, w[:, :shape.nope_dim], q_latent[..., :C])
+        # cuBLAS writes the strided [heads, T, C] view in place (batch stride C + rope, row stride heads * (C + rope))
+        torch.bmm(q_nope.transpose(0, 1), w[:, :shape.nope_dim], out=q_latent[..., :C].transpose(0, 1))
         out = self.latent_attention(q_latent, cache, meta, C, shape.scale)  # [T, H, C]
         # per-head values straight into [T, H, v] (the o_proj's input rows; a [H, T, v] result would need a copy
         # for every step of more than one token)
-        return per_head_matmul(out, w[:, shape.nope_dim:].transpose(1, 2), out.new_empty(out.shape[0], H, shape.v_dim))
+        v = out.new_empty(out.shape[0], H, shape.v_dim)
+        torch.bmm(out.transpose(0, 1), w[:, shape.nope_dim:].transpose(1, 2), out=v.transpose(0, 1))
+        return v
 
 
 class TorchMLABackend(MLABackend):
