@@ -30,12 +30,14 @@ def fast_exit(code: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.server.launcher import serve
     try:
         engine_config = config_from_args(EngineConfig, args)
         server_config = config_from_args(ServerConfig, args)
     except EngineError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
-    code = serve(server_config, engine_config)
+    from engine.server.core_process import start_core
+    proc, address = start_core(server_config, engine_config)  # before the front's imports: see core_process
+    from engine.server.launcher import serve
+    code = serve(server_config, engine_config, proc, address)
     fast_exit(code)

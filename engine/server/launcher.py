@@ -1,11 +1,10 @@
-"""`slipstream serve`: starts the engine core as a child process (`slipstream engine`, over a
-private ipc socket unless told otherwise), runs the HTTP front, and on SIGTERM/SIGINT drains:
-stop admitting (503), finish in-flight requests within --drain-timeout else abort them, stop the
-core, exit 0."""
+"""`slipstream serve`: with the engine core started as a child process (`slipstream engine`, over a
+private ipc socket unless told otherwise; engine/server/core_process.py), runs the HTTP front, and on
+SIGTERM/SIGINT drains: stop admitting (503), finish in-flight requests within --drain-timeout else abort
+them, stop the core, exit 0."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -16,14 +15,13 @@ import time
 from aiohttp import web
 
 from ctrl_client.aio import wait_within
-from engine.cli.args import config_argv
 from engine.config import EngineConfig
 from engine.errors import EngineError, UnavailableError
-from engine.processes import private_ipc_address, remove_ipc_file, stop_process
+from engine.processes import remove_ipc_file, stop_process
 from engine.server.api_server import build_app
 from engine.server.http_options import ssl_context
 from engine.server.front_state import FrontState
-from engine.server.config import ZMQ_SECRET_ENV, CoreServerConfig, ServerConfig
+from engine.server.config import ZMQ_SECRET_ENV, ServerConfig
 from engine.server.core_client import CoreClient
 from engine.server.metrics import Metrics
 from engine.server.registration import register_front, unregister_front
@@ -32,35 +30,19 @@ log = logging.getLogger(__name__)
 CORE_STOP_TIMEOUT_S = 15.0
 
 
-def spawn_core(engine_config: EngineConfig, core_config: CoreServerConfig) -> subprocess.Popen:
-    """`slipstream engine ...` as a child in its own session (a terminal's Ctrl-C reaches the front,
-    which stops the core); it dies with us (PR_SET_PDEATHSIG + parent-pid check)."""
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    argv = [sys.executable, "-m", "engine.cli.main", "--log-level", str(level), "engine",
-            *config_argv(EngineConfig, engine_config), *config_argv(CoreServerConfig, core_config),
-            "--parent-pid", str(os.getpid())]
-    log.info("event=spawn_core argv=%r", argv)
-    env = dict(os.environ)
-    if core_config.zmq_secret:
-        env[ZMQ_SECRET_ENV] = core_config.zmq_secret
-    return subprocess.Popen(argv, start_new_session=True, env=env)
+def serve(server_config: ServerConfig, engine_config: EngineConfig, proc: subprocess.Popen | None,
+          address: str) -> int:
+    """Runs the front until it is stopped; `proc` at `address` is the core child (engine/server/core_process.py),
+    which it stops on the way out (None: an engine it attached to)."""
+    return asyncio.run(_serve(server_config, engine_config, proc, address))
 
 
-def serve(server_config: ServerConfig, engine_config: EngineConfig) -> int:
-    return asyncio.run(_serve(server_config, engine_config))
-
-
-async def _serve(config: ServerConfig, engine_config: EngineConfig) -> int:
+async def _serve(config: ServerConfig, engine_config: EngineConfig, proc: subprocess.Popen | None,
+                 address: str) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    proc, address = None, config.engine_address
-    if address is None:
-        address = config.zmq_address or private_ipc_address("core")
-        core_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(CoreServerConfig)}
-        proc = spawn_core(engine_config, CoreServerConfig(**{**core_fields, "zmq_address": address}))
     metrics = Metrics(names=config.metric_names)
     client = CoreClient(address, metrics, secret=config.zmq_secret or os.environ.get(ZMQ_SECRET_ENV))
     state = FrontState(config, client, metrics, proc)
