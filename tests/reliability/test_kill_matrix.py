@@ -33,13 +33,56 @@ def pools_full(engines) -> None:
         e.wait_kv_free(timeout=20)
 
 
+def _healthy(cluster) -> bool:
+    """Redis, dlslime-ctrl, the router and four engines up; the router and the control plane see all four."""
+    live = [e for e in cluster.engines if e.proc.poll() is None]
+    procs = [cluster.ctrl.redis.proc, cluster.ctrl.proc, cluster.router.proc] + [e.proc for e in live]
+    if len(live) != 4 or any(p.poll() is not None for p in procs):
+        return False
+    try:
+        return cluster.router.health()["engines"] == 4 and len(listed(cluster)) == 4
+    except Exception:  # noqa: BLE001 (anything that stops it answering means: build a new one)
+        return False
+
+
+@pytest.fixture(scope="module")
+def shared_2p2d(tiny_llama, tmp_path_factory):
+    """One 2P2D cluster on its own Redis + dlslime-ctrl for the module. Each test leaves it whole again (the
+    replacement engine, the restarted router or control plane is what the test checks), so the next one takes it
+    over instead of starting five processes anew (~28 s on 2 cores); `two_by_two` builds a new one when a
+    test did not."""
+    from tests.support.cluster import Cluster
+    from tests.support.ctrl_plane import CtrlPlane, RedisServer
+    made = []
+
+    def build() -> Cluster:
+        redis = RedisServer(tmp_path_factory.mktemp("redis"))
+        c = Cluster(tiny_llama, CtrlPlane(redis, tmp_path_factory.mktemp("ctrl")), tmp_path_factory.mktemp("pd"))
+        made.append(c)
+        c.engines_of("prefill", "prefill", "decode", "decode")
+        c.start_router().wait_engines(4)
+        return c
+
+    def teardown(c: Cluster) -> None:
+        made.remove(c)
+        c.stop()
+        c.ctrl.stop()
+        c.ctrl.redis.stop()
+
+    yield {"build": build, "teardown": teardown}
+    for c in list(made):
+        teardown(c)
+
+
 @pytest.fixture
-def two_by_two(own_cluster):
-    c = own_cluster
-    engines = c.engines_of("prefill", "prefill", "decode", "decode")
-    router = c.start_router()
-    router.wait_engines(4)
-    return c, engines, router
+def two_by_two(shared_2p2d):
+    c = shared_2p2d.get("cluster")
+    if c is None or not _healthy(c):
+        if c is not None:
+            shared_2p2d["teardown"](c)
+        c = shared_2p2d["cluster"] = shared_2p2d["build"]()
+    engines = sorted((e for e in c.engines if e.proc.poll() is None), key=lambda e: e.role != "prefill")
+    return c, engines, c.router
 
 
 @pytest.mark.parametrize("victim", [0, 2], ids=["prefill", "decode"])
