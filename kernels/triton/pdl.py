@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL, compute capability 9.0 and later) for the decode step's kernels.
+"""Programmatic dependent launch (PDL, compute capability 9.0 and later) for the decode step's kernels (those of
+a MoE layer: norms, skinny GEMMs, attention input and stores, decode attention and merges, router, fused MoE).
 
 A batch-1 decode step is a chain of ~12 small kernels a layer, each a few microseconds, and each pays its launch
 after the previous one has drained. With PDL a kernel is launched while the previous one still runs: its
@@ -10,8 +11,8 @@ was tried and left out: it gained nothing measurable on an H200 and slowed the l
 
 Kernels launched without PDL (torch's, cuBLAS's) wait for the full completion of the previous one as always, so
 mixing them in is safe; the overlap is lost only around them (FlashInfer launches its kernels with PDL on these
-GPUs, so its attention joins the chain). CUDA graphs keep the launch attribute as a programmatic edge. `PDL` is a constexpr of each kernel: CPU builds and the Triton interpreter
-compile it out."""
+GPUs, so its attention joins the chain). CUDA graphs keep the launch attribute as a programmatic edge. `PDL` is a
+constexpr of each kernel: CPU builds and the Triton interpreter compile it out."""
 from __future__ import annotations
 
 import functools
@@ -45,4 +46,3 @@ def pdl_wait(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-

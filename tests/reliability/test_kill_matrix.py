@@ -36,6 +36,8 @@ def pools_full(engines) -> None:
 def _healthy(cluster) -> bool:
     """Redis, dlslime-ctrl, the router and four engines up; the router and the control plane see all four."""
     live = [e for e in cluster.engines if e.proc.poll() is None]
+    if cluster.router is None:  # a build that failed before its router
+        return False
     procs = [cluster.ctrl.redis.proc, cluster.ctrl.proc, cluster.router.proc] + [e.proc for e in live]
     if len(live) != 4 or any(p.poll() is not None for p in procs):
         return False
@@ -45,42 +47,46 @@ def _healthy(cluster) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def shared_2p2d(tiny_llama, tmp_path_factory):
+class Shared2P2D:
     """One 2P2D cluster on its own Redis + dlslime-ctrl for the module. Each test leaves it whole again (the
     replacement engine, the restarted router or control plane is what the test checks), so the next one takes it
-    over instead of starting five processes anew (~28 s on 2 cores); `two_by_two` builds a new one when a
-    test did not."""
-    from tests.support.cluster import Cluster
-    from tests.support.ctrl_plane import CtrlPlane, RedisServer
-    made = []
+    over instead of starting five processes anew (~28 s on 2 cores); a new one is built when a test did not."""
 
-    def build() -> Cluster:
-        redis = RedisServer(tmp_path_factory.mktemp("redis"))
-        c = Cluster(tiny_llama, CtrlPlane(redis, tmp_path_factory.mktemp("ctrl")), tmp_path_factory.mktemp("pd"))
-        made.append(c)
-        c.engines_of("prefill", "prefill", "decode", "decode")
-        c.start_router().wait_engines(4)
-        return c
+    def __init__(self, model, tmp_path_factory):
+        self.model, self.tmp, self.cluster = model, tmp_path_factory, None
 
-    def teardown(c: Cluster) -> None:
-        made.remove(c)
-        c.stop()
-        c.ctrl.stop()
-        c.ctrl.redis.stop()
+    def get(self):
+        if self.cluster is None or not _healthy(self.cluster):
+            self.close()
+            self._build()
+        return self.cluster
 
-    yield {"build": build, "teardown": teardown}
-    for c in list(made):
-        teardown(c)
+    def _build(self) -> None:
+        from tests.support.cluster import Cluster
+        from tests.support.ctrl_plane import CtrlPlane, RedisServer
+        redis = RedisServer(self.tmp.mktemp("redis"))
+        self.cluster = Cluster(self.model, CtrlPlane(redis, self.tmp.mktemp("ctrl")), self.tmp.mktemp("pd"))
+        self.cluster.engines_of("prefill", "prefill", "decode", "decode")  # close() stops them if this fails
+        self.cluster.start_router().wait_engines(4)
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster.ctrl.stop()
+            self.cluster.ctrl.redis.stop()
+            self.cluster = None
+
+
+@pytest.fixture(scope="module")
+def shared_2p2d(tiny_llama, tmp_path_factory):
+    shared = Shared2P2D(tiny_llama, tmp_path_factory)
+    yield shared
+    shared.close()
 
 
 @pytest.fixture
 def two_by_two(shared_2p2d):
-    c = shared_2p2d.get("cluster")
-    if c is None or not _healthy(c):
-        if c is not None:
-            shared_2p2d["teardown"](c)
-        c = shared_2p2d["cluster"] = shared_2p2d["build"]()
+    c = shared_2p2d.get()
     engines = sorted((e for e in c.engines if e.proc.poll() is None), key=lambda e: e.role != "prefill")
     return c, engines, c.router
 
