@@ -149,3 +149,30 @@ def test_dp_needs_expert_parallel_for_moe(moe_models):
     from engine.errors import UnsupportedModelError
     with pytest.raises(UnsupportedModelError, match="enable-expert-parallel"):
         LLM(str(moe_models["qwen3_moe"]), data_parallel_size=2, device="cpu")
+
+
+def test_random_block_fp8_shape(moe_models, llm_cache, tmp_path):
+    """`bench throughput --weights fp8`: a random-weights folder whose config declares block-FP8 weights loads
+    every projection and expert as E4M3 with 0.02 block scales (the bf16 draws' magnitude once dequantised), the
+    router and the embeddings in the model's dtype, and decodes through the FP8 paths."""
+    import json
+    from engine.bench.throughput import BLOCK_FP8, weight_split, write_random_checkpoint
+    config = json.loads((moe_models["qwen3_moe"] / "config.json").read_text())
+    plain = write_random_checkpoint(tmp_path / "bf16", config)
+    fp8 = write_random_checkpoint(tmp_path / "fp8", {**config, "quantization_config": BLOCK_FP8})
+    for path in (plain, fp8):  # the tokenizer of the tiny model
+        for f in moe_models["qwen3_moe"].glob("tokenizer*"):
+            (path / f.name).write_bytes(f.read_bytes())
+    llm = llm_cache.get(fp8)
+    model = llm.engine.runner.model
+    layer = model.model.layers[0]
+    moe = layer.mlp
+    assert layer.self_attn.qkv_proj.weight.dtype == moe.experts.w2_weight.dtype == torch.float8_e4m3fn
+    assert torch.all(layer.self_attn.o_proj.weight_scale_inv == torch.tensor(0.02))
+    assert moe.gate.weight_scale_inv is None and moe.gate.weight.dtype == model.model.embed_tokens.weight.dtype
+    w = moe.experts.w13_weight.float()
+    assert 0.9 < w.std().item() < 1.1  # standard normal E4M3 values
+    fp8_bytes = weight_split(model)[1]
+    assert fp8_bytes < 0.3 * weight_split(llm_cache.get(plain).engine.runner.model)[1]  # float32 experts
+    out = llm.generate([[1, 2, 3, 4, 5]], greedy(max_tokens=4))
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -42,6 +42,9 @@ MOONLIGHT_16B_A3B = dict(architectures=["DeepseekV3ForCausalLM"], model_type="de
                          scoring_func="sigmoid", rope_interleave=True, vocab_size=151936, tie_word_embeddings=False,
                          rope_theta=50000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
                          attention_bias=False, torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
+# `--weights fp8`: the shape as an FP8 checkpoint ships it (DeepSeek-V3, Kimi-K2, Qwen3-*-FP8): E4M3 weights with a
+# float32 scale per 128 x 128 block in every attention and MLP / expert projection
+BLOCK_FP8 = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[128, 128])
 MODEL_SHAPES = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-30b-a3b": QWEN3_30B_A3B, "moonlight-16b-a3b": MOONLIGHT_16B_A3B}
 
 RUNS = {"bf16": dict(kv_cache_dtype="auto", enforce_eager=False), "fp8": dict(kv_cache_dtype="fp8", enforce_eager=False),
@@ -247,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="", help="HF checkpoint folder (real weights); default: --model-shape, random")
     ap.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(MODEL_SHAPES),
                     help="the random-weights model to run when no --model is given")
+    ap.add_argument("--weights", default="bf16", choices=("bf16", "fp8"),
+                    help="random weights in bf16, or as a block-FP8 checkpoint (E4M3, 128 x 128 block scales)")
     ap.add_argument("--override", default="{}", help='JSON overrides of the model config, e.g. {"num_hidden_layers": 4}')
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384,
@@ -264,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     # the workload is drawn before any engine exists, so start-up cannot shift the random sequence
     workload = draw_workload(args.num_requests, args.min_len, args.max_input_len, args.max_output_len, args.seed)
     config = {**MODEL_SHAPES[args.model_shape], **json.loads(args.override)}
+    if args.weights == "fp8":
+        config["quantization_config"] = BLOCK_FP8
     if any("speculative_config" in RUNS[n] for n in args.runs.split(",")) and not args.model:
         config.setdefault("num_nextn_predict_layers", 1)  # an MTP module to draft with (unused by the other runs)
     tmp = tempfile.TemporaryDirectory()
@@ -292,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## conditions")
     print(f"device: {torch.cuda.get_device_name()} ; measured D2D copy bandwidth {bandwidth:.0f} GB/s (read+write)")
     print(f"software: {versions}")
-    print(f"model: {'random weights, ' if not args.model else ''}{ {k: config.get(k) for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size', 'num_experts', 'n_routed_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'kv_lora_rank', 'vocab_size') if k in config} }")
+    print(f"model: {'random weights, ' if not args.model else ''}"
+          f"{'block-FP8 (E4M3, 128 x 128 scales), ' if 'quantization_config' in config else ''}{ {k: config.get(k) for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'intermediate_size', 'num_experts', 'n_routed_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'kv_lora_rank', 'vocab_size') if k in config} }")
     print(f"workload: {len(workload)} requests, input {sum(len(p) for p, _ in workload)} tokens, output "
           f"{sum(n for _, n in workload)} tokens (lengths uniform {args.min_len}..{args.max_input_len}/"
           f"{args.max_output_len}, seed {args.seed}), temperature 0.6, ignore_eos, one warm-up batch of 3 small requests")

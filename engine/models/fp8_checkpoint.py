@@ -98,6 +98,15 @@ def keep_block_fp8(model, scales: dict, names: set[str], block: tuple[int, int])
     return kept
 
 
+def random_block_fp8(model, block: tuple[int, int]) -> None:
+    """A random-weights folder whose config declares block-FP8 weights (benchmarks of an FP8 checkpoint's shape):
+    every layer that would compute on FP8 blocks turns FP8, as a published checkpoint's do (its routers,
+    embeddings, lm_head and norms stay in the model's dtype: they are not layers that take FP8 blocks)."""
+    for module in model.modules():
+        if hasattr(module, "to_block_fp8") and module.block_fp8_fits(block):
+            module.to_block_fp8(block)
+
+
 def block_fp8_weights(weights: Iterator, scales: dict, block: tuple[int, int], dtype: torch.dtype,
                       kept: set[str]) -> Iterator:
     """(name, CheckpointTensor) pairs: the kept FP8 weights as they are with their scales as `RowScales`, the

@@ -24,6 +24,8 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         super().__init__()
         hf = cfg.hf
         self.gate = ReplicatedLinear(cfg.hidden_size, hf.num_experts)
+        # the router stays in the model's dtype in FP8 checkpoints (as vLLM builds it: no quantisation)
+        self.gate.block_fp8_capable = False
         # Qwen3-VL-MoE's text config has no norm_topk_prob: its router always renormalises
         routing = Routing(hf.num_experts_per_tok, bool(getattr(hf, "norm_topk_prob", True)))
         self.experts = FusedMoE(hf.num_experts, routing, cfg.hidden_size, hf.moe_intermediate_size, parallel, device)

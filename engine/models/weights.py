@@ -14,7 +14,8 @@ from torch import nn
 
 from engine.errors import UnsupportedModelError
 from engine.layers.linear import copy_checked
-from engine.models.fp8_checkpoint import block_fp8_weights, block_size_of, keep_block_fp8, read_scales
+from engine.models.fp8_checkpoint import (SCALE_SUFFIX, block_fp8_weights, block_size_of, keep_block_fp8,
+                                          random_block_fp8, read_scales)
 
 # a checkpoint folder holding config.json and this file (no weights) loads with random weights:
 # throughput benchmarks of a model shape need no real weights
@@ -129,12 +130,16 @@ def is_random_weights(path: Path | None) -> bool:
 
 def fill_random(model: nn.Module, seed: int, device: torch.device) -> None:
     """Small random matrices, ones elsewhere (benchmarks of a shape). Drawn where the weights live: a 0.6B
-    model's draws take seconds on a CPU, milliseconds on a GPU."""
+    model's draws take seconds on a CPU, milliseconds on a GPU. Block-FP8 weights get standard normal E4M3
+    values and block scales of 0.02, the same magnitudes once dequantised."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02))
+        for name, p in model.named_parameters():
+            if name.endswith(SCALE_SUFFIX):
+                p.fill_(0.02)
+            elif p.dim() > 1:
+                draw = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
+                p.copy_(draw if p.dtype == torch.float8_e4m3fn else draw.mul_(0.02))
             else:
                 p.fill_(1.0)
 
@@ -159,11 +164,13 @@ def load_model(model_cls, model_config, parallel, path: Path | None, backend, dt
         model = model_cls(model_config, parallel, backend, max_positions, device)
     model = model.to_empty(device=device).to(dtype)
     keep_float32(model)
+    block = block_size_of(model_config.hf)
     if path is None:
+        if block is not None:
+            random_block_fp8(model, block)
         fill_random(model, parallel.tp_rank, device)
     else:
         weights = iter_checkpoint(path, progress and parallel.is_first)
-        block = block_size_of(model_config.hf)
         if block is not None:  # FP8 blocks: kept as they are where the layer computes on them, else dequantised
             scales, names = read_scales(safetensors_files(path))
             kept = keep_block_fp8(model, scales, names, block)
