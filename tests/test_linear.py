@@ -2,7 +2,7 @@
 import torch
 
 from kernels.linear import SKINNY_MAX_ROWS, linear, skinny_config
-from kernels.triton.skinny_configs import TUNED, SkinnyConfig, fits_workspace
+from kernels.triton.skinny_configs import TUNED, TUNED_FP8, SkinnyConfig, fits_workspace
 
 
 def test_skinny_config_rules():
@@ -22,13 +22,19 @@ def test_skinny_config_rules():
 
 def test_tuned_skinny_configs_tile_their_shapes():
     """Every tuned config divides its shape (N by the column tile, K by split x K step) and fits the kernel's
-    workspace (tile counters and float32 partials for 16 rows); rows limits increase to the kernel's 16."""
+    workspace (tile counters and float32 partials for 16 rows); rows limits increase to the kernel's 16.
+    Block-FP8 weights' configs step K within the 128-column scale blocks, tuned or taken from bf16's table."""
+    for table, fp8 in ((TUNED, False), (TUNED_FP8, True)):
+        for (n, k), rows in table.items():
+            assert [r for r, _ in rows] == sorted(r for r, _ in rows) and rows[-1][0] == SKINNY_MAX_ROWS
+            for m, cfg in rows:
+                assert isinstance(cfg, SkinnyConfig) and skinny_config(m, n, k, torch.bfloat16, fp8) == cfg
+                assert n % cfg.BN == 0 and k % (cfg.S * cfg.BK) == 0, (n, k, cfg)
+                assert fits_workspace(n // cfg.BN, cfg.S, cfg.BN), (n, k, cfg)
     for (n, k), rows in TUNED.items():
-        assert [r for r, _ in rows] == sorted(r for r, _ in rows) and rows[-1][0] == SKINNY_MAX_ROWS
         for m, cfg in rows:
-            assert isinstance(cfg, SkinnyConfig) and skinny_config(m, n, k, torch.bfloat16) == cfg
-            assert n % cfg.BN == 0 and k % (cfg.S * cfg.BK) == 0, (n, k, cfg)
-            assert fits_workspace(n // cfg.BN, cfg.S, cfg.BN), (n, k, cfg)
+            fp8 = skinny_config(m, n, k, torch.bfloat16, fp8=True)
+            assert 128 % fp8.BK == 0 and (fp8 == cfg._replace(BK=min(cfg.BK, 128)) or (n, k) in TUNED_FP8)
 
 
 def test_linear_on_cpu_is_torch():

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.moe.torch_ref import local_ids
+from kernels.triton.elementwise import widen_fp16
 from kernels.triton.fused_moe_configs import moe_configs
 from kernels.triton.pdl import launch_options, pdl_wait
 
@@ -21,17 +22,21 @@ from kernels.triton.pdl import launch_options, pdl_wait
 # at batch 1 the sort by expert cost as much as a tenth of the layer's MoE time, and a pair's expert is
 # read once either way unless two of the few tokens share it
 DIRECT_MAX_PAIRS = 16
+# block-FP8 experts: up to this many tokens (decode batches) the activations are not quantised (fused_experts)
+W8A16_MAX_TOKENS = 256
 
 
 @triton.jit
 def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, as_ptr, bs_ptr,
               N, K, num_rows_max, num_valid,
               stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_asm, stride_bse, stride_bsn,
-              ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8: tl.constexpr, DIRECT: tl.constexpr,
-              GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              GROUP_M: tl.constexpr, PDL: tl.constexpr):
-    # FP8: a and b are E4M3 with one scale per BLOCK_K (= the checkpoint's 128) columns, a's per row (token),
-    # b's per output row (row-expanded); each K step's product is rescaled before it is accumulated.
+              ROWS_PER_A: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr,
+              DIRECT: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
+    # FP8: b is E4M3 with one scale per BLOCK_K (= the checkpoint's 128) columns and output row (row-expanded);
+    # each K step's product is rescaled before it is accumulated. A_FP8: a is E4M3 too, one scale per row
+    # (token) and BLOCK_K columns (FP8 tensor cores); else a is not quantised (no launch before the GEMM): both
+    # tiles are multiplied in fp16 (widen_fp16; E4M3 values are fp16 values).
     # DIRECT (a few pairs): row tile m is pair m alone, its expert read from the ids as they are (no sort)
     # GATED (gate-up): b holds 2N rows, the gate's then the up's; the program multiplies both halves' BLOCK_N
     # columns and stores silu(gate) * up, each rounded to c's dtype first as the separate SiLU-and-mul did
@@ -68,12 +73,19 @@ def _moe_gemm(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, 
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if FP8:
-            a_s = tl.load(as_ptr + (pair // ROWS_PER_A) * stride_asm + k, mask=row_ok, other=0.0)
             bs_ptrs = bs_ptr + expert * stride_bse + (offs_n % N) * stride_bsn + k
-            acc += tl.dot(a, b) * a_s[:, None] * tl.load(bs_ptrs)[None, :]
+            if A_FP8:
+                a_s = tl.load(as_ptr + (pair // ROWS_PER_A) * stride_asm + k, mask=row_ok, other=0.0)[:, None]
+            else:
+                a_s = 1.0
+                a = widen_fp16(a)
+                b = b.to(tl.float16)
+            acc += tl.dot(a, b) * a_s * tl.load(bs_ptrs)[None, :]
             if GATED:
                 b_up = tl.load(b_ptrs + up_rows, mask=k_ok[:, None], other=0.0)
-                acc_up += tl.dot(a, b_up) * a_s[:, None] * tl.load(bs_ptrs + N * stride_bsn)[None, :]
+                if not A_FP8:
+                    b_up = b_up.to(tl.float16)
+                acc_up += tl.dot(a, b_up) * a_s * tl.load(bs_ptrs + N * stride_bsn)[None, :]
         else:
             acc += tl.dot(a, b)
             if GATED:
@@ -179,36 +191,43 @@ def _gemm(a, b, c, weights, sorted_ids, expert_ids, num_padded, max_rows, rows_p
     N, K = b.shape[1] // (2 if gated else 1), b.shape[2]
     block_n = max(16, cfg["BLOCK_N"] // 2) if gated else cfg["BLOCK_N"]
     grid = (triton.cdiv(max_rows, cfg["BLOCK_M"]) * triton.cdiv(N, block_n),)
-    fp8 = b_scale is not None
-    a_s, b_s = (a_scale, b_scale) if fp8 else (a, b)  # unused without FP8
+    fp8, a_fp8 = b_scale is not None, a_scale is not None
+    a_s = a_scale if a_fp8 else a  # unused without FP8 activations
+    b_s = b_scale if fp8 else b
     _moe_gemm[grid](a, b, c, weights, sorted_ids, expert_ids, num_padded, a_s, b_s, N, K, max_rows, c.shape[0],
                     a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
                     a_s.stride(0), b_s.stride(0) if fp8 else 0, b_s.stride(1) if fp8 else 0,
-                    ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, FP8=fp8, DIRECT=direct, GATED=gated,
+                    ROWS_PER_A=rows_per_a, MUL_WEIGHT=weights is not None, FP8=fp8, A_FP8=a_fp8, DIRECT=direct,
+                    GATED=gated,
                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(a.device))
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, expert_map: torch.Tensor | None = None,
-                  configs: tuple[dict, dict] | None = None, fp8_scales: tuple | None = None) -> torch.Tensor:
+                  configs: tuple[dict, dict] | None = None, fp8_scales: tuple | None = None,
+                  quantize_activations: bool | None = None) -> torch.Tensor:
     """See kernels/moe/__init__.py; `configs` (gate-up, down) overrides the tuned table (the tuner).
-    `fp8_scales` (w13_scale, w2_scale, block_k): block-FP8 experts; the activations are quantised per token
-    and block_k columns before each GEMM, and the K step is the block."""
+    `fp8_scales` (w13_scale, w2_scale, block_k): block-FP8 experts, the K step is the block. Up to
+    W8A16_MAX_TOKENS tokens (decode) the activations stay in their dtype and the weight tiles widen to it
+    (memory-bound: the launches that would quantise them cost more than FP8 math saves); larger batches quantise
+    them per token and block_k columns before each GEMM and multiply on FP8 tensor cores
+    (`quantize_activations` decides it instead of the token count: the tests)."""
     T, H = x.shape
     k = topk_ids.shape[1]
     E, two_i, _ = w13.shape
     P = T * k
     ids = (topk_ids if expert_map is None else local_ids(topk_ids, expert_map)).flatten()
     # one row tile for both GEMMs: they share the expert-sorted order
-    cfg_up, cfg_down = configs or moe_configs(E, H, two_i // 2, P)
+    cfg_up, cfg_down = configs or moe_configs(E, H, two_i // 2, P, fp8=fp8_scales is not None)
     w13_scale = w2_scale = None
     quant = lambda t: (t, None)
     if fp8_scales is not None:
         from kernels.triton.fp8_gemm import quantize_per_token_group
         w13_scale, w2_scale, block_k = fp8_scales
         cfg_up, cfg_down = {**cfg_up, "BLOCK_K": block_k}, {**cfg_down, "BLOCK_K": block_k}
-        quant = lambda t: quantize_per_token_group(t, block_k)
+        if quantize_activations if quantize_activations is not None else T > W8A16_MAX_TOKENS:
+            quant = lambda t: quantize_per_token_group(t, block_k)
     direct = P <= DIRECT_MAX_PAIRS
     if direct:  # pair m is row tile m: the sort (a launch of its own) is skipped
         sorted_ids = expert_ids = num_padded = ids

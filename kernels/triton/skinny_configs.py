@@ -38,6 +38,19 @@ TUNED: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
     (22528, 2048): ((4, SkinnyConfig(64, 128, 1, 4, 3)), (16, SkinnyConfig(64, 128, 1, 4, 3))),
 }
 
+# block-FP8 weights (E4M3, 128-column scale blocks: BK divides 128); shapes not here take the bf16 config with its
+# K step cut to 128. Half the bytes per K step want more programs than bf16's (an H200: the K split swept at 1 and
+# 16 rows for Qwen3-30B-A3B's qkv / o_proj and Moonlight's dense gate-up / down; Moonlight's query + latent and
+# o_proj take the same split by analogy)
+TUNED_FP8: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
+    (2048, 2048): ((16, SkinnyConfig(64, 128, 8, 4, 4)),),
+    (2048, 4096): ((16, SkinnyConfig(64, 128, 8, 4, 4)),),
+    (2048, 11264): ((16, SkinnyConfig(64, 128, 8, 4, 4)),),
+    (3648, 2048): ((16, SkinnyConfig(64, 128, 8, 4, 4)),),
+    (5120, 2048): ((16, SkinnyConfig(64, 128, 8, 4, 4)),),
+    (22528, 2048): ((16, SkinnyConfig(64, 128, 1, 4, 6)),),
+}
+
 
 def fits_workspace(tiles: int, split: int, bn: int) -> bool:
     """Whether `tiles` output tiles of bn columns, each split `split` ways, fit the shared workspace."""
@@ -54,9 +67,12 @@ def rule_split(n: int, k: int, bn: int, bk: int, most: int) -> int | None:
     return split
 
 
-def skinny_config(m: int, n: int, k: int) -> SkinnyConfig | None:
-    for rows, cfg in TUNED.get((n, k), ()):
+def skinny_config(m: int, n: int, k: int, fp8: bool = False) -> SkinnyConfig | None:
+    for rows, cfg in (TUNED_FP8 if fp8 else {}).get((n, k), ()):
         if m <= rows:
             return cfg
+    for rows, cfg in TUNED.get((n, k), ()):
+        if m <= rows:
+            return cfg._replace(BK=min(cfg.BK, 128)) if fp8 else cfg
     split = rule_split(n, k, RULE_BN, RULE_BK, 4)
     return None if split is None else SkinnyConfig(RULE_BN, RULE_BK, split)

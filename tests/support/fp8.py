@@ -46,14 +46,17 @@ def write_block_fp8_copy(src: Path, root: Path, block: int) -> tuple[Path, Path]
     return fp8_dir, ref_dir
 
 
-def fused_experts_w8a8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
-                           w2_scale: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, block_k: int) -> torch.Tensor:
-    """What the FP8 fused MoE computes, in torch: the activations quantised per row and block_k columns (by the
-    kernels' own quantiser) before each GEMM, the weights dequantised; float32 products."""
+def fused_experts_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                          w2_scale: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, block_k: int,
+                          quantize_activations: bool = True) -> torch.Tensor:
+    """What the FP8 fused MoE computes, in torch: the weights dequantised, the activations quantised per row and
+    block_k columns (by the kernels' own quantiser) before each GEMM or (W8A16) rounded to fp16 as the kernel
+    multiplies them; float32 products."""
     import torch.nn.functional as F
     from kernels.linear import dequantize_block_fp8_rows as dq
     from kernels.triton.fp8_gemm import quantize_per_token_group
-    qdq = lambda t: dq(*quantize_per_token_group(t, block_k), block_k)
+    qdq = ((lambda t: dq(*quantize_per_token_group(t, block_k), block_k)) if quantize_activations
+           else lambda t: t.half().float())
     xq, out = qdq(x), torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for t, j in torch.cartesian_prod(torch.arange(ids.shape[0]), torch.arange(ids.shape[1])).tolist():
         e = int(ids[t, j])
@@ -64,19 +67,24 @@ def fused_experts_w8a8_ref(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.
 
 
 def check_triton_kernels(device: str = "cpu") -> float:
-    """The block-FP8 GEMM and the FP8 fused MoE against torch computing the same (activations quantised by the
-    kernels' quantiser, whose FP8 cast Triton's interpreter does not round as the hardware does: the GPU tests
-    check it), small float32 shapes with 32-column blocks; runs on the CPU under TRITON_INTERPRET=1 in a fresh
-    process. Returns the largest relative error."""
+    """The block-FP8 GEMM, the skinny GEMM on E4M3 weights and the FP8 fused MoE (W8A8 and W8A16) against torch
+    computing the same (activations quantised by the kernels' quantiser, whose FP8 cast Triton's interpreter
+    does not round as the hardware does: the GPU tests check it), small float32 shapes with 32-column blocks;
+    runs on the CPU under TRITON_INTERPRET=1 in a fresh process. Returns the largest relative error."""
     from kernels.linear import dequantize_block_fp8_rows as dq
     from kernels.triton.fp8_gemm import block_fp8_matmul, quantize_per_token_group
     from kernels.triton.fused_moe import fused_experts
+    from kernels.triton.skinny_gemm import skinny_gemm
     g = torch.Generator().manual_seed(0)
     rel = lambda a, b: float((a - b).norm() / b.norm())
     x, w = torch.randn(9, 96, generator=g), torch.randn(40, 96, generator=g)
     (xq, xs), (wq, ws) = quantize_per_token_group(x, 32), quantize_per_token_group(w, 32)
     got = block_fp8_matmul(xq.to(device), xs.to(device), wq.to(device), ws.to(device), torch.float32, 32).cpu()
     worst = rel(got, dq(xq, xs, 32) @ dq(wq, ws, 32).t())
+    # decode rows on E4M3 weights: 16-column K steps inside the 32-column blocks, K split 3 ways (the fix-up)
+    got = skinny_gemm(x[:3].to(device), wq.to(device), None, 3, BN=8, BK=16, BM=16, num_stages=1,
+                      scale=ws.to(device), block_k=32).cpu()
+    worst = max(worst, rel(got, x[:3].half().float() @ dq(wq, ws, 32).t()))  # the kernel multiplies in fp16
     # 4 experts, hidden 64, intermediate 32; 5 tokens, top 2
     w13, w2 = torch.randn(4, 64, 64, generator=g) * 0.2, torch.randn(4, 64, 32, generator=g) * 0.2
     (w13q, w13s), (w2q, w2s) = [quantize_per_token_group(t.flatten(0, 1), 32) for t in (w13, w2)]
@@ -86,6 +94,9 @@ def check_triton_kernels(device: str = "cpu") -> float:
         h = torch.randn(T, 64, generator=g)
         ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(T)]).to(torch.int32)
         weights = torch.rand(T, 2, generator=g)
-        got = fused_experts(h, w13q, w2q, weights, ids, None, configs=(cfg, cfg), fp8_scales=(w13s, w2s, 32))
-        worst = max(worst, rel(got, fused_experts_w8a8_ref(h, w13q, w13s, w2q, w2s, weights, ids, 32)))
+        for quant in (True, False):
+            got = fused_experts(h, w13q, w2q, weights, ids, None, configs=(cfg, cfg), fp8_scales=(w13s, w2s, 32),
+                                quantize_activations=quant)
+            want = fused_experts_fp8_ref(h, w13q, w13s, w2q, w2s, weights, ids, 32, quant)
+            worst = max(worst, rel(got, want))
     return worst
