@@ -42,8 +42,8 @@ def candidates(fp8: bool = False):
     for bm, bn, bk, gm, warps, stages in itertools.product((16, 32, 64), (32, 64, 128, 256) if fp8 else (32, 64, 128),
                                                            (128,) if fp8 else (64, 128, 256), (1, 8), (4, 8),
                                                            (3, 4, 5) if fp8 else (3, 4)):
-        if (bm * bk + bk * bn) * 2 * stages > 160 * 1024:
-            continue  # over the shared memory budget (bf16 tiles, one per stage)
+        if (bm * bk * 2 + bk * bn * (1 if fp8 else 2)) * stages > 160 * 1024:
+            continue  # over the shared memory budget (bf16 activation and weight tiles, one per stage)
         if (bn == 32 or bk == 256) and (bm > 16 or warps > 4):
             continue  # narrow tiles and long K steps: for a few tokens (many programs, each a long weight stream)
         yield {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps, "num_stages": stages}

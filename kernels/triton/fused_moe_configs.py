@@ -73,14 +73,15 @@ def default_configs(pairs: int) -> tuple[dict, dict]:
 # the K step is the block's 128): pair counts past a shape's rows, and shapes not here, take the bf16 rows (their
 # BLOCK_K replaced). Qwen3-30B-A3B's swept on an H200 (BLOCK_N and stages, experts rotated past the L2): half the
 # bytes per K step want twice bf16's column tiles; 1 token 21.2 us, 128 tokens 180.5 us (80 % of the copy
-# bandwidth, against bf16's 306.6 us). Moonlight's take the same rows by analogy.
-_FP8_DECODE = [(16, _c(16, 64, 128, 1, 4, 4), _c(16, 64, 128, 1, 4, 4)),
-               (512, _c(16, 256, 128, 8, 4, 3), _c(16, 256, 128, 8, 4, 3)),
-               (2048, _c(16, 256, 128, 8, 4, 3), _c(16, 128, 128, 8, 4, 3))]
+# bandwidth, against bf16's 306.6 us). Moonlight's with its shared experts by `--tune` at 32 and 128 tokens
+# (164.5 us, 79 % / 210.8 us, 66 %; bf16: 233.4 us), its one-token row Qwen3's.
 TUNED_FP8: dict[tuple[int, int, int], list[tuple[int, dict, dict]]] = {
-    (128, 2048, 768): _FP8_DECODE,
-    (64, 2048, 1408): _FP8_DECODE,
-    (66, 2048, 1408): _FP8_DECODE,
+    (128, 2048, 768): [(16, _c(16, 64, 128, 1, 4, 4), _c(16, 64, 128, 1, 4, 4)),
+                       (512, _c(16, 256, 128, 8, 4, 3), _c(16, 256, 128, 8, 4, 3)),
+                       (2048, _c(16, 256, 128, 8, 4, 3), _c(16, 128, 128, 8, 4, 3))],
+    (66, 2048, 1408): [(16, _c(16, 64, 128, 1, 4, 4), _c(16, 64, 128, 1, 4, 4)),
+                       (256, _c(16, 256, 128, 1, 4, 3), _c(16, 128, 128, 8, 4, 3)),
+                       (2048, _c(16, 128, 128, 8, 4, 3), _c(16, 256, 128, 1, 4, 3))],
 }
 
 

@@ -81,6 +81,9 @@ def check_triton_kernels(device: str = "cpu") -> float:
     (xq, xs), (wq, ws) = quantize_per_token_group(x, 32), quantize_per_token_group(w, 32)
     got = block_fp8_matmul(xq.to(device), xs.to(device), wq.to(device), ws.to(device), torch.float32, 32).cpu()
     worst = rel(got, dq(xq, xs, 32) @ dq(wq, ws, 32).t())
+    # the same GEMM on activations as they are (decode batches): multiplied in fp16
+    got = block_fp8_matmul(x.to(device), None, wq.to(device), ws.to(device), torch.float32, 32).cpu()
+    worst = max(worst, rel(got, x.half().float() @ dq(wq, ws, 32).t()))
     # decode rows on E4M3 weights: 16-column K steps inside the 32-column blocks, K split 3 ways (the fix-up)
     got = skinny_gemm(x[:3].to(device), wq.to(device), None, 3, BN=8, BK=16, BM=16, num_stages=1,
                       scale=ws.to(device), block_k=32).cpu()
