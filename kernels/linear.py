@@ -2,7 +2,7 @@
 GEMM (kernels/triton/skinny_gemm.py); everything else to torch (cuBLAS on a GPU).
 
 `block_fp8_linear` takes E4M3 weights with 128 x 128 block scales as FP8 checkpoints (DeepSeek-V3, Kimi-K2)
-ship them: decode batches of up to 16 rows take the skinny GEMM on the E4M3 weights (widened in the kernel, the
+ship them: decode batches of up to 256 rows take the skinny GEMM on the E4M3 weights (widened in the kernel, the
 activations as they are), larger ones the Triton block-FP8 GEMM on a GPU (kernels/triton/fp8_gemm.py;
 activations quantised per token and 128 columns), else the reference, which dequantises the weight and
 multiplies in the input's dtype.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.triton import use_triton
-from kernels.triton.skinny_configs import ROW_TILE, rule_split
+from kernels.triton.skinny_configs import FP8_MAX_ROWS, ROW_TILE, rule_split
 from kernels.triton.skinny_configs import skinny_config as tuned_or_rule
 
 SKINNY_MAX_ROWS = ROW_TILE  # one row tile
@@ -27,7 +27,7 @@ _ROUTER_BN, _ROUTER_BK, ROUTER_MAX_ROWS = 16, 64, 256
 def skinny_config(m: int, n: int, k: int, dtype: torch.dtype, fp8: bool = False):
     """The skinny GEMM's config for an [m, k] x [n, k]^T product (None: use torch): the tuned table's or the rule's
     (kernels/triton/skinny_configs.py); `fp8`: block-FP8 weights."""
-    if not (0 < m <= SKINNY_MAX_ROWS) or dtype not in (torch.bfloat16, torch.float16):
+    if not (0 < m <= (FP8_MAX_ROWS if fp8 else SKINNY_MAX_ROWS)) or dtype not in (torch.bfloat16, torch.float16):
         return None
     return tuned_or_rule(m, n, k, fp8)
 
@@ -63,13 +63,14 @@ def dequantize_block_fp8_rows(weight: torch.Tensor, scale: torch.Tensor, block_k
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequant(weight)^T (+ bias): weight [N, K] E4M3, scale [N, ceil(K / block_k)] float32. Decode
-    batches of a few rows take the skinny GEMM on the E4M3 weights as they are (no activation quantisation)."""
+    batches (up to FP8_MAX_ROWS rows) take the skinny GEMM on the E4M3 weights as they are (no activation
+    quantisation)."""
     if use_triton(x) and x.dim() == 2 and x.stride(1) == 1 and weight.shape[1] % block_k == 0:
         cfg = skinny_config(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, fp8=True)
         if cfg is not None and block_k % cfg.BK == 0:
             from kernels.triton.skinny_gemm import skinny_gemm
-            return skinny_gemm(x, weight, bias, cfg.S, BN=cfg.BN, BK=cfg.BK, BM=SKINNY_MAX_ROWS,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, scale=scale, block_k=block_k)
+            return skinny_gemm(x, weight, bias, cfg.S, BN=cfg.BN, BK=cfg.BK, BM=cfg.BM, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages, scale=scale, block_k=block_k)
     if use_triton(x) and x.dim() >= 2:
         from kernels.triton.fp8_gemm import block_fp8_linear as fused
         y = fused(x, weight, scale, block_k)

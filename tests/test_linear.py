@@ -42,3 +42,19 @@ def test_linear_on_cpu_is_torch():
     x, w, b = torch.randn(3, 256), torch.randn(128, 256), torch.randn(128)
     assert torch.equal(linear(x, w, b), torch.nn.functional.linear(x, w, b))
     assert torch.equal(linear(x, w), x @ w.t())
+
+
+def test_block_fp8_rows_past_sixteen_take_wider_row_tiles():
+    """Block-FP8 weights take the skinny GEMM up to FP8_MAX_ROWS rows (32- then 64-row tiles whose split-K
+    partials fit the workspace); bf16 weights stop at 16 rows; past FP8_MAX_ROWS the FP8-math GEMM."""
+    from kernels.triton.skinny_configs import FP8_MAX_ROWS
+    bf16 = torch.bfloat16
+    for n, k in ((5120, 2048), (2048, 4096), (3648, 2048), (22528, 2048), (2112, 7168), (576, 1536)):
+        for m in (17, 64, 65, 130, FP8_MAX_ROWS):
+            cfg = skinny_config(m, n, k, bf16, fp8=True)
+            assert cfg.BM == (32 if m <= 64 else 64) and 128 % cfg.BK == 0, (n, k, m, cfg)
+            assert n % cfg.BN == 0 and k % (cfg.S * cfg.BK) == 0
+            assert fits_workspace(n // cfg.BN * -(-m // cfg.BM), cfg.S, cfg.BN, cfg.BM)
+            assert skinny_config(m, n, k, bf16) is None
+        assert skinny_config(FP8_MAX_ROWS + 1, n, k, bf16, fp8=True) is None
+    assert skinny_config(130, 2000, 2048, bf16, fp8=True) is None  # N does not tile

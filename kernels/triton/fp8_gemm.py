@@ -3,9 +3,6 @@ block, the activation is quantised on the fly to E4M3 with one scale per token a
 (= the block's 128 columns) step multiplies FP8 tiles on the tensor cores and rescales the partial product by
 the activation's row scales times the weight's row scales before accumulating in float32.
 
-Decode batches (up to W8A16_MAX_ROWS rows) skip the activations' quantisation: the bf16 rows and the E4M3
-tiles are multiplied in fp16 (E4M3 values are fp16 values), rescaled by the weight's block scales alone.
-
 The weight's scales are kept expanded along N ([N, K / 128], each row its block's scale): a shard of rows,
 whichever tensor-parallel split or fused projection it comes from, then carries its own scales, and the
 kernel reads one scale per output column."""
@@ -15,13 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.elementwise import widen_fp16
 from kernels.triton.pdl import launch_options, pdl_wait
 
 FP8_MAX = 448.0
-# up to this many rows (decode batches; kernels/triton/fused_moe.py's W8A16_MAX_TOKENS) the activations are not
-# quantised: a launch per GEMM saved, and the weights' bytes bound the GEMM either way
-W8A16_MAX_ROWS = 256
 
 
 @triton.jit
@@ -50,9 +43,7 @@ def quantize_per_token_group(x: torch.Tensor, group: int = 128) -> tuple[torch.T
 @triton.jit
 def _block_fp8_gemm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, stride_am, stride_asm, stride_bn, stride_bsn,
                     stride_cm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, A_FP8: tl.constexpr, PDL: tl.constexpr):
-    # A_FP8: a is E4M3 with its scales (FP8 tensor cores); else a is bf16 / fp16 and both tiles are multiplied
-    # in fp16 (widen_fp16)
+                    GROUP_M: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     pid = tl.program_id(0)
     num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -72,22 +63,19 @@ def _block_fp8_gemm(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, stride_am, str
         k_ok = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        a_s = tl.load(as_ptr + offs_m * stride_asm + kb, mask=m_ok, other=0.0)
         b_s = tl.load(bs_ptr + offs_n * stride_bsn + kb, mask=n_ok, other=0.0)
-        if A_FP8:
-            a_s = tl.load(as_ptr + offs_m * stride_asm + kb, mask=m_ok, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        else:
-            acc += tl.dot(widen_fp16(a), b.to(tl.float16)) * b_s[None, :]
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def block_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
+def block_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                      out_dtype: torch.dtype, block_k: int = 128) -> torch.Tensor:
-    """a [M, K] E4M3 with a_scale [M, K / block_k], or bf16 / fp16 with a_scale None; w [N, K] E4M3 with
-    w_scale [N, K / block_k] (row-expanded). Returns a @ w^T [M, N] in out_dtype."""
+    """a [M, K] E4M3 with a_scale [M, K / block_k]; w [N, K] E4M3 with w_scale [N, K / block_k] (row-expanded).
+    Returns a @ w^T [M, N] in out_dtype."""
     M, K = a.shape
     N = w.shape[0]
     assert w.shape[1] == K and a.stride(1) == 1 and w.stride(1) == 1
@@ -98,21 +86,19 @@ def block_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Ten
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
     block_n = 64 if M <= 64 else 128
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    a_s = a_scale if a_scale is not None else w_scale  # unused without FP8 activations
-    _block_fp8_gemm[grid](a, a_s, w, w_scale, c, M, N, K, a.stride(0), a_s.stride(0), w.stride(0),
+    _block_fp8_gemm[grid](a, a_scale, w, w_scale, c, M, N, K, a.stride(0), a_scale.stride(0), w.stride(0),
                           w_scale.stride(0), c.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                          GROUP_M=8, A_FP8=a_scale is not None, num_warps=4 if block_m <= 64 else 8,
-                          num_stages=3 if block_m <= 64 else 4, **launch_options(a.device))
+                          GROUP_M=8, num_warps=4 if block_m <= 64 else 8, num_stages=3 if block_m <= 64 else 4,
+                          **launch_options(a.device))
     return c
 
 
 def block_fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block_k: int = 128) -> torch.Tensor:
-    """y = x @ dequant(w)^T for x [..., K] in bf16/fp16: up to W8A16_MAX_ROWS rows (decode batches) x as it is,
-    multiplied in fp16 (no quantisation launch); larger x quantised per token and block_k columns, then FP8
-    tensor cores."""
+    """y = x @ dequant(w)^T for x [..., K] in bf16/fp16: x quantised per token and block_k columns, then the
+    block-FP8 GEMM (kernels/linear.py sends decode batches to the skinny GEMM instead)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    q, s = (x2, None) if x2.shape[0] <= W8A16_MAX_ROWS else quantize_per_token_group(x2, block_k)
+    q, s = quantize_per_token_group(x2, block_k)
     return block_fp8_matmul(q, s, w, w_scale, x.dtype, block_k).view(*shape[:-1], w.shape[0])

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kernels.moe.torch_ref import local_ids
 from kernels.triton.elementwise import widen_fp16
-from kernels.triton.fp8_gemm import W8A16_MAX_ROWS, quantize_per_token_group
+from kernels.triton.fp8_gemm import quantize_per_token_group
 from kernels.triton.fused_moe_configs import moe_configs
 from kernels.triton.pdl import launch_options, pdl_wait
 
@@ -24,7 +24,7 @@ from kernels.triton.pdl import launch_options, pdl_wait
 # read once either way unless two of the few tokens share it
 DIRECT_MAX_PAIRS = 16
 # block-FP8 experts: up to this many tokens (decode batches) the activations are not quantised (fused_experts)
-W8A16_MAX_TOKENS = W8A16_MAX_ROWS
+W8A16_MAX_TOKENS = 256
 
 
 @triton.jit

@@ -11,16 +11,21 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
+ROW_TILE = 16  # the kernel's BM (rows per program) up to 16 rows
+
+
 class SkinnyConfig(NamedTuple):
     BN: int
     BK: int
     S: int
     num_warps: int = 4
     num_stages: int = 4
+    BM: int = ROW_TILE  # wider only for block-FP8 weights past 16 rows (fp8_rows_config)
 
 
 RULE_BN, RULE_BK, RULE_PROGRAMS = 64, 128, 64
-ROW_TILE = 16  # the kernel's BM: rows per program
+# block-FP8 weights take the skinny GEMM up to this many rows (decode batches): see fp8_rows_config
+FP8_MAX_ROWS = 256
 # the split-K workspace every skinny GEMM on a device shares (kernels/triton/skinny_gemm.py): tile counters and
 # float32 partials
 WORKSPACE_TILES, WORKSPACE_FLOATS = 1024, 1 << 20
@@ -52,9 +57,26 @@ TUNED_FP8: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
 }
 
 
-def fits_workspace(tiles: int, split: int, bn: int) -> bool:
-    """Whether `tiles` output tiles of bn columns, each split `split` ways, fit the shared workspace."""
-    return tiles <= WORKSPACE_TILES and tiles * split * bn * ROW_TILE <= WORKSPACE_FLOATS
+def fits_workspace(tiles: int, split: int, bn: int, bm: int = ROW_TILE) -> bool:
+    """Whether `tiles` output tiles of bn x bm, each split `split` ways, fit the shared workspace."""
+    return tiles <= WORKSPACE_TILES and (split == 1 or tiles * split * bn * bm <= WORKSPACE_FLOATS)
+
+
+def fp8_rows_config(m: int, n: int, k: int) -> SkinnyConfig | None:
+    """17..FP8_MAX_ROWS rows on block-FP8 weights: 32- or 64-row tiles. The FP8-math GEMM (kernels/triton/
+    fp8_gemm.py) does badly there; on an H200 (weights rotated past the L2), 5,120 x 2,048 at 32 / 130 / 256 rows
+    took 10.5 / 24.0 / 31.8 us here against its 11.5 / 29.3 / 32.0 (with the activations' quantisation launch),
+    2,048 x 4,096 9.8 / 26.2 / 24.9 against 20.2 / 57.6 / 62.0; cuBLAS on bf16 weights, twice the bytes: 8.1 /
+    11.5 / 10.6 and 9.2 / 10.8 / 10.1 (the widening to fp16 costs more as the row tiles repeat)."""
+    long_k = k >= 4096
+    bn, bm = 64 if long_k or n % 128 else 128, 32 if m <= 64 else 64
+    split = (4 if long_k else 2) if m <= 64 else (2 if long_k else 1)
+    tiles = n // bn * -(-m // bm)
+    while split > 1 and (k % (split * 128) or not fits_workspace(tiles, split, bn, bm)):
+        split //= 2  # the workspace holds every split's partials
+    if n % bn or k % (split * 128) or not fits_workspace(tiles, split, bn, bm):
+        return None
+    return SkinnyConfig(bn, 128, split, BM=bm)
 
 
 def rule_split(n: int, k: int, bn: int, bk: int, most: int) -> int | None:
@@ -68,6 +90,8 @@ def rule_split(n: int, k: int, bn: int, bk: int, most: int) -> int | None:
 
 
 def skinny_config(m: int, n: int, k: int, fp8: bool = False) -> SkinnyConfig | None:
+    if fp8 and m > ROW_TILE:
+        return fp8_rows_config(m, n, k)
     for rows, cfg in (TUNED_FP8 if fp8 else {}).get((n, k), ()):
         if m <= rows:
             return cfg

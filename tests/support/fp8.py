@@ -81,13 +81,16 @@ def check_triton_kernels(device: str = "cpu") -> float:
     (xq, xs), (wq, ws) = quantize_per_token_group(x, 32), quantize_per_token_group(w, 32)
     got = block_fp8_matmul(xq.to(device), xs.to(device), wq.to(device), ws.to(device), torch.float32, 32).cpu()
     worst = rel(got, dq(xq, xs, 32) @ dq(wq, ws, 32).t())
-    # the same GEMM on activations as they are (decode batches): multiplied in fp16
-    got = block_fp8_matmul(x.to(device), None, wq.to(device), ws.to(device), torch.float32, 32).cpu()
-    worst = max(worst, rel(got, x.half().float() @ dq(wq, ws, 32).t()))
     # decode rows on E4M3 weights: 16-column K steps inside the 32-column blocks, K split 3 ways (the fix-up)
     got = skinny_gemm(x[:3].to(device), wq.to(device), None, 3, BN=8, BK=16, BM=16, num_stages=1,
                       scale=ws.to(device), block_k=32).cpu()
     worst = max(worst, rel(got, x[:3].half().float() @ dq(wq, ws, 32).t()))  # the kernel multiplies in fp16
+    # past 16 rows (32-row tiles, the last one partial), split and not
+    xs_ = torch.randn(40, 96, generator=g)
+    for split in (1, 3):
+        got = skinny_gemm(xs_.to(device), wq.to(device), None, split, BN=8, BK=32, BM=32, num_stages=1,
+                          scale=ws.to(device), block_k=32).cpu()
+        worst = max(worst, rel(got, xs_.half().float() @ dq(wq, ws, 32).t()))
     # 4 experts, hidden 64, intermediate 32; 5 tokens, top 2
     w13, w2 = torch.randn(4, 64, 64, generator=g) * 0.2, torch.randn(4, 64, 32, generator=g) * 0.2
     (w13q, w13s), (w2q, w2s) = [quantize_per_token_group(t.flatten(0, 1), 32) for t in (w13, w2)]
