@@ -65,7 +65,8 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """y = x @ dequant(weight)^T (+ bias): weight [N, K] E4M3, scale [N, ceil(K / block_k)] float32. Decode
     batches (up to FP8_MAX_ROWS rows) take the skinny GEMM on the E4M3 weights as they are (no activation
     quantisation)."""
-    if use_triton(x) and x.dim() == 2 and x.stride(1) == 1 and weight.shape[1] % block_k == 0:
+    if (use_triton(x) and x.dim() == 2 and x.stride(1) == 1 and weight.stride(1) == 1 and scale.stride(1) == 1
+            and weight.shape[1] % block_k == 0):
         cfg = skinny_config(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, fp8=True)
         if cfg is not None and block_k % cfg.BK == 0:
             from kernels.triton.skinny_gemm import skinny_gemm

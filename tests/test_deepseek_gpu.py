@@ -266,6 +266,28 @@ def test_fp8_fused_moe_matches_reference(tokens):
     assert rel_err(other, fused_experts_fp8_ref(x, w13, w13_s, w2, w2_s, weights, ids, 128, not quantized)) < 2e-2
 
 
+@pytest.mark.parametrize("experts,inter", [(128, 768), (66, 1408)], ids=["qwen3-30b-a3b", "moonlight-with-shared"])
+@pytest.mark.parametrize("tokens", [1, 40, 200])
+def test_fp8_fused_moe_tuned_rows(experts, inter, tokens):
+    """The FP8 experts' tuned rows (TUNED_FP8: 256-column tiles, 3 stages) on the shapes they were tuned for, at
+    decode batch sizes, against torch computing the same (activations in fp16, weights dequantised)."""
+    from kernels.moe import select_experts
+    from kernels.triton import fused_moe
+    from kernels.triton.fused_moe_configs import TUNED_FP8
+    from tests.support.fp8 import fused_experts_fp8_ref
+    assert (experts, 2048, inter) in TUNED_FP8
+    torch.manual_seed(tokens)
+    H = 2048
+    w13 = torch.randn(experts, 2 * inter, H, device=DEV).to(torch.float8_e4m3fn)
+    w2 = torch.randn(experts, H, inter, device=DEV).to(torch.float8_e4m3fn)
+    s13 = torch.rand(experts, 2 * inter, H // 128, device=DEV) * H ** -0.5
+    s2 = torch.rand(experts, H, inter // 128, device=DEV) * inter ** -0.5
+    x = torch.randn(tokens, H, device=DEV, dtype=torch.bfloat16)
+    weights, ids = select_experts(torch.randn(tokens, experts, device=DEV), 8, True)
+    got = fused_moe.fused_experts(x, w13, w2, weights, ids, fp8_scales=(s13, s2, 128))
+    assert rel_err(got, fused_experts_fp8_ref(x, w13, s13, w2, s2, weights, ids, 128, False)) < 2e-2
+
+
 def test_block_fp8_engine_agrees_with_dequantised(v3_latents, tmp_path):
     from engine.llm import LLM
     from tests.support.fp8 import write_block_fp8_copy

@@ -154,7 +154,7 @@ def test_dp_needs_expert_parallel_for_moe(moe_models):
 def test_random_block_fp8_shape(moe_models, llm_cache, tmp_path):
     """`bench throughput --weights fp8`: a random-weights folder whose config declares block-FP8 weights loads
     every projection and expert as E4M3 with 0.02 block scales (the bf16 draws' magnitude once dequantised), the
-    router and the embeddings in the model's dtype, and decodes through the FP8 paths."""
+    router and the embeddings in the model's dtype, and decodes (on the CPU: the dequantising reference)."""
     import json
     from engine.bench.throughput import BLOCK_FP8, weight_split, write_random_checkpoint
     config = json.loads((moe_models["qwen3_moe"] / "config.json").read_text())
@@ -176,3 +176,6 @@ def test_random_block_fp8_shape(moe_models, llm_cache, tmp_path):
     assert fp8_bytes < 0.3 * weight_split(llm_cache.get(plain).engine.runner.model)[1]  # float32 experts
     out = llm.generate([[1, 2, 3, 4, 5]], greedy(max_tokens=4))
     assert len(out[0].outputs[0].token_ids) == 4
+    from engine.bench.throughput import main
+    with pytest.raises(SystemExit):  # a real checkpoint keeps its own weights' format
+        main(["--model", str(plain), "--weights", "fp8"])

@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tpot-tokens", type=int, default=256, help="output tokens of the batch-1 TPOT run")
     ap.add_argument("--hf-requests", type=int, default=32, help="requests given to transformers (0: skip)")
     args = ap.parse_args(argv)
+    if args.model and args.weights != "bf16":
+        ap.error("--weights applies to --model-shape's random weights; a --model checkpoint keeps its own")
     if not torch.cuda.is_available():
         print("bench throughput needs a CUDA GPU", file=sys.stderr)
         return 2

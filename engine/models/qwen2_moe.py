@@ -18,6 +18,7 @@ class Qwen2MoeSparseMoeBlock(Qwen3MoeSparseMoeBlock):
         super().__init__(cfg, parallel, device)
         self.shared_expert = LlamaMLP(cfg, parallel, cfg.hf.shared_expert_intermediate_size)
         self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1)
+        self.shared_expert_gate.block_fp8_capable = False  # a gate like the router: kept in the model dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -100,8 +100,9 @@ def _rotate(x_ptr, out_ptr, H, stride_xh, stride_oh, cos, sin, d,
 def widen_fp16(x):
     """An activation tile (bf16 / fp16) for a product with E4M3 weights in fp16: E4M3 widens to fp16 in one
     instruction per pair on Hopper, to bf16 only through float32 (three), which made a decode GEMM on E4M3
-    weights slower than on bf16 ones. bf16 values convert exactly within fp16's range (10 mantissa bits to
-    bf16's 7, below 6e-5 as fp16 subnormals); beyond +-65504 they saturate (activations do not reach it)."""
+    weights slower than on bf16 ones. bf16 values convert exactly between 2^-14 and 65504 in magnitude (fp16's
+    10 mantissa bits to bf16's 7); smaller ones become fp16 subnormals (fewer bits, zero below 2^-24), larger
+    ones saturate at +-65504: an activation that large takes this path clipped."""
     return tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
 

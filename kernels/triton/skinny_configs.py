@@ -58,8 +58,9 @@ TUNED_FP8: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
 
 
 def fits_workspace(tiles: int, split: int, bn: int, bm: int = ROW_TILE) -> bool:
-    """Whether `tiles` output tiles of bn x bm, each split `split` ways, fit the shared workspace."""
-    return tiles <= WORKSPACE_TILES and (split == 1 or tiles * split * bn * bm <= WORKSPACE_FLOATS)
+    """Whether `tiles` output tiles of bn x bm, each split `split` ways, fit the shared workspace (an unsplit
+    GEMM uses none of it)."""
+    return split == 1 or (tiles <= WORKSPACE_TILES and tiles * split * bn * bm <= WORKSPACE_FLOATS)
 
 
 def fp8_rows_config(m: int, n: int, k: int) -> SkinnyConfig | None:

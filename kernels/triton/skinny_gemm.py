@@ -1,5 +1,5 @@
 """Skinny GEMM for decode batches: y[M, N] = x[M, K] @ w[N, K]^T for a few rows (kernels/linear.py
-routes M <= 16 here).
+routes M <= 16 here, and up to 256 rows of block-FP8 weights in 32- or 64-row tiles).
 
 cuBLAS reads the weights of the N=1024 projections (o_proj, down_proj) at under 1 TB/s for such
 batches: too few output tiles to keep the GPU's memory pipes busy. Here every program streams one

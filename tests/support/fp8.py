@@ -87,10 +87,11 @@ def check_triton_kernels(device: str = "cpu") -> float:
     worst = max(worst, rel(got, x[:3].half().float() @ dq(wq, ws, 32).t()))  # the kernel multiplies in fp16
     # past 16 rows (32-row tiles, the last one partial), split and not
     xs_ = torch.randn(40, 96, generator=g)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(1))  # g's draws below stay as they were
     for split in (1, 3):
-        got = skinny_gemm(xs_.to(device), wq.to(device), None, split, BN=8, BK=32, BM=32, num_stages=1,
+        got = skinny_gemm(xs_.to(device), wq.to(device), bias.to(device), split, BN=8, BK=32, BM=32, num_stages=1,
                           scale=ws.to(device), block_k=32).cpu()
-        worst = max(worst, rel(got, xs_.half().float() @ dq(wq, ws, 32).t()))
+        worst = max(worst, rel(got, xs_.half().float() @ dq(wq, ws, 32).t() + bias))
     # 4 experts, hidden 64, intermediate 32; 5 tokens, top 2
     w13, w2 = torch.randn(4, 64, 64, generator=g) * 0.2, torch.randn(4, 64, 32, generator=g) * 0.2
     (w13q, w13s), (w2q, w2s) = [quantize_per_token_group(t.flatten(0, 1), 32) for t in (w13, w2)]
