@@ -101,8 +101,8 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
     # load_gguf_checkpoint rather than from_pretrained(gguf_file=...): the latter insists on
     # `accelerate` (transformers 4.5x and 5.x alike) and builds a real model we do not need.
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(sys.stderr if progress else devnull):
-        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
-    state = _checked_state_dict(model, tensors)
+        parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
+    state = _checked_state_dict(model, parsed["tensors"])
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
 
@@ -114,30 +114,32 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
     tokenizer.model_max_length = config.max_position_embeddings
-    _apply_gguf_special_tokens(tokenizer, gguf_path)
+    _apply_gguf_special_tokens(tokenizer, parsed)
     # Keep the chat template inside tokenizer_config.json (not only chat_template.jinja) so
     # that readers other than recent transformers find it too.
     tokenizer.save_pretrained(out, save_jinja_files=False)
 
 
-def _apply_gguf_special_tokens(tokenizer, gguf_path: Path) -> None:
-    """Make the tokenizer say what the GGUF says. transformers drops some of it, differently per
-    version: 4.57 makes eos = bos for gpt2-style vocabularies and always adds BOS to llama
+def _apply_gguf_special_tokens(tokenizer, parsed: dict) -> None:
+    """Make the tokenizer say what the GGUF says (`parsed`: transformers' reading of its fields, the tensors'
+    call's: parsing a GGUF's fields again took ~5 s of a small model's conversion). transformers drops some of
+    it, differently per version: 4.57 makes eos = bos for gpt2-style vocabularies and always adds BOS to llama
     tokenizers; 5.x never adds BOS even when the GGUF asks for it."""
-    from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import read_field
-
-    reader = GGUFReader(str(gguf_path))
-    for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        value = read_field(reader, f"tokenizer.ggml.{key}")
-        if value and getattr(tokenizer, attr) != (token := tokenizer.convert_ids_to_tokens(int(value[0]))):
+    ids, flags = parsed.get("tokenizer") or {}, parsed.get("tokenizer_config") or {}
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = _scalar(ids.get(f"{attr}_id"))
+        if value is not None and getattr(tokenizer, attr) != (token := tokenizer.convert_ids_to_tokens(int(value))):
             setattr(tokenizer, attr, token)
     for flag in ("add_bos_token", "add_eos_token"):
-        value = read_field(reader, f"tokenizer.ggml.{flag}")
+        value = _scalar(flags.get(flag))
         # Only tokenizer classes with this property honour it; others keep their behaviour.
-        if value and getattr(tokenizer, flag, bool(value[0])) != bool(value[0]):
-            setattr(tokenizer, flag, bool(value[0]))
+        if value is not None and getattr(tokenizer, flag, bool(value)) != bool(value):
+            setattr(tokenizer, flag, bool(value))
+
+
+def _scalar(value):
+    """A one-value GGUF field as transformers returns it: the value (or, in some versions, a one-item list)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 def _checked_state_dict(model, tensors: dict) -> dict:
