@@ -32,13 +32,17 @@ def skinny_config(m: int, n: int, k: int, dtype: torch.dtype, fp8: bool = False)
     return tuned_or_rule(m, n, k, fp8)
 
 
+def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg, **fp8) -> torch.Tensor:
+    from kernels.triton.skinny_gemm import skinny_gemm
+    return skinny_gemm(x, weight, bias, cfg.S, BN=cfg.BN, BK=cfg.BK, BM=cfg.BM, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages, **fp8)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if x.dim() == 2 and use_triton(x) and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1:
         cfg = skinny_config(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
         if cfg is not None:
-            from kernels.triton.skinny_gemm import skinny_gemm
-            return skinny_gemm(x, weight, bias, cfg.S, BN=cfg.BN, BK=cfg.BK, BM=SKINNY_MAX_ROWS,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return _skinny(x, weight, bias, cfg)
     return F.linear(x, weight, bias)
 
 
@@ -69,9 +73,7 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
             and weight.shape[1] % block_k == 0):
         cfg = skinny_config(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, fp8=True)
         if cfg is not None and block_k % cfg.BK == 0:
-            from kernels.triton.skinny_gemm import skinny_gemm
-            return skinny_gemm(x, weight, bias, cfg.S, BN=cfg.BN, BK=cfg.BK, BM=cfg.BM, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages, scale=scale, block_k=block_k)
+            return _skinny(x, weight, bias, cfg, scale=scale, block_k=block_k)
     if use_triton(x) and x.dim() >= 2:
         from kernels.triton.fp8_gemm import block_fp8_linear as fused
         y = fused(x, weight, scale, block_k)

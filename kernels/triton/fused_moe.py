@@ -210,9 +210,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
                   quantize_activations: bool | None = None) -> torch.Tensor:
     """See kernels/moe/__init__.py; `configs` (gate-up, down) overrides the tuned table (the tuner).
     `fp8_scales` (w13_scale, w2_scale, block_k): block-FP8 experts, the K step is the block. Up to
-    W8A16_MAX_TOKENS tokens (decode) the activations stay in their dtype and the weight tiles widen to it
-    (memory-bound: the launches that would quantise them cost more than FP8 math saves); larger batches quantise
-    them per token and block_k columns before each GEMM and multiply on FP8 tensor cores
+    W8A16_MAX_TOKENS tokens (decode) the activations are not quantised: they and the weight tiles are
+    multiplied in fp16 (memory-bound: the launches that would quantise them cost more than FP8 math saves);
+    larger batches quantise them per token and block_k columns before each GEMM and multiply on FP8 tensor cores
     (`quantize_activations` decides it instead of the token count: the tests)."""
     T, H = x.shape
     k = topk_ids.shape[1]
@@ -226,7 +226,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     if fp8_scales is not None:
         w13_scale, w2_scale, block_k = fp8_scales
         cfg_up, cfg_down = {**cfg_up, "BLOCK_K": block_k}, {**cfg_down, "BLOCK_K": block_k}
-        if quantize_activations if quantize_activations is not None else T > W8A16_MAX_TOKENS:
+        if quantize_activations is None:
+            quantize_activations = T > W8A16_MAX_TOKENS
+        if quantize_activations:
             quant = lambda t: quantize_per_token_group(t, block_k)
     direct = P <= DIRECT_MAX_PAIRS
     if direct:  # pair m is row tile m: the sort (a launch of its own) is skipped
